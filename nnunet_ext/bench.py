@@ -1,0 +1,238 @@
+"""Benchmark harness: ``nnunet-ext bench``.
+
+For a trainer and a configuration, measure against a baseline (plain ``nnUNetTrainer``) on the SAME
+plans, in the same run:
+
+* train-step time: ``trainer.train_step(batch)`` (forward, loss, backward, optimizer step) on real
+  augmented batches of the preprocessed dataset, fetched before timing; warm-up steps are not counted;
+* peak memory during those steps: CUDA ``max_memory_allocated``, or on CPU the growth of the process's
+  peak resident memory over its size before the steps (each trainer runs in its own fresh process, so
+  one cannot hide the other's peak);
+* sliding-window inference time per case with nnU-Net's predictor (Gaussian weighting, mirroring as
+  nnU-Net does) on preprocessed validation cases.
+
+It prints the measurements and the ratios trainer / baseline, and writes them as JSON with ``--json``.
+Trainer output folders go to a temporary nnUNet_results; nothing in the user's folders changes except
+nnU-Net's own ``splits_final.json``, created as nnU-Net would if it was missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nnunet_ext.errors import UserError
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(options: dict) -> dict:
+    """Run in a fresh process (see ``run_benchmark``): measure one trainer."""
+    import resource
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_ext.training import find_trainer
+
+    torch.manual_seed(options.get("seed", 0))
+    plans_file = Path(options["plans_file"])
+    plans = load_json(str(plans_file))
+    dataset_json = load_json(str(plans_file.parent / "dataset.json"))
+    plans["continue_training"] = False
+    device = torch.device(options["device"])
+    cls = find_trainer(options["trainer"])
+    trainer = cls(plans=plans, configuration=options["configuration"], fold=options["fold"],
+                  dataset_json=dataset_json, device=device)
+    trainer.initialize()
+    dl_train, _ = trainer.get_dataloaders()
+    n_warmup, n_steps = options["warmup"], options["iterations"]
+    batches = [next(dl_train) for _ in range(n_warmup + n_steps)]
+    trainer.network.train()
+    for batch in batches[:n_warmup]:
+        trainer.train_step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mem = torch.cuda.memory_allocated(device) / 2**20
+    rss_before = _rss_mb()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    for batch in batches[n_warmup:]:
+        trainer.train_step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    step_time = (time.perf_counter() - start) / n_steps
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        memory = {"peak_memory_mb": peak, "memory_kind": "CUDA max_memory_allocated", "static_memory_mb": base_mem}
+    else:
+        peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        memory = {"peak_memory_mb": max(peak_after, peak_before) - rss_before,
+                  "memory_kind": "CPU peak RSS growth during the timed steps"}
+
+    # sliding-window inference on validation cases, exactly nnU-Net's predictor
+    trainer.set_deep_supervision_enabled(False)
+    trainer.network.eval()
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=not options["no_mirroring"],
+                                perform_everything_on_device=device.type == "cuda", device=device,
+                                verbose=False, allow_tqdm=False)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, cls.__name__, trainer.inference_allowed_mirroring_axes)
+    _, dataset_val = trainer.get_tr_and_val_datasets()
+    keys = sorted(dataset_val.identifiers)[: options["cases"]]
+    times = []
+    for key in keys:
+        data, _, _, _ = dataset_val.load_case(key)
+        data = torch.from_numpy(data[:]).float()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        predictor.predict_sliding_window_return_logits(data)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {
+        "trainer": cls.__name__,
+        "train_step_s": step_time,
+        **memory,
+        "inference_s_per_case": sum(times) / len(times) if times else None,
+        "inference_cases": keys,
+        "parameters": sum(p.numel() for p in trainer.network.parameters()),
+        "batch_size": trainer.batch_size,
+        "patch_size": list(trainer.configuration_manager.patch_size),
+        "device": str(device),
+        "torch_compile": type(trainer.network).__name__ == "OptimizedModule",
+    }
+
+
+def run_benchmark(
+    plans_file: Path,
+    configuration: str,
+    trainer: str,
+    baseline: str = "nnUNetTrainer",
+    device: str = "auto",
+    iterations: int = 5,
+    warmup: int = 2,
+    cases: int = 2,
+    fold: int = 0,
+    no_mirroring: bool = False,
+) -> dict:
+    """Measure ``baseline`` and ``trainer`` in fresh processes, one after the other; return both and ratios."""
+    import torch
+
+    from nnunet_ext.plans import load_plans, validate
+    from nnunet_ext.training import ext_trainer_env, find_trainer
+
+    validate(load_plans(plans_file), configuration)
+    for name in (trainer, baseline):
+        find_trainer(name)  # clear error before spending minutes
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="nnunet_ext_bench_") as tmp:
+        env = ext_trainer_env()
+        env["nnUNet_results"] = tmp
+        env["nnUNet_preprocessed"] = str(Path(plans_file).resolve().parent.parent)
+        env.setdefault("nnUNet_raw", tmp)
+        env["nnUNet_n_proc_DA"] = "0"
+        for name in (baseline, trainer):
+            options = {"plans_file": str(Path(plans_file).resolve()), "configuration": configuration,
+                       "trainer": name, "device": device, "iterations": iterations, "warmup": warmup,
+                       "cases": cases, "fold": fold, "no_mirroring": no_mirroring}
+            out = Path(tmp) / f"{name}.json"
+            print(f"measuring {name} ({warmup} warm-up + {iterations} timed train steps, {cases} inference cases) ...",
+                  flush=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "nnunet_ext.bench", json.dumps(options), str(out)],
+                env=env, capture_output=True, text=True,
+            )
+            if proc.returncode != 0 or not out.is_file():
+                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+                raise UserError(f"measuring {name} failed:\n{tail}")
+            results[name] = json.loads(out.read_text())
+    b, t = results[baseline], results[trainer]
+    ratios = {}
+    for key in ("train_step_s", "peak_memory_mb", "inference_s_per_case", "parameters"):
+        if b.get(key) and t.get(key) is not None:
+            ratios[key] = t[key] / b[key]
+    return {"configuration": configuration, "plans_file": str(plans_file), "device": device,
+            "baseline": b, "trainer": t, "ratios": ratios}
+
+
+def format_report(r: dict) -> str:
+    b, t = r["baseline"], r["trainer"]
+    rows = [
+        ("train step [s]", "train_step_s", "{:.3f}"),
+        ("peak memory [MiB]", "peak_memory_mb", "{:.0f}"),
+        ("inference / case [s]", "inference_s_per_case", "{:.2f}"),
+        ("parameters [M]", "parameters", "{:.3f}"),
+    ]
+    width = max(len(b["trainer"]), len(t["trainer"]), 12)
+    lines = [f"configuration {r['configuration']} on {r['device']}, batch {t['batch_size']}, patch {t['patch_size']}",
+             f"{'':<22}{b['trainer']:>{width}}{t['trainer']:>{width + 2}}{'ratio':>10}"]
+    for label, key, fmt in rows:
+        scale = 1e-6 if key == "parameters" else 1
+
+        def cell(v, fmt=fmt, scale=scale):
+            return fmt.format(v * scale) if v is not None else "n/a"
+
+        ratio = f"{r['ratios'][key]:.2f}x" if key in r["ratios"] else "n/a"
+        lines.append(f"{label:<22}{cell(b.get(key)):>{width}}{cell(t.get(key)):>{width + 2}}{ratio:>10}")
+    lines.append(f"memory: {t['memory_kind']}")
+    return "\n".join(lines)
+
+
+def _cmd_bench(args):
+    from nnunet_ext.plans import locate_plans
+
+    plans_file = locate_plans(args.dataset, args.plans)
+    r = run_benchmark(plans_file, args.configuration, args.trainer, args.baseline, args.device, args.iterations,
+                      args.warmup, args.cases, args.fold, args.no_mirroring)
+    print(format_report(r))
+    if args.json:
+        from nnunet_ext.io import atomic_write_json
+
+        atomic_write_json(Path(args.json), r)
+        print(f"wrote {args.json}")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="train-step time, peak memory and inference time of a trainer vs plain nnUNetTrainer",
+        description="Measure a trainer against a baseline on the same plans and configuration, in one run: "
+        "train-step time, peak memory during training steps, sliding-window inference time per case. "
+        "Prints the ratios trainer/baseline. Needs a preprocessed dataset (nnUNet_preprocessed).",
+    )
+    p.add_argument("dataset", help="dataset id, name, or path to a plans .json")
+    p.add_argument("configuration", help="configuration, e.g. 3d_fullres or 3d_tiny")
+    p.add_argument("-tr", "--trainer", required=True, help="trainer to measure, e.g. nnUNetTrainerBANet")
+    p.add_argument("--baseline", default="nnUNetTrainer", help="baseline trainer (default nnUNetTrainer)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--iterations", type=int, default=5, help="timed train steps (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
+    p.add_argument("--cases", type=int, default=2, help="validation cases for inference timing (default 2)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--no-mirroring", action="store_true", help="time inference without test-time mirroring")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_bench)
+
+
+if __name__ == "__main__":  # worker: python -m nnunet_ext.bench OPTIONS_JSON OUT_JSON
+    result = measure(json.loads(sys.argv[1]))
+    from nnunet_ext.io import atomic_write_json
+
+    atomic_write_json(Path(sys.argv[2]), result)

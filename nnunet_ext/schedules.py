@@ -1,0 +1,62 @@
+"""Short training schedules as nnU-Net-style trainer variants (like nnU-Net's ``nnUNetTrainer_5epochs``).
+
+nnU-Net picks a schedule by trainer name, so every trainer we ship also exists as
+
+* ``<Trainer>_smoke``: a handful of iterations; proves the whole pipeline runs (tests, CI, new installs);
+* ``<Trainer>_demo``: a few minutes on 2 CPU cores with a tiny configuration (``nnunet-ext demo``).
+
+The variants only change ``num_epochs`` / ``num_iterations_per_epoch`` / ``num_val_iterations_per_epoch``
+and ``save_every``; everything else (network, loss, checkpoint format) is the base trainer's. The values are
+class attributes, so every DDP rank sees the same schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCHEDULES: dict[str, dict[str, int]] = {
+    "smoke": {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1},
+    "demo": {"num_epochs": 15, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4},
+}
+
+
+def schedule_variant(base: type, schedule: str, module: str) -> type:
+    """Return ``<base>_<schedule>``, a subclass of ``base`` that trains on the named short schedule."""
+    settings = SCHEDULES[schedule]
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature)
+    ):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        for attribute, value in settings.items():
+            setattr(self, attribute, value)
+        self.save_every = max(1, settings["num_epochs"])
+
+    name = f"{base.__name__}_{schedule}"
+    description = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return type(
+        name,
+        (base,),
+        {
+            "__init__": __init__,
+            "__module__": module,
+            "__qualname__": name,
+            "__doc__": f"{base.__name__} on the '{schedule}' schedule ({description}).",
+        },
+    )
+
+
+def add_schedule_variants(namespace: dict, bases: list[type], module: str) -> list[str]:
+    """Create every schedule variant of ``bases`` in ``namespace``; return the names created."""
+    names = []
+    for base in bases:
+        for schedule in SCHEDULES:
+            variant = schedule_variant(base, schedule, module)
+            namespace[variant.__name__] = variant
+            names.append(variant.__name__)
+    return names

@@ -1,0 +1,92 @@
+"""Packaging: one class object per trainer, no generic top-level names, dotted paths resolve."""
+
+from __future__ import annotations
+
+import json
+import os
+import pydoc
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+import nnunet_ext
+import nnunet_ext.trainers as trainers
+from nnunet_ext.architectures import ARCHITECTURES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_nnunet_finds_our_class_objects(monkeypatch):
+    monkeypatch.setenv("nnUNet_extTrainer", nnunet_ext.trainer_dir())
+    assert trainers.__all__, "no trainers exported"
+    for name in trainers.__all__:
+        found = recursive_find_trainer_class_by_name(name)
+        assert found is getattr(trainers, name), f"{name}: nnU-Net found a second class object {found}"
+
+
+def test_trainer_dir_holds_one_uniquely_named_module():
+    entries = sorted(p.name for p in Path(nnunet_ext.trainer_dir()).iterdir() if p.name != "__pycache__")
+    assert entries == ["nnunet_ext_trainers.py"]
+
+
+def test_schedule_variants_are_short_and_subclass_their_trainer():
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    assert issubclass(trainers.nnUNetTrainer_smoke, nnUNetTrainer)
+    for base in trainers.TRAINERS:
+        for schedule in ("smoke", "demo"):
+            variant = getattr(trainers, f"{base.__name__}_{schedule}")
+            assert variant.__mro__[1] is base
+
+
+def test_architecture_dotted_paths_resolve():
+    for spec in ARCHITECTURES.values():
+        assert pydoc.locate(spec.network_class_name) is not None, spec.network_class_name
+
+
+def test_console_script_trainer_dir():
+    out = subprocess.run([str(Path(sys.executable).parent / "nnunet-ext"), "trainer-dir"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == nnunet_ext.trainer_dir() and os.path.isdir(out)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(REPO)], check=True, capture_output=True)
+    return next(out.glob("nnunet_ext-*.whl"))
+
+
+def test_wheel_installs_only_the_nnunet_ext_namespace(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert top == {"nnunet_ext", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, top
+    assert "nnunet_ext/trainer_dir/nnunet_ext_trainers.py" in names
+    assert "nnunet_ext/presets/tiny.json" in names
+    assert "nnunet_ext/trainers/__init__.py" in names and "nnunet_ext/architectures/__init__.py" in names
+
+
+def test_plain_install_resolves_trainers_and_networks(wheel, tmp_path):
+    """`pip install .` (not editable): nnU-Net's lookup returns the installed package's class objects."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = (
+        "import json, os, pydoc, nnunet_ext, nnunet_ext.trainers as t\n"
+        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
+        "from nnunet_ext.architectures import ARCHITECTURES as A\n"
+        "os.environ['nnUNet_extTrainer'] = nnunet_ext.trainer_dir()\n"
+        "print(json.dumps({'file': nnunet_ext.__file__, 'same': all(f(n) is getattr(t, n) for n in t.__all__),\n"
+        "  'archs': all(pydoc.locate(s.network_class_name) is not None for s in A.values())}))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["file"].startswith(str(target)), result
+    assert result["same"] and result["archs"]

@@ -1,0 +1,210 @@
+"""Plan editing: derive, edit, tiny, presets, check; every bad input is refused and nothing is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_ext.cli import main
+from nnunet_ext.errors import UserError
+from nnunet_ext.plans import (
+    add_configuration,
+    apply_preset,
+    check_configuration,
+    edit_configuration,
+    list_presets,
+    resolve,
+    tiny_configuration,
+    validate,
+)
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def plans() -> dict:
+    return json.loads((DATA / "nnUNetPlans.json").read_text())
+
+
+@pytest.fixture
+def plans_dir(tmp_path) -> Path:
+    """A copy of a real nnU-Net 2.8.1 plans file with its dataset.json, as in nnUNet_preprocessed."""
+    folder = tmp_path / "Dataset001_Blob"
+    folder.mkdir()
+    shutil.copy(DATA / "nnUNetPlans.json", folder / "nnUNetPlans.json")
+    shutil.copy(DATA / "dataset.json", folder / "dataset.json")
+    return folder
+
+
+def test_add_with_architecture_carries_the_whole_dict(plans):
+    add_configuration(plans, "3d_resenc", "3d_fullres", arch="ResidualEncoderUNet")
+    child = plans["configurations"]["3d_resenc"]
+    assert child["inherits_from"] == "3d_fullres"
+    arch = child["architecture"]
+    # shallow merge: the child's architecture must be complete on its own
+    assert set(arch) == set(plans["configurations"]["3d_fullres"]["architecture"])
+    kw = arch["arch_kwargs"]
+    assert arch["network_class_name"].endswith("ResidualEncoderUNet")
+    assert "n_blocks_per_stage" in kw and "n_conv_per_stage" not in kw
+    assert kw["strides"] == plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"]
+    # nnU-Net itself resolves it to the same thing
+    cm = PlansManager(plans).get_configuration("3d_resenc")
+    assert cm.network_arch_class_name.endswith("ResidualEncoderUNet")
+    assert cm.patch_size == plans["configurations"]["3d_fullres"]["patch_size"]
+
+
+def test_add_refuses_existing_unless_forced(plans):
+    with pytest.raises(UserError, match="already exists.*--force"):
+        add_configuration(plans, "3d_fullres", "2d")
+    add_configuration(plans, "x", "3d_fullres")
+    add_configuration(plans, "x", "3d_fullres", arch="PlainConvUNet", force=True)
+
+
+def test_add_rejects_unknown_parent_and_architecture(plans):
+    with pytest.raises(UserError, match="'3d_nope' is not in the plans"):
+        add_configuration(plans, "x", "3d_nope")
+    with pytest.raises(UserError, match="unknown architecture 'Nope'"):
+        add_configuration(plans, "x", "3d_fullres", arch="Nope")
+
+
+def test_edit_validates_patch_against_strides(plans):
+    # 3d_fullres strides multiply to [16, 32, 32]
+    with pytest.raises(UserError, match="not divisible by the network's total stride.*--patch-size"):
+        edit_configuration(plans, "3d_fullres", patch_size=[32, 60, 64])
+    with pytest.raises(UserError, match="batch size must be >= 1"):
+        edit_configuration(plans, "3d_fullres", batch_size=0)
+    with pytest.raises(UserError, match="give 3 patch sizes"):
+        edit_configuration(plans, "3d_fullres", patch_size=[32, 64])
+    with pytest.raises(UserError, match="one value per stage"):
+        edit_configuration(plans, "3d_fullres", features=[8, 16])
+    with pytest.raises(UserError, match="positive"):
+        edit_configuration(plans, "3d_fullres", spacing=[0, 1, 1])
+
+
+def test_edit_of_inherited_configuration_materialises_architecture(plans):
+    add_configuration(plans, "child", "3d_fullres")
+    edit_configuration(plans, "child", base_features=16, max_features=128, batch_size=4)
+    own = plans["configurations"]["child"]
+    assert own["batch_size"] == 4
+    assert own["architecture"]["arch_kwargs"]["features_per_stage"] == [16, 32, 64, 128, 128]
+    assert "kernel_sizes" in own["architecture"]["arch_kwargs"]  # whole dict, not a fragment
+    # parent untouched
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"][0] == 32
+
+
+def test_n_stages_truncates_and_extends(plans):
+    edit_configuration(plans, "3d_fullres", n_stages=3, patch_size=[32, 64, 64])
+    kw = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert kw["n_stages"] == 3 and len(kw["strides"]) == 3 and len(kw["n_conv_per_stage_decoder"]) == 2
+    edit_configuration(plans, "3d_fullres", n_stages=4)
+    kw = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert kw["n_stages"] == 4 and len(kw["features_per_stage"]) == 4 and len(kw["kernel_sizes"]) == 4
+    validate(plans, "3d_fullres")
+    with pytest.raises(UserError, match="too small to downsample"):
+        edit_configuration(plans, "3d_fullres", n_stages=9)
+
+
+def test_spacing_change_gets_its_own_data_identifier(plans):
+    add_configuration(plans, "coarse", "3d_fullres")
+    edit_configuration(plans, "coarse", spacing=[3.0, 2.0, 2.0])
+    assert resolve(plans, "coarse")["data_identifier"] != resolve(plans, "3d_fullres")["data_identifier"]
+
+
+def test_tiny_is_small_valid_and_reuses_data(plans):
+    name = tiny_configuration(plans)
+    cfg = validate(plans, name)
+    kw = cfg["architecture"]["arch_kwargs"]
+    assert name == "3d_tiny" and kw["n_stages"] <= 4 and max(kw["features_per_stage"]) <= 64
+    assert cfg["batch_size"] == 2 and cfg["patch_size"][0] * cfg["patch_size"][1] * cfg["patch_size"][2] <= 24 * 48 * 48
+    assert cfg["data_identifier"] == resolve(plans, "3d_fullres")["data_identifier"]
+    name2d = tiny_configuration(plans, "2d")
+    assert name2d == "2d_tiny" and len(validate(plans, name2d)["patch_size"]) == 2
+
+
+def test_presets_list_and_apply(plans):
+    presets = list_presets()
+    assert {"tiny", "tiny_2d", "resenc"} <= set(presets)
+    for name in presets:
+        fresh = json.loads((DATA / "nnUNetPlans.json").read_text())
+        apply_preset(fresh, name)
+    with pytest.raises(UserError, match="unknown preset"):
+        apply_preset(plans, "nope")
+    with pytest.raises(UserError, match="unknown op"):
+        apply_preset(plans, {"steps": [{"op": "explode"}]})
+
+
+def test_check_reports_parameters_and_time(plans):
+    tiny_configuration(plans)
+    dataset_json = json.loads((DATA / "dataset.json").read_text())
+    r = check_configuration(plans, dataset_json, "3d_tiny", device="cpu", iterations=1)
+    assert r["parameters"] > 1000 and r["seconds_per_iteration"] > 0 and r["outputs"] == 3
+    assert r["peak_memory_mb"] is None  # CPU
+
+
+def test_check_reports_bad_class_and_kwargs_clearly(plans):
+    dataset_json = json.loads((DATA / "dataset.json").read_text())
+    tiny_configuration(plans)
+    arch = plans["configurations"]["3d_tiny"]["architecture"]
+    arch["network_class_name"] = "nnunet_ext.architectures.nope.Nope"
+    with pytest.raises(UserError, match="cannot be imported.*network_class_name"):
+        check_configuration(plans, dataset_json, "3d_tiny", device="cpu", iterations=1)
+    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+    arch["arch_kwargs"]["bogus_kwarg"] = 1
+    with pytest.raises(UserError, match="rejected the configuration's arch_kwargs.*bogus_kwarg"):
+        check_configuration(plans, dataset_json, "3d_tiny", device="cpu", iterations=1)
+
+
+# ---------------------------------------------------------------- through the CLI, on files
+def test_cli_edits_back_up_and_write_atomically(plans_dir, capsys):
+    plans_file = plans_dir / "nnUNetPlans.json"
+    original = plans_file.read_text()
+    assert main(["plans", "tiny", str(plans_file)]) == 0
+    backups = list(plans_dir.glob("nnUNetPlans.json.bak-*"))
+    assert len(backups) == 1 and backups[0].read_text() == original
+    assert "3d_tiny" in json.loads(plans_file.read_text())["configurations"]
+    assert not [p for p in plans_dir.iterdir() if ".tmp" in p.name]
+
+
+def test_cli_bad_input_writes_nothing(plans_dir, capsys):
+    plans_file = plans_dir / "nnUNetPlans.json"
+    original = plans_file.read_text()
+    assert main(["plans", "set", str(plans_file), "3d_fullres", "--batch-size", "0"]) == 1
+    assert main(["plans", "set", str(plans_file), "3d_fullres", "--patch-size", "30", "64", "64"]) == 1
+    assert main(["plans", "add", str(plans_file), "3d_fullres"]) == 1  # exists
+    assert main(["plans", "set", str(plans_file), "nope", "--batch-size", "2"]) == 1
+    assert main(["plans", "apply", str(plans_file), "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "batch size must be >= 1" in err and "not divisible" in err and "--force" in err
+    assert "'nope' is not in the plans" in err and "unknown preset" in err
+    assert plans_file.read_text() == original
+    assert not list(plans_dir.glob("*.bak-*"))
+
+
+def test_cli_malformed_plans_file(tmp_path, capsys):
+    bad = tmp_path / "nnUNetPlans.json"
+    bad.write_text("{not json")
+    assert main(["plans", "show", str(bad)]) == 1
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_cli_dataset_resolution_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    assert main(["plans", "show", "1"]) == 1
+    assert "nnUNet_preprocessed is not set" in capsys.readouterr().err
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    assert main(["plans", "show", "42"]) == 1
+    assert "dataset '42' not found" in capsys.readouterr().err
+
+
+def test_cli_show_and_check_by_dataset_id(plans_dir, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_preprocessed", str(plans_dir.parent))
+    assert main(["plans", "show", "1"]) == 0
+    assert "3d_fullres" in capsys.readouterr().out
+    assert main(["plans", "tiny", "1"]) == 0
+    assert main(["plans", "check", "1", "3d_tiny", "--device", "cpu", "--iterations", "1", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["configuration"] == "3d_tiny"
