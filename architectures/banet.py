@@ -1,0 +1,271 @@
+"""BA-Net: Boundary-Aware Network (arXiv 2208.13338 for KiPA22, arXiv 2208.13774 for AMOS22).
+
+One nnU-Net encoder and two decoders of identical structure with separate weights, both starting from the
+bottleneck:
+
+* the segmentation decoder (``decoder``): a stock :class:`UNetDecoder`, so its parameter names are those of
+  ``PlainConvUNet`` / ``ResidualEncoderUNet``;
+* the boundary decoder (``boundary.seg_layers``): built by the same code (its upsampling and conv stages are
+  taken from a second :class:`UNetDecoder`), with a 1x1(x1) head to 2 channels, no bias, at every stage.
+
+At every decoder stage ``u`` the segmentation decoder's upsampled features are multiplied by
+``1 + softmax(boundary_logits_u)[:, 1]`` BEFORE they are concatenated with the skip; the boundary decoder's
+stage ``u`` therefore runs first. Nothing is detached: the segmentation loss also trains the boundary decoder.
+
+Outputs (no side-channel attributes, so torch.compile and DDP work):
+
+* training mode: a tuple ``(segmentation, boundary)``; each is a list (full resolution first) when
+  ``decoder.deep_supervision`` is on, else a tensor. The boundary decoder follows the same flag (nnU-Net's
+  ``set_deep_supervision_enabled`` sets only ``decoder.deep_supervision``).
+* eval mode: the segmentation output only (tensor, or list with deep supervision on), exactly what a stock
+  nnU-Net network returns, so ``nnUNetPredictor``, ``--val`` and the trainer's ``validation_step`` run it
+  unchanged.
+
+Why the boundary decoder lives under ``boundary.seg_layers``: nnU-Net's ``-pretrained_weights``
+(``nnunetv2.run.load_pretrained_weights``) requires every key of the network to exist in the checkpoint,
+EXCEPT keys containing ``.seg_layers.`` (output-specific layers, which it never transfers). Every boundary
+parameter key (``boundary.seg_layers.stages...``, ``...transpconvs...``, ``...heads...``) contains that marker,
+while the encoder and segmentation decoder keys are identical to those of the plain nnU-Net network. A plain
+nnU-Net checkpoint of the same plans therefore loads through the stock path: encoder and segmentation decoder
+are copied, the segmentation heads and the whole boundary decoder keep their initialisation (the same as
+nnU-Net does for its own segmentation heads). Side effect: ``-pretrained_weights`` from a BA-Net checkpoint
+does not transfer the boundary decoder either (resuming with ``--c`` and inference load everything).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.initialization.weight_init import (
+    InitWeights_He,
+    init_last_bn_before_add_to_0,
+)
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.dropout import _DropoutNd
+
+IntOrSeq = Union[int, list, tuple]
+
+
+class BoundaryDecoder(nn.Module):
+    """The boundary decoder: same upsampling and conv stages as the segmentation :class:`UNetDecoder` (built by
+    :class:`UNetDecoder` itself from the same encoder and settings, so the structure is identical), plus one
+    bias-free 1x1(x1) conv head to 2 channels (background, boundary) per stage.
+
+    It has no forward of its own: :class:`BANet` interleaves its stages with the segmentation decoder's.
+    """
+
+    def __init__(self, template: UNetDecoder, conv_op: type[_ConvNd], stage_channels: list[int]):
+        super().__init__()
+        self.transpconvs = template.transpconvs
+        self.stages = template.stages
+        self.heads = nn.ModuleList(conv_op(c, 2, 1, 1, 0, bias=False) for c in stage_channels)
+
+
+class BoundaryBranch(nn.Module):
+    """Container that gives the boundary decoder the key prefix ``boundary.seg_layers.`` (see module docstring:
+    nnU-Net's ``load_pretrained_weights`` neither requires nor transfers keys containing ``.seg_layers.``)."""
+
+    def __init__(self, decoder: BoundaryDecoder):
+        super().__init__()
+        self.seg_layers = decoder
+
+
+class BANet(AbstractDynamicNetworkArchitectures):
+    """BA-Net on nnU-Net's encoders; plans: ``network_class_name = "nnunet_ext.architectures.banet.BANet"``.
+
+    Accepts the architecture kwargs of either nnU-Net network:
+
+    * ``PlainConvUNet`` style: ``n_conv_per_stage`` (a :class:`PlainConvEncoder`), optional ``nonlin_first``;
+    * ``ResidualEncoderUNet`` style: ``n_blocks_per_stage`` (a :class:`ResidualEncoder`), optional ``block``,
+      ``bottleneck_channels``, ``stem_channels``.
+
+    Exactly one of ``n_conv_per_stage`` / ``n_blocks_per_stage`` must be given. ``conv_op`` may be 2d or 3d.
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        n_stages: int,
+        features_per_stage: IntOrSeq,
+        conv_op: type[_ConvNd],
+        kernel_sizes: IntOrSeq,
+        strides: IntOrSeq,
+        num_classes: int,
+        n_conv_per_stage_decoder: IntOrSeq,
+        n_conv_per_stage: IntOrSeq | None = None,
+        n_blocks_per_stage: IntOrSeq | None = None,
+        conv_bias: bool = False,
+        norm_op: type[nn.Module] | None = None,
+        norm_op_kwargs: dict | None = None,
+        dropout_op: type[_DropoutNd] | None = None,
+        dropout_op_kwargs: dict | None = None,
+        nonlin: type[nn.Module] | None = None,
+        nonlin_kwargs: dict | None = None,
+        deep_supervision: bool = False,
+        nonlin_first: bool = False,
+        block: type[BasicBlockD] | type[BottleneckD] = BasicBlockD,
+        bottleneck_channels: IntOrSeq | None = None,
+        stem_channels: int | None = None,
+    ):
+        super().__init__()
+        if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
+            raise ValueError(
+                "BANet needs exactly one of n_conv_per_stage (PlainConvUNet plans) or n_blocks_per_stage "
+                "(ResidualEncoderUNet plans) in the architecture kwargs."
+            )
+        if isinstance(n_conv_per_stage_decoder, int):
+            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
+        if len(n_conv_per_stage_decoder) != n_stages - 1:
+            raise ValueError(
+                f"n_conv_per_stage_decoder needs n_stages - 1 = {n_stages - 1} entries, "
+                f"got {n_conv_per_stage_decoder}."
+            )
+        common = dict(
+            conv_bias=conv_bias,
+            norm_op=norm_op,
+            norm_op_kwargs=norm_op_kwargs,
+            dropout_op=dropout_op,
+            dropout_op_kwargs=dropout_op_kwargs,
+            nonlin=nonlin,
+            nonlin_kwargs=nonlin_kwargs,
+            return_skips=True,
+        )
+        if n_conv_per_stage is not None:
+            if isinstance(n_conv_per_stage, int):
+                n_conv_per_stage = [n_conv_per_stage] * n_stages
+            if len(n_conv_per_stage) != n_stages:
+                raise ValueError(
+                    f"n_conv_per_stage needs n_stages = {n_stages} entries, got {n_conv_per_stage}."
+                )
+            self.key_to_encoder = "encoder.stages"
+            self.key_to_stem = "encoder.stages.0"
+            self.keys_to_in_proj = (
+                "encoder.stages.0.0.convs.0.all_modules.0",
+                "encoder.stages.0.0.convs.0.conv",
+            )
+            self.encoder = PlainConvEncoder(
+                input_channels,
+                n_stages,
+                features_per_stage,
+                conv_op,
+                kernel_sizes,
+                strides,
+                n_conv_per_stage,
+                nonlin_first=nonlin_first,
+                **common,
+            )
+        else:
+            if nonlin_first:
+                raise ValueError(
+                    "nonlin_first is only supported with n_conv_per_stage (PlainConvUNet plans)."
+                )
+            if isinstance(n_blocks_per_stage, int):
+                n_blocks_per_stage = [n_blocks_per_stage] * n_stages
+            if len(n_blocks_per_stage) != n_stages:
+                raise ValueError(
+                    f"n_blocks_per_stage needs n_stages = {n_stages} entries, got {n_blocks_per_stage}."
+                )
+            self.key_to_encoder = "encoder.stages"
+            self.key_to_stem = "encoder.stem"
+            self.keys_to_in_proj = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
+            self.encoder = ResidualEncoder(
+                input_channels,
+                n_stages,
+                features_per_stage,
+                conv_op,
+                kernel_sizes,
+                strides,
+                n_blocks_per_stage,
+                block=block,
+                bottleneck_channels=bottleneck_channels,
+                disable_default_stem=False,
+                stem_channels=stem_channels,
+                **common,
+            )
+        # Segmentation decoder: exactly the decoder PlainConvUNet / ResidualEncoderUNet build (same key names).
+        self.decoder = UNetDecoder(
+            self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision, nonlin_first=nonlin_first
+        )
+        # Boundary decoder: the same construction; only its stages and upsampling are kept (no second reference
+        # to the encoder, no biased 1x1 heads), and bias-free 2-channel heads are added.
+        template = UNetDecoder(self.encoder, 2, n_conv_per_stage_decoder, False, nonlin_first=nonlin_first)
+        stage_channels = [self.encoder.output_channels[-(s + 2)] for s in range(n_stages - 1)]
+        self.boundary = BoundaryBranch(BoundaryDecoder(template, self.encoder.conv_op, stage_channels))
+
+    @property
+    def boundary_decoder(self) -> BoundaryDecoder:
+        return self.boundary.seg_layers
+
+    def forward(self, x: torch.Tensor):
+        skips = self.encoder(x)
+        seg_dec = self.decoder
+        bnd_dec = self.boundary.seg_layers
+        deep_supervision = seg_dec.deep_supervision
+        n = len(seg_dec.stages)
+        seg_outputs = []
+        bnd_outputs = []
+        seg_x = skips[-1]
+        bnd_x = skips[-1]
+        for s in range(n):
+            skip = skips[-(s + 2)]
+            # boundary decoder, stage s
+            bnd_x = bnd_dec.stages[s](torch.cat((bnd_dec.transpconvs[s](bnd_x), skip), 1))
+            bnd_logits = bnd_dec.heads[s](bnd_x)
+            # segmentation decoder, stage s: modulate the upsampled features before the skip concatenation
+            up = seg_dec.transpconvs[s](seg_x)
+            up = up * (1 + torch.softmax(bnd_logits, 1)[:, 1:2]).to(
+                up.dtype
+            )  # softmax is fp32 under autocast
+            seg_x = seg_dec.stages[s](torch.cat((up, skip), 1))
+            if deep_supervision:
+                seg_outputs.append(seg_dec.seg_layers[s](seg_x))
+                bnd_outputs.append(bnd_logits)
+            elif s == n - 1:
+                seg_outputs.append(seg_dec.seg_layers[s](seg_x))
+                bnd_outputs.append(bnd_logits)
+        if deep_supervision:
+            seg = seg_outputs[::-1]
+            bnd = bnd_outputs[::-1]
+        else:
+            seg = seg_outputs[0]
+            bnd = bnd_outputs[0]
+        if self.training:
+            return seg, bnd
+        return seg
+
+    def compute_conv_feature_map_size(self, input_size) -> np.int64:
+        """Feature-map voxels of a forward pass (nnU-Net's VRAM proxy): encoder + both decoders."""
+        assert len(input_size) == convert_conv_op_to_dim(self.encoder.conv_op), (
+            "give the spatial image size only, e.g. input_size=(x, y, z)"
+        )
+        seg = self.decoder.compute_conv_feature_map_size(input_size)
+        # the boundary decoder has the segmentation decoder's stages and upsampling; its heads (2 channels) and
+        # the modulation map run at every stage, whatever the deep-supervision setting
+        skip_sizes = []
+        size = list(input_size)
+        for s in range(len(self.encoder.strides) - 1):
+            size = [i // j for i, j in zip(size, self.encoder.strides[s])]
+            skip_sizes.append(size)
+        bnd = np.int64(0)
+        for s in range(len(self.decoder.stages)):
+            sz = skip_sizes[-(s + 1)]
+            bnd += self.boundary_decoder.stages[s].compute_conv_feature_map_size(sz)
+            bnd += np.prod([self.encoder.output_channels[-(s + 2)], *sz], dtype=np.int64)
+            bnd += np.prod([2 + 1, *sz], dtype=np.int64)
+        return self.encoder.compute_conv_feature_map_size(input_size) + seg + bnd
+
+    @staticmethod
+    def initialize(module: nn.Module) -> None:
+        """nnU-Net's initialisation: He init of every conv (incl. the boundary heads); residual blocks get their
+        last norm before the addition zeroed, as ResidualEncoderUNet does (a no-op for plain encoders)."""
+        InitWeights_He(1e-2)(module)
+        init_last_bn_before_add_to_0(module)

@@ -1,0 +1,154 @@
+"""BA-Net (Boundary-Aware Network; arXiv 2208.13338, 2208.13774) as an nnU-Net v2 trainer.
+
+``nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerBANet`` on unedited nnU-Net plans (PlainConvUNet or
+ResidualEncoderUNet kwargs, 2d or 3d). See docs/banet.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+
+from nnunet_ext.architectures.banet import BANet
+from nnunet_ext.boundary import boundary_targets_for_deep_supervision
+from nnunet_ext.errors import UserError
+from nnunet_ext.losses import BoundaryAwareLoss
+
+BANET_CLASS_NAME = "nnunet_ext.architectures.banet.BANet"
+
+
+class nnUNetTrainerBANet(nnUNetTrainer):
+    """nnU-Net's trainer with BA-Net's network and loss; everything else (data, augmentation, schedule,
+    validation, checkpoints, inference) is nnU-Net's.
+
+    * network: :class:`nnunet_ext.architectures.banet.BANet` built from the plans' architecture kwargs, whatever
+      ``network_class_name`` the plans name;
+    * loss: nnU-Net's Dice+CE with deep supervision on the segmentation output + ``boundary_weight`` x the same
+      Dice+CE (same deep-supervision weights, same ignore label) on the 2-channel boundary output; boundary targets
+      are computed on the device from the augmented full-resolution label (see :mod:`nnunet_ext.boundary`).
+    """
+
+    #: weight of the boundary loss relative to the segmentation loss (the paper: 1:1). Change in a subclass.
+    boundary_weight: float = 1.0
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature)
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions:
+            raise UserError(
+                f"{type(self).__name__} computes boundary targets from label maps, but this dataset uses "
+                f"region-based training (dataset.json 'regions_class_order'). Train BA-Net on a label-based "
+                f"dataset.json (no regions)."
+            )
+        if self.label_manager.ignore_label is not None and self.label_manager.ignore_label < 2:
+            raise UserError(
+                f"The ignore label {self.label_manager.ignore_label} collides with the boundary classes 0/1; "
+                f"BA-Net needs at least one foreground label below the ignore label in dataset.json."
+            )
+        self.banet_loss: BoundaryAwareLoss | None = None  # -> initialize
+
+    # ------------------------------------------------------------------------------------------------ network
+    @staticmethod
+    def build_network_architecture(
+        plans_manager: PlansManager,
+        configuration_manager: ConfigurationManager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module:
+        """BANet from the configuration's architecture kwargs (PlainConvUNet-, ResidualEncoderUNet- or
+        BANet-style plans). Called at training AND inference (nnUNetPredictor), with nnU-Net's initialisation."""
+        arch_kwargs = dict(configuration_manager.network_arch_init_kwargs)
+        accepted = set(inspect.signature(BANet.__init__).parameters) - {
+            "self",
+            "input_channels",
+            "num_classes",
+        }
+        unsupported = sorted(set(arch_kwargs) - accepted - {"deep_supervision"})
+        if unsupported or not ({"n_conv_per_stage", "n_blocks_per_stage"} & set(arch_kwargs)):
+            raise UserError(
+                f"BA-Net builds its network from PlainConvUNet / ResidualEncoderUNet architecture kwargs, but the "
+                f"plans' network ({configuration_manager.network_arch_class_name}) "
+                + (
+                    f"has kwargs BA-Net does not know: {unsupported}. "
+                    if unsupported
+                    else "has neither n_conv_per_stage nor n_blocks_per_stage. "
+                )
+                + "Use plans made by nnU-Net's default or ResEnc planners."
+            )
+        return get_network_from_plans(
+            BANET_CLASS_NAME,
+            arch_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import,
+            num_input_channels,
+            num_output_channels,
+            allow_init=True,
+            deep_supervision=enable_deep_supervision,
+        )
+
+    # --------------------------------------------------------------------------------------------------- loss
+    def initialize(self):
+        super().initialize()  # builds self.loss: nnU-Net's segmentation loss (also used by validation_step)
+        # the boundary loss is nnU-Net's default recipe for the 2-class boundary problem: Dice+CE (no background
+        # Dice), the ignore label, batch Dice as planned, deep supervision with nnU-Net's weights
+        self.banet_loss = BoundaryAwareLoss(self.loss, nnUNetTrainer._build_loss(self), self.boundary_weight)
+
+    def boundary_targets(self, target):
+        """Boundary targets of a batch target (a tensor, or nnU-Net's deep-supervision list): computed from the
+        full-resolution augmented label and downsampled exactly like the segmentation targets."""
+        if isinstance(target, (list, tuple)):
+            boundary = boundary_targets_for_deep_supervision(
+                target[0], self._get_deep_supervision_scales(), self.label_manager.ignore_label
+            )
+            if [b.shape for b in boundary] != [t.shape for t in target]:
+                raise RuntimeError(
+                    f"boundary target shapes {[tuple(b.shape) for b in boundary]} differ from the segmentation "
+                    f"target shapes {[tuple(t.shape) for t in target]}"
+                )
+            return boundary
+        return boundary_targets_for_deep_supervision(target, None, self.label_manager.ignore_label)
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"]
+        target = batch["target"]
+
+        data = data.to(self.device, non_blocking=True)
+        if isinstance(target, list):
+            target = [i.to(self.device, non_blocking=True) for i in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        boundary_target = self.boundary_targets(target)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        # autocast on cuda only, as nnU-Net does
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            seg_output, boundary_output = self.network(data)  # training mode: (segmentation, boundary)
+            del data
+            loss = self.banet_loss(seg_output, target, boundary_output, boundary_target)
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    # validation_step, checkpoints, --val and inference are nnU-Net's: in eval mode BANet returns the
+    # segmentation output only, exactly like a plain nnU-Net network (the val loss is the segmentation loss).
