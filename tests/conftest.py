@@ -13,10 +13,8 @@ import nnunet_ext
 
 BIN = Path(sys.executable).parent
 
-# keep nnU-Net single-process and quiet in tests, and never compile on CPU
-os.environ.setdefault("nnUNet_n_proc_DA", "0")
+# never compile on CPU in tests (nnU-Net would only try on CUDA anyway)
 os.environ.setdefault("nnUNet_compile", "f")
-os.environ.setdefault("nnUNet_def_n_proc", "1")
 
 
 def nnunet_env(root: Path) -> dict:
@@ -26,12 +24,16 @@ def nnunet_env(root: Path) -> dict:
         nnUNet_preprocessed=str(root / "preprocessed"),
         nnUNet_results=str(root / "results"),
         nnUNet_extTrainer=nnunet_ext.trainer_dir(),
-        nnUNet_n_proc_DA="0",
         nnUNet_compile="f",
         nnUNet_def_n_proc="1",
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
     )
     return env
+
+
+def training_env(env: dict) -> dict:
+    """Single-process data augmentation for CPU training runs (planning needs nnUNet_n_proc_DA unset or > 0)."""
+    return {**env, "nnUNet_n_proc_DA": "0"}
 
 
 def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -43,17 +45,30 @@ def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedPr
     return proc
 
 
-@pytest.fixture(scope="session")
-def phantom_workspace(tmp_path_factory) -> tuple[Path, dict]:
-    """A full phantom dataset (id 501), planned and preprocessed with the stock CLI, plus 3d_tiny."""
-    from nnunet_ext.phantoms import write_phantom_dataset
+class PhantomWorkspace:
+    """nnU-Net folders in a temp dir; phantom datasets planned + preprocessed with the stock CLI on demand."""
 
-    root = tmp_path_factory.mktemp("nnunet")
-    for sub in ("raw", "preprocessed", "results"):
-        (root / sub).mkdir()
-    env = nnunet_env(root)
-    write_phantom_dataset(root / "raw", 501, kind="full", num_train=6, num_test=2, seed=0)
-    run(["nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],
-        env)
-    run(["nnunet-ext", "plans", "tiny", "501"], env)
-    return root, env
+    def __init__(self, root: Path):
+        self.root = root
+        for sub in ("raw", "preprocessed", "results"):
+            (root / sub).mkdir(exist_ok=True)
+        self.env = nnunet_env(root)
+        self._ready: set[int] = set()
+
+    def dataset(self, dataset_id: int = 501, kind: str = "full") -> Path:
+        """Raw folder of phantom ``dataset_id`` (tiny: 24x48x48, one tile of 3d_tiny), preprocessed + 3d_tiny."""
+        from nnunet_ext.phantoms import write_phantom_dataset
+
+        if dataset_id not in self._ready:
+            write_phantom_dataset(self.root / "raw", dataset_id, kind=kind, num_train=6, num_test=2,
+                                  shape=(24, 48, 48), seed=dataset_id)
+            run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1",
+                 "--verify_dataset_integrity"], self.env)
+            run(["nnunet-ext", "plans", "tiny", str(dataset_id)], self.env)
+            self._ready.add(dataset_id)
+        return next((self.root / "raw").glob(f"Dataset{dataset_id:03d}_*"))
+
+
+@pytest.fixture(scope="session")
+def phantom_workspace(tmp_path_factory) -> PhantomWorkspace:
+    return PhantomWorkspace(tmp_path_factory.mktemp("nnunet"))

@@ -1,0 +1,48 @@
+"""End to end through the STOCK nnU-Net commands on a phantom with the tiny configuration.
+
+nnUNetv2_plan_and_preprocess (fixture) -> nnUNetv2_train -tr <ours> -device cpu -> nnUNetv2_predict -tr <ours>
+-> nnUNetv2_evaluate_folder. Every trainer nnunet_ext ships joins through its `_smoke` schedule variant.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import nnunet_ext.trainers as ours
+from tests.conftest import run, training_env
+
+TRAINERS = ["nnUNetTrainer_smoke"] + [f"{t.__name__}_smoke" for t in ours.TRAINERS]
+
+
+def dataset_id_for(trainer: str) -> int:
+    # nnU-Net keeps ONE splits_final.json per dataset: trainers with their own fold count get their own dataset
+    folds = getattr(getattr(ours, trainer), "num_folds", 5)
+    return 501 if folds == 5 else 500 + folds * 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_train_predict_evaluate_with_stock_cli(phantom_workspace, trainer):
+    dataset_id = dataset_id_for(trainer)
+    dataset = phantom_workspace.dataset(dataset_id)
+    root, env = phantom_workspace.root, phantom_workspace.env
+    run(["nnUNetv2_train", str(dataset_id), "3d_tiny", "0", "-tr", trainer, "-device", "cpu"], training_env(env))
+    model = root / "results" / dataset.name / f"{trainer}__nnUNetPlans__3d_tiny"
+    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    assert (model / "fold_0" / "validation" / "summary.json").is_file()
+
+    out = root / "predictions" / trainer
+    run(["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(dataset_id), "-c", "3d_tiny",
+         "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    cases = sorted(p.name for p in (dataset / "labelsTs").glob("*.nii.gz"))
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == cases
+
+    run(["nnUNetv2_evaluate_folder", str(dataset / "labelsTs"), str(out), "-djfile", str(model / "dataset.json"),
+         "-pfile", str(model / "plans.json"), "-np", "1"], env)
+    summary = json.loads((out / "summary.json").read_text())
+    labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+    assert {str(v) for k, v in labels.items() if k != "background"} <= set(summary["mean"])
+    for metrics in summary["mean"].values():
+        assert metrics["Dice"] != metrics["Dice"] or 0.0 <= metrics["Dice"] <= 1.0  # NaN for empty, else [0, 1]
