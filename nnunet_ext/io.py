@@ -1,0 +1,119 @@
+"""Small file helpers shared by the package: atomic JSON / NIfTI writes and the ``--force`` check.
+
+Every write goes to a temporary file in the target's folder and is then moved into place with
+``os.replace`` (atomic on one file system), so an interrupted run never leaves a half-written file under
+the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nnunet_ext.errors import UserError
+
+__all__ = ["atomic_write_json", "atomic_write_image", "refuse_existing", "to_jsonable"]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``json.dump`` ``default=`` hook: numpy scalars/arrays become Python numbers/lists, paths strings."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _temp_path(path: Path, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(
+        prefix=f"{path.name[: -len(suffix)] if suffix else path.name}.tmp-", suffix=suffix, dir=path.parent
+    )
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON (``indent=2``) to ``path`` atomically; numpy values are converted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path, ".json")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=to_jsonable)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _image_suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in (".nii.gz", ".nrrd", ".mha", ".mhd", ".nii"):
+        if name.endswith(s):
+            return path.name[-len(s) :]
+    return path.suffix
+
+
+def atomic_write_image(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    spacing_zyx: Sequence[float],
+    origin: Sequence[float] | None = None,
+    direction: Sequence[float] | None = None,
+) -> Path:
+    """Write a (z, y, x) numpy array as an image (NIfTI for ``.nii.gz``) with SimpleITK, atomically.
+
+    ``spacing_zyx`` follows the array's axis order (z, y, x) and is reversed for SimpleITK, whose spacing is
+    (x, y, z). ``origin`` and ``direction`` are physical-space values in SimpleITK's own order, exactly as
+    ``image.GetOrigin()`` / ``image.GetDirection()`` return them (copy them from a reference image); the
+    defaults are origin 0 and the identity direction. Boolean arrays are stored as uint8.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if len(spacing_zyx) != array.ndim:
+        raise ValueError(f"spacing_zyx has {len(spacing_zyx)} values but the array has {array.ndim} axes")
+    image = sitk.GetImageFromArray(array)  # numpy (z, y, x) -> SimpleITK (x, y, z)
+    image.SetSpacing([float(s) for s in reversed(tuple(spacing_zyx))])
+    if origin is not None:
+        image.SetOrigin([float(o) for o in origin])
+    if direction is not None:
+        image.SetDirection([float(d) for d in direction])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path, _image_suffix(path))  # keep the suffix: SimpleITK picks the writer from it
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def refuse_existing(path: str | os.PathLike, force: bool, what: str) -> None:
+    """Raise :class:`UserError` if ``path`` exists and ``force`` is false."""
+    path = Path(path)
+    if not force and (path.exists() or path.is_symlink()):
+        raise UserError(
+            f"{what} already exists: {path}; pass --force to overwrite it (force=True from Python), "
+            f"or choose another destination."
+        )
