@@ -51,8 +51,13 @@ def measure(options: dict) -> dict:
     plans["continue_training"] = False
     device = torch.device(options["device"])
     cls = find_trainer(options["trainer"])
-    trainer = cls(plans=plans, configuration=options["configuration"], fold=options["fold"],
-                  dataset_json=dataset_json, device=device)
+    trainer = cls(
+        plans=plans,
+        configuration=options["configuration"],
+        fold=options["fold"],
+        dataset_json=dataset_json,
+        device=device,
+    )
     trainer.initialize()
     dl_train, _ = trainer.get_dataloaders()
     n_warmup, n_steps = options["warmup"], options["iterations"]
@@ -74,20 +79,39 @@ def measure(options: dict) -> dict:
     step_time = (time.perf_counter() - start) / n_steps
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
-        memory = {"peak_memory_mb": peak, "memory_kind": "CUDA max_memory_allocated", "static_memory_mb": base_mem}
+        memory = {
+            "peak_memory_mb": peak,
+            "memory_kind": "CUDA max_memory_allocated",
+            "static_memory_mb": base_mem,
+        }
     else:
         peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        memory = {"peak_memory_mb": max(peak_after, peak_before) - rss_before,
-                  "memory_kind": "CPU peak RSS growth during the timed steps"}
+        memory = {
+            "peak_memory_mb": max(peak_after, peak_before) - rss_before,
+            "memory_kind": "CPU peak RSS growth during the timed steps",
+        }
 
     # sliding-window inference on validation cases, exactly nnU-Net's predictor
     trainer.set_deep_supervision_enabled(False)
     trainer.network.eval()
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=not options["no_mirroring"],
-                                perform_everything_on_device=device.type == "cuda", device=device,
-                                verbose=False, allow_tqdm=False)
-    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
-                                    trainer.dataset_json, cls.__name__, trainer.inference_allowed_mirroring_axes)
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=not options["no_mirroring"],
+        perform_everything_on_device=device.type == "cuda",
+        device=device,
+        verbose=False,
+        allow_tqdm=False,
+    )
+    predictor.manual_initialization(
+        trainer.network,
+        trainer.plans_manager,
+        trainer.configuration_manager,
+        None,
+        trainer.dataset_json,
+        cls.__name__,
+        trainer.inference_allowed_mirroring_axes,
+    )
     _, dataset_val = trainer.get_tr_and_val_datasets()
     keys = sorted(dataset_val.identifiers)[: options["cases"]]
     times = []
@@ -148,15 +172,27 @@ def run_benchmark(
         env.setdefault("nnUNet_raw", tmp)
         env["nnUNet_n_proc_DA"] = "0"
         for name in (baseline, trainer):
-            options = {"plans_file": str(Path(plans_file).resolve()), "configuration": configuration,
-                       "trainer": name, "device": device, "iterations": iterations, "warmup": warmup,
-                       "cases": cases, "fold": fold, "no_mirroring": no_mirroring}
+            options = {
+                "plans_file": str(Path(plans_file).resolve()),
+                "configuration": configuration,
+                "trainer": name,
+                "device": device,
+                "iterations": iterations,
+                "warmup": warmup,
+                "cases": cases,
+                "fold": fold,
+                "no_mirroring": no_mirroring,
+            }
             out = Path(tmp) / f"{name}.json"
-            print(f"measuring {name} ({warmup} warm-up + {iterations} timed train steps, {cases} inference cases) ...",
-                  flush=True)
+            print(
+                f"measuring {name} ({warmup} warm-up + {iterations} timed train steps, {cases} inference cases) ...",
+                flush=True,
+            )
             proc = subprocess.run(
                 [sys.executable, "-m", "nnunet_ext.bench", json.dumps(options), str(out)],
-                env=env, capture_output=True, text=True,
+                env=env,
+                capture_output=True,
+                text=True,
             )
             if proc.returncode != 0 or not out.is_file():
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -167,8 +203,14 @@ def run_benchmark(
     for key in ("train_step_s", "peak_memory_mb", "inference_s_per_case", "parameters"):
         if b.get(key) and t.get(key) is not None:
             ratios[key] = t[key] / b[key]
-    return {"configuration": configuration, "plans_file": str(plans_file), "device": device,
-            "baseline": b, "trainer": t, "ratios": ratios}
+    return {
+        "configuration": configuration,
+        "plans_file": str(plans_file),
+        "device": device,
+        "baseline": b,
+        "trainer": t,
+        "ratios": ratios,
+    }
 
 
 def format_report(r: dict) -> str:
@@ -180,8 +222,10 @@ def format_report(r: dict) -> str:
         ("parameters [M]", "parameters", "{:.3f}"),
     ]
     width = max(len(b["trainer"]), len(t["trainer"]), 12)
-    lines = [f"configuration {r['configuration']} on {r['device']}, batch {t['batch_size']}, patch {t['patch_size']}",
-             f"{'':<22}{b['trainer']:>{width}}{t['trainer']:>{width + 2}}{'ratio':>10}"]
+    lines = [
+        f"configuration {r['configuration']} on {r['device']}, batch {t['batch_size']}, patch {t['patch_size']}",
+        f"{'':<22}{b['trainer']:>{width}}{t['trainer']:>{width + 2}}{'ratio':>10}",
+    ]
     for label, key, fmt in rows:
         scale = 1e-6 if key == "parameters" else 1
 
@@ -198,8 +242,18 @@ def _cmd_bench(args):
     from nnunet_ext.plans import locate_plans
 
     plans_file = locate_plans(args.dataset, args.plans)
-    r = run_benchmark(plans_file, args.configuration, args.trainer, args.baseline, args.device, args.iterations,
-                      args.warmup, args.cases, args.fold, args.no_mirroring)
+    r = run_benchmark(
+        plans_file,
+        args.configuration,
+        args.trainer,
+        args.baseline,
+        args.device,
+        args.iterations,
+        args.warmup,
+        args.cases,
+        args.fold,
+        args.no_mirroring,
+    )
     print(format_report(r))
     if args.json:
         from nnunet_ext.io import atomic_write_json

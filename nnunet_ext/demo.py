@@ -28,7 +28,7 @@ def default_trainers() -> list[str]:
     """Baseline first, then every method trainer we ship, all on the demo schedule."""
     import nnunet_ext.trainers as ours
 
-    return ["nnUNetTrainer_demo"] + [f"{t.__name__}_demo" for t in ours.TRAINERS]
+    return ["nnUNetTrainer_demo"] + [f"{t.__name__}_demo" for t in ours.METHOD_TRAINERS]
 
 
 def _tool(name: str) -> str:
@@ -37,7 +37,9 @@ def _tool(name: str) -> str:
         return str(candidate)
     found = shutil.which(name)
     if not found:
-        raise UserError(f"{name} not found: is nnunetv2 installed in this environment? (pip install nnunetv2)")
+        raise UserError(
+            f"{name} not found: is nnunetv2 installed in this environment? (pip install nnunetv2)"
+        )
     return found
 
 
@@ -58,8 +60,16 @@ def _run(cmd: list[str], env: dict, log: Path, quiet: bool) -> float:
     return time.perf_counter() - start
 
 
-def run_demo(workdir: Path, trainers: list[str] | None = None, device: str = "auto", force: bool = False,
-             quiet: bool = False, num_train: int = 12, num_test: int = 4, seed: int = 0) -> dict:
+def run_demo(
+    workdir: Path,
+    trainers: list[str] | None = None,
+    device: str = "auto",
+    force: bool = False,
+    quiet: bool = False,
+    num_train: int = 12,
+    num_test: int = 4,
+    seed: int = 0,
+) -> dict:
     import torch
 
     from nnunet_ext.phantoms import write_phantom_dataset
@@ -74,7 +84,9 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, device: str = "au
     workdir = Path(workdir).resolve()
     if force and workdir.exists():
         if not (workdir / "demo.log").exists() and any(workdir.iterdir()):
-            raise UserError(f"{workdir} is not a demo folder (no demo.log); refusing to delete it. Pick another --workdir.")
+            raise UserError(
+                f"{workdir} is not a demo folder (no demo.log); refusing to delete it. Pick another --workdir."
+            )
         shutil.rmtree(workdir)
     raw, pre, res = workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed", workdir / "nnUNet_results"
     for folder in (raw, pre, res):
@@ -100,8 +112,9 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, device: str = "au
         dataset_folder = existing[0]
         print(f"  exists: {dataset_folder}")
     else:
-        dataset_folder = write_phantom_dataset(raw, DATASET_ID, kind="full", num_train=num_train,
-                                               num_test=num_test, seed=seed)
+        dataset_folder = write_phantom_dataset(
+            raw, DATASET_ID, kind="full", num_train=num_train, num_test=num_test, seed=seed
+        )
         print(f"  wrote {dataset_folder}")
     dataset_name = dataset_folder.name
 
@@ -110,8 +123,21 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, device: str = "au
     if (pre / dataset_name / "nnUNetPlans_3d_fullres").is_dir() and plans_file.is_file():
         print("  done before")
     else:
-        timings["preprocess"] = _run([_tool("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
-                                      "-np", "2", "--verify_dataset_integrity"], env, log, quiet)
+        timings["preprocess"] = _run(
+            [
+                _tool("nnUNetv2_plan_and_preprocess"),
+                "-d",
+                str(DATASET_ID),
+                "-c",
+                "3d_fullres",
+                "-np",
+                "2",
+                "--verify_dataset_integrity",
+            ],
+            env,
+            log,
+            quiet,
+        )
 
     announce(f"tiny configuration {CONFIGURATION}")
     plans = load_plans(plans_file)
@@ -119,8 +145,10 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, device: str = "au
         tiny_configuration(plans, "3d_fullres", CONFIGURATION)
         save_plans(plans_file, plans)
     cfg = plans["configurations"][CONFIGURATION]
-    print(f"  patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
-          f"features {cfg['architecture']['arch_kwargs']['features_per_stage']}")
+    print(
+        f"  patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
+        f"features {cfg['architecture']['arch_kwargs']['features_per_stage']}"
+    )
 
     predictions = {}
     for trainer in trainers:
@@ -129,19 +157,52 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, device: str = "au
         if (model / "checkpoint_final.pth").is_file():
             print("  done before")
         else:
-            cmd = [_tool("nnUNetv2_train"), str(DATASET_ID), CONFIGURATION, "0", "-tr", trainer, "-device", device]
+            cmd = [
+                _tool("nnUNetv2_train"),
+                str(DATASET_ID),
+                CONFIGURATION,
+                "0",
+                "-tr",
+                trainer,
+                "-device",
+                device,
+            ]
             if (model / "checkpoint_latest.pth").is_file():
                 cmd.append("--c")
             timings[f"train {trainer}"] = _run(cmd, env, log, quiet)
         announce(f"nnUNetv2_predict -tr {trainer} on {dataset_name}/imagesTs")
         out = workdir / "predictions" / trainer
-        if out.is_dir() and len(list(out.glob("*.nii.gz"))) == len(list((dataset_folder / "labelsTs").glob("*.nii.gz"))):
+        if out.is_dir() and len(list(out.glob("*.nii.gz"))) == len(
+            list((dataset_folder / "labelsTs").glob("*.nii.gz"))
+        ):
             print("  done before")
         else:
             timings[f"predict {trainer}"] = _run(
-                [_tool("nnUNetv2_predict"), "-i", str(dataset_folder / "imagesTs"), "-o", str(out), "-d",
-                 str(DATASET_ID), "-c", CONFIGURATION, "-f", "0", "-tr", trainer, "-device", device, "-npp", "1",
-                 "-nps", "1"], env, log, quiet)
+                [
+                    _tool("nnUNetv2_predict"),
+                    "-i",
+                    str(dataset_folder / "imagesTs"),
+                    "-o",
+                    str(out),
+                    "-d",
+                    str(DATASET_ID),
+                    "-c",
+                    CONFIGURATION,
+                    "-f",
+                    "0",
+                    "-tr",
+                    trainer,
+                    "-device",
+                    device,
+                    "-npp",
+                    "1",
+                    "-nps",
+                    "1",
+                ],
+                env,
+                log,
+                quiet,
+            )
         predictions[trainer] = out
 
     announce("evaluate on the test cases (nnU-Net's Dice)")
@@ -149,7 +210,9 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, device: str = "au
     announce("figure")
     figure = workdir / "demo.png"
     save_figure(dataset_folder, predictions, figure)
-    saved_timings = json.loads((workdir / "timings.json").read_text()) if (workdir / "timings.json").is_file() else {}
+    saved_timings = (
+        json.loads((workdir / "timings.json").read_text()) if (workdir / "timings.json").is_file() else {}
+    )
     saved_timings.update(timings)
     from nnunet_ext.io import atomic_write_json
 
@@ -170,8 +233,9 @@ def evaluate(dataset_folder: Path, predictions: dict[str, Path]) -> dict:
     scores = {}
     for trainer, folder in predictions.items():
         summary = folder / "summary.json"
-        compute_metrics_on_folder_simple(str(dataset_folder / "labelsTs"), str(folder), sorted(names),
-                                         str(summary), num_processes=1)
+        compute_metrics_on_folder_simple(
+            str(dataset_folder / "labelsTs"), str(folder), sorted(names), str(summary), num_processes=1
+        )
         mean = json.loads(summary.read_text())["mean"]
         scores[trainer] = {names[int(k)]: v["Dice"] for k, v in mean.items()}
     return scores
@@ -184,11 +248,16 @@ def format_table(scores: dict, timings: dict) -> str:
     lines = [f"{'Dice (test cases)':<20}" + "".join(f"{t:>{width}}" for t in trainers)]
     for s in structures:
         lines.append(f"{s:<20}" + "".join(f"{scores[t][s]:>{width}.3f}" for t in trainers))
-    lines.append(f"{'mean':<20}" + "".join(f"{sum(scores[t].values()) / len(structures):>{width}.3f}" for t in trainers))
+    lines.append(
+        f"{'mean':<20}"
+        + "".join(f"{sum(scores[t].values()) / len(structures):>{width}.3f}" for t in trainers)
+    )
     for kind in ("train", "predict"):
         row = [timings.get(f"{kind} {t}") for t in trainers]
-        lines.append(f"{kind + ' time [s]':<20}" + "".join(
-            f"{v:>{width}.0f}" if v is not None else f"{'(earlier)':>{width}}" for v in row))
+        lines.append(
+            f"{kind + ' time [s]':<20}"
+            + "".join(f"{v:>{width}.0f}" if v is not None else f"{'(earlier)':>{width}}" for v in row)
+        )
     return "\n".join(lines)
 
 
@@ -212,13 +281,20 @@ def save_figure(dataset_folder: Path, predictions: dict[str, Path], path: Path, 
         z = int(np.argmax([(np.unique(s) > 0).sum() * 1e6 + (s > 0).sum() for s in gt]))
         panels = [("image", None), ("ground truth", gt)] + [
             (t.removesuffix("_demo"), sitk.GetArrayFromImage(sitk.ReadImage(str(p / label_file.name))))
-            for t, p in predictions.items()]
+            for t, p in predictions.items()
+        ]
         for col, (title, seg) in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(img[z], cmap="gray", vmin=-200, vmax=300)
             if seg is not None:
-                ax.imshow(np.ma.masked_equal(seg[z], 0), cmap=cmap, vmin=0, vmax=max(n_fg, 1), alpha=0.5,
-                          interpolation="nearest")
+                ax.imshow(
+                    np.ma.masked_equal(seg[z], 0),
+                    cmap=cmap,
+                    vmin=0,
+                    vmax=max(n_fg, 1),
+                    alpha=0.5,
+                    interpolation="nearest",
+                )
             ax.set_title(f"{title}\n{case} z={z}" if col == 0 else title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
@@ -230,8 +306,16 @@ def save_figure(dataset_folder: Path, predictions: dict[str, Path], path: Path, 
 
 
 def _cmd_demo(args):
-    run_demo(Path(args.workdir), args.trainers, args.device, args.force, args.quiet, args.num_train, args.num_test,
-             args.seed)
+    run_demo(
+        Path(args.workdir),
+        args.trainers,
+        args.device,
+        args.force,
+        args.quiet,
+        args.num_train,
+        args.num_test,
+        args.seed,
+    )
 
 
 def add_parser(sub) -> None:
@@ -243,13 +327,20 @@ def add_parser(sub) -> None:
         "structure, times, and a PNG figure. About 15 minutes on 2 CPU cores; uses a GPU when present. "
         "Resumes if interrupted.",
     )
-    p.add_argument("--workdir", default="nnunet_ext_demo", help="folder for everything (default ./nnunet_ext_demo)")
-    p.add_argument("--trainers", nargs="+", help="trainers to run (default: nnUNetTrainer_demo and every "
-                   "nnunet_ext trainer's _demo variant)")
+    p.add_argument(
+        "--workdir", default="nnunet_ext_demo", help="folder for everything (default ./nnunet_ext_demo)"
+    )
+    p.add_argument(
+        "--trainers",
+        nargs="+",
+        help="trainers to run (default: nnUNetTrainer_demo and every nnunet_ext trainer's _demo variant)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--num-train", type=int, default=12, help="training cases of the phantom (default 12)")
     p.add_argument("--num-test", type=int, default=4, help="test cases of the phantom (default 4)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.add_argument("--force", action="store_true", help="delete the demo folder and start over")
-    p.add_argument("--quiet", action="store_true", help="do not stream nnU-Net's output (it is still in demo.log)")
+    p.add_argument(
+        "--quiet", action="store_true", help="do not stream nnU-Net's output (it is still in demo.log)"
+    )
     p.set_defaults(func=_cmd_demo)

@@ -30,7 +30,9 @@ def require_folder_var(name: str) -> Path:
         raise UserError(f"{name} is not set ({NNUNET_FOLDERS.get(name, '')}).\n{SETUP_HINT}")
     path = Path(value)
     if not path.is_dir():
-        raise UserError(f"{name}={value} does not exist or is not a folder. Create it (mkdir -p {value}) or fix {name}.")
+        raise UserError(
+            f"{name}={value} does not exist or is not a folder. Create it (mkdir -p {value}) or fix {name}."
+        )
     return path
 
 
@@ -93,14 +95,18 @@ def _check_ext_trainer() -> Check:
     fix = f"export {EXT_TRAINER_VAR}=$(nnunet-ext trainer-dir)   # = {ours}"
     value = os.environ.get(EXT_TRAINER_VAR)
     if not value:
-        return Check(EXT_TRAINER_VAR, False, "not set: nnUNetv2_train/_predict will not find our trainers", fix)
+        return Check(
+            EXT_TRAINER_VAR, False, "not set: nnUNetv2_train/_predict will not find our trainers", fix
+        )
     parts = [p for p in value.split(os.pathsep) if p.strip()]
     missing = [p for p in parts if not os.path.isdir(p)]
     if missing:
         return Check(EXT_TRAINER_VAR, False, f"folder(s) do not exist: {', '.join(missing)}", fix)
     if not any(_same_path(p, ours) for p in parts):
         package_trainers = Path(ours).parent.parent / "trainers"
-        wrong = [p for p in parts if _same_path(p, str(package_trainers)) or p.rstrip("/").endswith("trainers")]
+        wrong = [
+            p for p in parts if _same_path(p, str(package_trainers)) or p.rstrip("/").endswith("trainers")
+        ]
         detail = f"{value} does not contain nnunet_ext's trainer folder"
         if wrong:
             detail += (
@@ -130,18 +136,29 @@ def _check_trainer_lookup() -> Check:
             bad.append(f"{name}: {str(e).splitlines()[0]}")
             continue
         if found is not getattr(ours, name):
-            bad.append(f"{name}: nnU-Net found {found.__module__}.{found.__qualname__}, a different class object")
+            bad.append(
+                f"{name}: nnU-Net found {found.__module__}.{found.__qualname__}, a different class object"
+            )
     if bad:
-        return Check("trainer lookup", False, "; ".join(bad), f"export {EXT_TRAINER_VAR}=$(nnunet-ext trainer-dir)")
-    return Check("trainer lookup", True, f"{len(ours.__all__)} trainers found by nnU-Net: {', '.join(ours.__all__)}")
+        return Check(
+            "trainer lookup", False, "; ".join(bad), f"export {EXT_TRAINER_VAR}=$(nnunet-ext trainer-dir)"
+        )
+    return Check(
+        "trainer lookup", True, f"{len(ours.__all__)} trainers found by nnU-Net: {', '.join(ours.__all__)}"
+    )
 
 
 def _versions() -> Check:
-    import nnunetv2  # noqa: F401
-    import torch
     from importlib.metadata import version
 
-    cuda = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else "no GPU"
+    import nnunetv2  # noqa: F401
+    import torch
+
+    cuda = (
+        f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"
+        if torch.cuda.is_available()
+        else "no GPU"
+    )
     return Check(
         "versions",
         True,

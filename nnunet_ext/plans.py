@@ -40,7 +40,9 @@ def locate_plans(dataset: str, plans_identifier: str = DEFAULT_PLANS) -> Path:
     folder = resolve_dataset(dataset, "nnUNet_preprocessed")
     path = folder / f"{plans_identifier}.json"
     if not path.is_file():
-        available = sorted(p.stem for p in folder.glob("*.json") if p.stem not in ("dataset", "dataset_fingerprint"))
+        available = sorted(
+            p.stem for p in folder.glob("*.json") if p.stem not in ("dataset", "dataset_fingerprint")
+        )
         raise UserError(
             f"plans {plans_identifier!r} not found in {folder}. Available plans: "
             f"{', '.join(available) or 'none'} (choose with -p). "
@@ -53,7 +55,9 @@ def load_plans(path: Path) -> dict:
     try:
         plans = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}). Restore it from a backup (*.bak-*) or re-plan.") from e
+        raise UserError(
+            f"{path} is not valid JSON ({e}). Restore it from a backup (*.bak-*) or re-plan."
+        ) from e
     if not isinstance(plans, dict) or not isinstance(plans.get("configurations"), dict):
         raise UserError(f"{path} is not an nnU-Net plans file (no 'configurations'). Pass a plans file.")
     return plans
@@ -97,9 +101,13 @@ def resolve(plans: dict, name: str) -> dict:
     chain, current = [], name
     while True:
         if current in chain:
-            raise UserError(f"configuration {name!r} has circular inherits_from: {' -> '.join([*chain, current])}")
+            raise UserError(
+                f"configuration {name!r} has circular inherits_from: {' -> '.join([*chain, current])}"
+            )
         if current not in configs:
-            raise UserError(f"configuration {chain[-1]!r} inherits from {current!r}, which is not in the plans")
+            raise UserError(
+                f"configuration {chain[-1]!r} inherits from {current!r}, which is not in the plans"
+            )
         chain.append(current)
         parent = configs[current].get("inherits_from")
         if parent is None:
@@ -131,7 +139,9 @@ def validate(plans: dict, name: str) -> dict:
     where = f"configuration {name!r}"
     for key in ("patch_size", "batch_size", "spacing", "architecture"):
         if key not in cfg:
-            raise UserError(f"{where} has no {key!r}; derive it from a complete configuration (inherits_from)")
+            raise UserError(
+                f"{where} has no {key!r}; derive it from a complete configuration (inherits_from)"
+            )
     arch = cfg["architecture"]
     if "network_class_name" not in arch or "arch_kwargs" not in arch:
         raise UserError(f"{where}: architecture needs 'network_class_name' and 'arch_kwargs'")
@@ -188,7 +198,9 @@ def _convert_kwargs(kw: dict, style: str) -> dict:
     n = kw["n_stages"]
     if style == "resenc" and "n_blocks_per_stage" not in kw:
         kw.pop("n_conv_per_stage", None)
-        kw["n_blocks_per_stage"] = list(RESENC_BLOCKS[:n]) + [RESENC_BLOCKS[-1]] * max(0, n - len(RESENC_BLOCKS))
+        kw["n_blocks_per_stage"] = list(RESENC_BLOCKS[:n]) + [RESENC_BLOCKS[-1]] * max(
+            0, n - len(RESENC_BLOCKS)
+        )
         kw["n_conv_per_stage_decoder"] = [1] * (n - 1)
     elif style == "plain" and "n_conv_per_stage" not in kw:
         kw.pop("n_blocks_per_stage", None)
@@ -223,7 +235,12 @@ class EditReport:
 
 
 def add_configuration(
-    plans: dict, name: str, parent: str, arch: str | None = None, force: bool = False, report: EditReport | None = None
+    plans: dict,
+    name: str,
+    parent: str,
+    arch: str | None = None,
+    force: bool = False,
+    report: EditReport | None = None,
 ) -> None:
     """Add configuration ``name`` inheriting from ``parent``, optionally swapping in architecture ``arch``."""
     report = report if report is not None else EditReport()
@@ -287,11 +304,13 @@ def edit_configuration(
             raise UserError(f"spacing must be {len(cfg['spacing'])} positive numbers (got {spacing})")
         own["spacing"] = [float(s) for s in spacing]
         report.add(f"{name}: spacing {cfg['spacing']} -> {own['spacing']}")
-        if own.get("data_identifier", cfg["data_identifier"]) == cfg["data_identifier"] and own["spacing"] != list(
-            cfg["spacing"]
-        ):
+        if own.get("data_identifier", cfg["data_identifier"]) == cfg["data_identifier"] and own[
+            "spacing"
+        ] != list(cfg["spacing"]):
             own["data_identifier"] = f"{plans.get('plans_name', DEFAULT_PLANS)}_{name}"
-            report.add(f"{name}: data_identifier -> {own['data_identifier']} (new spacing needs its own data)")
+            report.add(
+                f"{name}: data_identifier -> {own['data_identifier']} (new spacing needs its own data)"
+            )
         report.needs_preprocessing.append(name)
     if n_stages is not None or features is not None or base_features is not None or max_features is not None:
         arch = _own_architecture(plans, name)
@@ -336,7 +355,9 @@ def _set_n_stages(kw: dict, n: int, patch: list[int], report: EditReport, name: 
             )
         kw["strides"].append(stride)
         kw["kernel_sizes"].append([3] * len(patch))
-        kw["features_per_stage"].append(min(kw["features_per_stage"][-1] * 2, max(kw["features_per_stage"] + [320])))
+        kw["features_per_stage"].append(
+            min(kw["features_per_stage"][-1] * 2, max(kw["features_per_stage"] + [320]))
+        )
         for key in ("n_conv_per_stage", "n_blocks_per_stage"):
             if isinstance(kw.get(key), list):
                 kw[key].append(kw[key][-1])
@@ -399,26 +420,38 @@ def list_presets() -> dict[str, dict]:
     return dict(sorted(presets.items()))
 
 
-def apply_preset(plans: dict, preset: str | dict, force: bool = False, report: EditReport | None = None) -> EditReport:
+def apply_preset(
+    plans: dict, preset: str | dict, force: bool = False, report: EditReport | None = None
+) -> EditReport:
     """Apply a preset (name of a file in plans/ or a dict with ``steps``) to ``plans`` in place."""
     report = report if report is not None else EditReport()
     if isinstance(preset, str):
         presets = list_presets()
         if preset not in presets:
-            raise UserError(f"unknown preset {preset!r}. Available: {', '.join(presets)} (`nnunet-ext plans presets`)")
+            raise UserError(
+                f"unknown preset {preset!r}. Available: {', '.join(presets)} (`nnunet-ext plans presets`)"
+            )
         preset = presets[preset]
     for i, step in enumerate(preset.get("steps", [])):
         step = dict(step)
         op = step.pop("op", None)
         try:
             if op == "add":
-                add_configuration(plans, step.pop("name"), step.pop("from"), step.pop("arch", None), force, report)
+                add_configuration(
+                    plans, step.pop("name"), step.pop("from"), step.pop("arch", None), force, report
+                )
             elif op == "set":
                 edit_configuration(plans, step.pop("configuration"), report=report, **step)
                 step = {}
             elif op == "tiny":
-                tiny_configuration(plans, step.pop("from", "3d_fullres"), step.pop("name", None), force=force,
-                                   report=report, **step)
+                tiny_configuration(
+                    plans,
+                    step.pop("from", "3d_fullres"),
+                    step.pop("name", None),
+                    force=force,
+                    report=report,
+                    **step,
+                )
                 step = {}
             else:
                 raise UserError(f"unknown op {op!r} (use add, set or tiny)")
@@ -453,7 +486,9 @@ def check_configuration(
     except (KeyError, TypeError, AssertionError) as e:
         raise UserError(f"dataset.json is malformed ({e!r}): it needs 'channel_names' and 'labels'") from e
     n_out = label_manager.num_segmentation_heads
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
     build = _network_builder(trainer, plans_manager, cm, n_in, n_out)
@@ -520,8 +555,13 @@ def _network_builder(trainer, plans_manager, cm, n_in, n_out):
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
         return lambda: get_network_from_plans(
-            cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
-            n_in, n_out, allow_init=True, deep_supervision=True,
+            cm.network_arch_class_name,
+            cm.network_arch_init_kwargs,
+            cm.network_arch_init_kwargs_req_import,
+            n_in,
+            n_out,
+            allow_init=True,
+            deep_supervision=True,
         )
     from nnunet_ext.training import find_trainer
 
@@ -585,13 +625,22 @@ def _cmd_set(args):
     plans = load_plans(path)
     report = EditReport()
     edit_configuration(
-        plans, args.configuration, patch_size=args.patch_size, batch_size=args.batch_size, spacing=args.spacing,
-        features=args.features, base_features=args.base_features, max_features=args.max_features,
-        n_stages=args.n_stages, report=report,
+        plans,
+        args.configuration,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        spacing=args.spacing,
+        features=args.features,
+        base_features=args.base_features,
+        max_features=args.max_features,
+        n_stages=args.n_stages,
+        report=report,
     )
     if not report.lines:
-        raise UserError("nothing to change: give at least one of --patch-size, --batch-size, --spacing, "
-                        "--features, --base-features, --max-features, --n-stages")
+        raise UserError(
+            "nothing to change: give at least one of --patch-size, --batch-size, --spacing, "
+            "--features, --base-features, --max-features, --n-stages"
+        )
     _write(path, plans, report, _dataset_hint(path), args.plans)
     print("  " + _describe(plans, args.configuration))
 
@@ -603,7 +652,9 @@ def _cmd_tiny(args):
     name = tiny_configuration(plans, args.parent, args.name, force=args.force, report=report)
     _write(path, plans, report, _dataset_hint(path), args.plans)
     print("  " + _describe(plans, name))
-    print(f"next: nnUNetv2_train {_dataset_hint(path)} {name} 0 -p {args.plans} -tr nnUNetTrainer_demo -device cpu")
+    print(
+        f"next: nnUNetv2_train {_dataset_hint(path)} {name} 0 -p {args.plans} -tr nnUNetTrainer_demo -device cpu"
+    )
 
 
 def _cmd_presets(args):
@@ -628,12 +679,21 @@ def _cmd_archs(args):
 def _cmd_check(args):
     path = locate_plans(args.dataset, args.plans)
     plans = load_plans(path)
-    r = check_configuration(plans, dataset_json_for(path), args.configuration, args.device, args.trainer,
-                            args.batch_size, args.iterations)
+    r = check_configuration(
+        plans,
+        dataset_json_for(path),
+        args.configuration,
+        args.device,
+        args.trainer,
+        args.batch_size,
+        args.iterations,
+    )
     if args.json:
         print(json.dumps(r, indent=2))
         return
-    mem = f"{r['peak_memory_mb']:.0f} MiB peak" if r["peak_memory_mb"] is not None else "peak memory n/a on CPU"
+    mem = (
+        f"{r['peak_memory_mb']:.0f} MiB peak" if r["peak_memory_mb"] is not None else "peak memory n/a on CPU"
+    )
     print(
         f"{r['configuration']}: {r['network']} on {r['device']}\n"
         f"  input {r['input_channels']} ch, {r['outputs']} outputs, patch {r['patch_size']}, batch {r['batch_size']}\n"
@@ -663,12 +723,18 @@ def add_parser(sub) -> None:
     p.add_argument("-c", "--configuration", help="print this configuration fully resolved")
     p.set_defaults(func=_cmd_show)
 
-    p = ps.add_parser("add", help="add a configuration derived from another (inherits_from), optionally with "
-                      "another architecture")
+    p = ps.add_parser(
+        "add",
+        help="add a configuration derived from another (inherits_from), optionally with another architecture",
+    )
     common(p)
     p.add_argument("name", help="new configuration name, e.g. 3d_fullres_banet")
-    p.add_argument("--from", dest="parent", default="3d_fullres", help="parent configuration (default 3d_fullres)")
-    p.add_argument("--arch", help="architecture to swap in (`nnunet-ext plans archs`), kwargs taken from the parent")
+    p.add_argument(
+        "--from", dest="parent", default="3d_fullres", help="parent configuration (default 3d_fullres)"
+    )
+    p.add_argument(
+        "--arch", help="architecture to swap in (`nnunet-ext plans archs`), kwargs taken from the parent"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing configuration of that name")
     p.set_defaults(func=_cmd_add)
 
@@ -676,9 +742,16 @@ def add_parser(sub) -> None:
     common(p, configuration=True)
     p.add_argument("--patch-size", type=int, nargs="+", metavar="N")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--spacing", type=float, nargs="+", metavar="MM",
-                   help="target spacing; needs new preprocessing (a new data_identifier is set)")
-    p.add_argument("--features", type=int, nargs="+", metavar="F", help="features per stage, one value per stage")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="MM",
+        help="target spacing; needs new preprocessing (a new data_identifier is set)",
+    )
+    p.add_argument(
+        "--features", type=int, nargs="+", metavar="F", help="features per stage, one value per stage"
+    )
     p.add_argument("--base-features", type=int, help="features of the first stage, doubled per stage")
     p.add_argument("--max-features", type=int, help="cap for --base-features doubling")
     p.add_argument("--n-stages", type=int, help="number of resolution stages (truncates or adds stages)")
@@ -686,7 +759,9 @@ def add_parser(sub) -> None:
 
     p = ps.add_parser("tiny", help="add a tiny configuration that trains in minutes on 2 CPU cores")
     common(p)
-    p.add_argument("--from", dest="parent", default="3d_fullres", help="parent configuration (default 3d_fullres)")
+    p.add_argument(
+        "--from", dest="parent", default="3d_fullres", help="parent configuration (default 3d_fullres)"
+    )
     p.add_argument("--name", help="name (default 3d_tiny, or <parent>_tiny for 2d)")
     p.add_argument("--force", action="store_true", help="replace an existing configuration of that name")
     p.set_defaults(func=_cmd_tiny)
@@ -706,7 +781,9 @@ def add_parser(sub) -> None:
     p = ps.add_parser("apply", help="apply a plan preset (`nnunet-ext plans presets`) to a dataset's plans")
     common(p)
     p.add_argument("preset", help="preset name")
-    p.add_argument("--force", action="store_true", help="replace configurations the preset adds if they exist")
+    p.add_argument(
+        "--force", action="store_true", help="replace configurations the preset adds if they exist"
+    )
     p.set_defaults(func=_cmd_apply)
 
     p = ps.add_parser("archs", help="list the architectures --arch accepts")

@@ -41,7 +41,9 @@ def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedPr
     exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
     proc = subprocess.run([exe, *cmd[1:]], env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -60,10 +62,28 @@ class PhantomWorkspace:
         from nnunet_ext.phantoms import write_phantom_dataset
 
         if dataset_id not in self._ready:
-            write_phantom_dataset(self.root / "raw", dataset_id, kind=kind, num_train=6, num_test=2,
-                                  shape=(24, 48, 48), seed=dataset_id)
-            run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1",
-                 "--verify_dataset_integrity"], self.env)
+            write_phantom_dataset(
+                self.root / "raw",
+                dataset_id,
+                kind=kind,
+                num_train=6,
+                num_test=2,
+                shape=(24, 48, 48),
+                seed=dataset_id,
+            )
+            run(
+                [
+                    "nnUNetv2_plan_and_preprocess",
+                    "-d",
+                    str(dataset_id),
+                    "-c",
+                    "3d_fullres",
+                    "-np",
+                    "1",
+                    "--verify_dataset_integrity",
+                ],
+                self.env,
+            )
             run(["nnunet-ext", "plans", "tiny", str(dataset_id)], self.env)
             self._ready.add(dataset_id)
         return next((self.root / "raw").glob(f"Dataset{dataset_id:03d}_*"))

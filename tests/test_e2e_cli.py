@@ -28,21 +28,60 @@ def test_train_predict_evaluate_with_stock_cli(phantom_workspace, trainer):
     dataset_id = dataset_id_for(trainer)
     dataset = phantom_workspace.dataset(dataset_id)
     root, env = phantom_workspace.root, phantom_workspace.env
-    run(["nnUNetv2_train", str(dataset_id), "3d_tiny", "0", "-tr", trainer, "-device", "cpu"], training_env(env))
+    run(
+        ["nnUNetv2_train", str(dataset_id), "3d_tiny", "0", "-tr", trainer, "-device", "cpu"],
+        training_env(env),
+    )
     model = root / "results" / dataset.name / f"{trainer}__nnUNetPlans__3d_tiny"
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
     assert (model / "fold_0" / "validation" / "summary.json").is_file()
 
     out = root / "predictions" / trainer
-    run(["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(dataset_id), "-c", "3d_tiny",
-         "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    run(
+        [
+            "nnUNetv2_predict",
+            "-i",
+            str(dataset / "imagesTs"),
+            "-o",
+            str(out),
+            "-d",
+            str(dataset_id),
+            "-c",
+            "3d_tiny",
+            "-f",
+            "0",
+            "-tr",
+            trainer,
+            "-device",
+            "cpu",
+            "-npp",
+            "1",
+            "-nps",
+            "1",
+        ],
+        env,
+    )
     cases = sorted(p.name for p in (dataset / "labelsTs").glob("*.nii.gz"))
     assert sorted(p.name for p in out.glob("*.nii.gz")) == cases
 
-    run(["nnUNetv2_evaluate_folder", str(dataset / "labelsTs"), str(out), "-djfile", str(model / "dataset.json"),
-         "-pfile", str(model / "plans.json"), "-np", "1"], env)
+    run(
+        [
+            "nnUNetv2_evaluate_folder",
+            str(dataset / "labelsTs"),
+            str(out),
+            "-djfile",
+            str(model / "dataset.json"),
+            "-pfile",
+            str(model / "plans.json"),
+            "-np",
+            "1",
+        ],
+        env,
+    )
     summary = json.loads((out / "summary.json").read_text())
     labels = json.loads((dataset / "dataset.json").read_text())["labels"]
     assert {str(v) for k, v in labels.items() if k != "background"} <= set(summary["mean"])
     for metrics in summary["mean"].values():
-        assert metrics["Dice"] != metrics["Dice"] or 0.0 <= metrics["Dice"] <= 1.0  # NaN for empty, else [0, 1]
+        assert (
+            metrics["Dice"] != metrics["Dice"] or 0.0 <= metrics["Dice"] <= 1.0
+        )  # NaN for empty, else [0, 1]

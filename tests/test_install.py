@@ -49,16 +49,34 @@ def test_architecture_dotted_paths_resolve():
 
 
 def test_console_script_trainer_dir():
-    out = subprocess.run([str(Path(sys.executable).parent / "nnunet-ext"), "trainer-dir"], capture_output=True,
-                         text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "nnunet-ext"), "trainer-dir"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert out == nnunet_ext.trainer_dir() and os.path.isdir(out)
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(REPO)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return next(out.glob("nnunet_ext-*.whl"))
 
 
@@ -74,8 +92,11 @@ def test_wheel_installs_only_the_nnunet_ext_namespace(wheel):
 def test_plain_install_resolves_trainers_and_networks(wheel, tmp_path):
     """`pip install .` (not editable): nnU-Net's lookup returns the installed package's class objects."""
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     code = (
         "import json, os, pydoc, nnunet_ext, nnunet_ext.trainers as t\n"
         "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"

@@ -119,7 +119,10 @@ def test_tiny_is_small_valid_and_reuses_data(plans):
     cfg = validate(plans, name)
     kw = cfg["architecture"]["arch_kwargs"]
     assert name == "3d_tiny" and kw["n_stages"] <= 4 and max(kw["features_per_stage"]) <= 64
-    assert cfg["batch_size"] == 2 and cfg["patch_size"][0] * cfg["patch_size"][1] * cfg["patch_size"][2] <= 24 * 48 * 48
+    assert (
+        cfg["batch_size"] == 2
+        and cfg["patch_size"][0] * cfg["patch_size"][1] * cfg["patch_size"][2] <= 24 * 48 * 48
+    )
     assert cfg["data_identifier"] == resolve(plans, "3d_fullres")["data_identifier"]
     name2d = tiny_configuration(plans, "2d")
     assert name2d == "2d_tiny" and len(validate(plans, name2d)["patch_size"]) == 2
@@ -207,4 +210,4 @@ def test_cli_show_and_check_by_dataset_id(plans_dir, monkeypatch, capsys):
     assert main(["plans", "tiny", "1"]) == 0
     assert main(["plans", "check", "1", "3d_tiny", "--device", "cpu", "--iterations", "1", "--json"]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):])["configuration"] == "3d_tiny"
+    assert json.loads(out[out.index("{") :])["configuration"] == "3d_tiny"

@@ -1,8 +1,10 @@
 """Every nnU-Net trainer nnunet_ext ships (installed as ``nnunet_ext.trainers``).
 
 One class per file, named after the file, as in nnU-Net. Add a new trainer by importing it here and
-listing it in ``TRAINERS``; its ``_smoke`` and ``_demo`` schedule variants are then created too (see
-:mod:`nnunet_ext.schedules`), and ``nnUNetv2_train -tr`` finds all of them through ``nnUNet_extTrainer``.
+listing it in ``TRAINERS`` (and in ``METHOD_TRAINERS`` if it is a method's main trainer rather than a
+recipe variant such as a different split); its ``_smoke`` and ``_demo`` schedule variants are then created
+too (see :mod:`nnunet_ext.schedules`), and ``nnUNetv2_train -tr`` finds all of them through
+``nnUNet_extTrainer``.
 """
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -11,9 +13,11 @@ from nnunet_ext.schedules import add_schedule_variants
 from nnunet_ext.trainers.nnUNetTrainerBANet import nnUNetTrainerBANet
 from nnunet_ext.trainers.nnUNetTrainerBANet_4fold import nnUNetTrainerBANet_4fold
 
-# The method trainers. The plain nnUNetTrainer is listed only to get its short-schedule variants (the
-# baseline that demos and benchmarks compare against); nnU-Net itself provides the class.
-TRAINERS: list[type] = [nnUNetTrainerBANet, nnUNetTrainerBANet_4fold]
+# One main trainer per method: what the demo and the benchmarks compare with plain nnUNetTrainer.
+METHOD_TRAINERS: list[type] = [nnUNetTrainerBANet]
+# Everything we ship (methods and their recipe variants). The plain nnUNetTrainer is added below only to
+# get its short-schedule variants (the baseline of demos and tests); nnU-Net itself provides the class.
+TRAINERS: list[type] = [*METHOD_TRAINERS, nnUNetTrainerBANet_4fold]
 
 __all__ = [t.__name__ for t in TRAINERS]
 __all__ += add_schedule_variants(globals(), [nnUNetTrainer, *TRAINERS], __name__)

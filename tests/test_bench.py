@@ -1,0 +1,60 @@
+"""The benchmark harness measures our trainer and the baseline in one run and reports ratios."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nnunet_ext.cli import main
+
+
+@pytest.mark.slow
+def test_bench_reports_both_trainers_and_ratios(phantom_workspace, monkeypatch, tmp_path, capsys):
+    phantom_workspace.dataset(501)
+    for key, value in phantom_workspace.env.items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    out = tmp_path / "bench.json"
+    code = main(
+        [
+            "bench",
+            "501",
+            "3d_tiny",
+            "-tr",
+            "nnUNetTrainerBANet",
+            "--device",
+            "cpu",
+            "--iterations",
+            "1",
+            "--warmup",
+            "1",
+            "--cases",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "ratio" in text and "nnUNetTrainerBANet" in text and "nnUNetTrainer" in text
+    r = json.loads(out.read_text())
+    assert r["baseline"]["trainer"] == "nnUNetTrainer" and r["trainer"]["trainer"] == "nnUNetTrainerBANet"
+    assert r["trainer"]["train_step_s"] > 0 and r["trainer"]["inference_s_per_case"] > 0
+    # BA-Net has a second decoder: more parameters than the plain U-Net on the same plans
+    assert r["ratios"]["parameters"] > 1.2
+    # the user's results folder is untouched: trainer outputs went to a temporary folder
+    assert not list((phantom_workspace.root / "results").glob("*/nnUNetTrainerBANet__*"))
+
+
+def test_bench_unknown_trainer_is_a_clear_error(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    folder = tmp_path / "Dataset001_Blob"
+    folder.mkdir()
+    shutil.copy(data / "nnUNetPlans.json", folder)
+    shutil.copy(data / "dataset.json", folder)
+    assert main(["bench", str(folder / "nnUNetPlans.json"), "3d_fullres", "-tr", "nnUNetTrainerNope"]) == 1
+    assert "trainer 'nnUNetTrainerNope' not found" in capsys.readouterr().err
