@@ -39,5 +39,11 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "resenc",
             "nnU-Net's residual-encoder U-Net (stock, as in the ResEnc presets)",
         ),
+        ArchitectureSpec(
+            "BANet",
+            "nnunet_ext.architectures.banet.BANet",
+            "any",
+            "BA-Net: encoder + segmentation and boundary decoders (train with nnUNetTrainerBANet)",
+        ),
     ]
 }

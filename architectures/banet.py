@@ -206,6 +206,16 @@ class BANet(AbstractDynamicNetworkArchitectures):
         return self.boundary.seg_layers
 
     def forward(self, x: torch.Tensor):
+        """Training mode: ``(segmentation, boundary)``; eval mode: segmentation only (what nnU-Net's
+        predictor, ``--val`` and ``validation_step`` expect). Each output is a list (full resolution first)
+        when deep supervision is on, else a tensor."""
+        seg, bnd = self.forward_both(x)
+        if self.training:
+            return seg, bnd
+        return seg
+
+    def forward_both(self, x: torch.Tensor):
+        """Segmentation and boundary logits in any mode (e.g. for ``nnunet-ext predict-boundaries``)."""
         skips = self.encoder(x)
         seg_dec = self.decoder
         bnd_dec = self.boundary.seg_layers
@@ -238,9 +248,7 @@ class BANet(AbstractDynamicNetworkArchitectures):
         else:
             seg = seg_outputs[0]
             bnd = bnd_outputs[0]
-        if self.training:
-            return seg, bnd
-        return seg
+        return seg, bnd
 
     def compute_conv_feature_map_size(self, input_size) -> np.int64:
         """Feature-map voxels of a forward pass (nnU-Net's VRAM proxy): encoder + both decoders."""

@@ -10,7 +10,15 @@ from nnunet_ext import __version__
 from nnunet_ext.errors import UserError
 
 # module name -> imported lazily so that `nnunet-ext trainer-dir` stays fast (no torch import)
-COMMAND_MODULES = ["environment", "plans", "phantoms", "tasks", "demo", "bench", "labelprop"]
+COMMAND_MODULES = [
+    "environment",
+    "plans",
+    "phantoms",
+    "tasks",
+    "demo",
+    "bench",
+    "predict_boundaries",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

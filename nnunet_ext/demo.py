@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from nnunet_ext.errors import UserError
@@ -25,39 +22,11 @@ CONFIGURATION = "3d_tiny"
 
 
 def default_trainers() -> list[str]:
-    """Baseline first, then every method trainer we ship, all on the demo schedule."""
+    """The plain baseline and our first method trainer (BA-Net), both on the demo schedule (~15 min on 2 CPU
+    cores together); ``--trainers`` picks others, e.g. every ``<Trainer>_demo`` of ``nnunet_ext.trainers``."""
     import nnunet_ext.trainers as ours
 
-    return ["nnUNetTrainer_demo"] + [f"{t.__name__}_demo" for t in ours.METHOD_TRAINERS]
-
-
-def _tool(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if not found:
-        raise UserError(
-            f"{name} not found: is nnunetv2 installed in this environment? (pip install nnunetv2)"
-        )
-    return found
-
-
-def _run(cmd: list[str], env: dict, log: Path, quiet: bool) -> float:
-    """Run a stock nnU-Net command, streaming its output (and appending it to ``log``); return seconds."""
-    print(f"$ {' '.join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))}", flush=True)
-    start = time.perf_counter()
-    with open(log, "a") as logf:
-        logf.write(f"\n$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            logf.write(line)
-            if not quiet and line.strip():
-                print(f"    {line.rstrip()}", flush=True)
-        code = proc.wait()
-    if code != 0:
-        raise UserError(f"`{Path(cmd[0]).name}` failed with exit code {code}; see the log {log}")
-    return time.perf_counter() - start
+    return ["nnUNetTrainer_demo", f"{ours.METHOD_TRAINERS[0].__name__}_demo"]
 
 
 def run_demo(
@@ -74,7 +43,7 @@ def run_demo(
 
     from nnunet_ext.phantoms import write_phantom_dataset
     from nnunet_ext.plans import load_plans, save_plans, tiny_configuration
-    from nnunet_ext.training import ext_trainer_env, find_trainer
+    from nnunet_ext.training import ext_trainer_env, find_trainer, nnunet_command, run_logged
 
     trainers = trainers or default_trainers()
     for t in trainers:
@@ -98,7 +67,7 @@ def run_demo(
     env.setdefault("nnUNet_n_proc_DA", "2")
     env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")
     timings: dict[str, float] = {}
-    total_steps = 4 + 2 * len(trainers)
+    total_steps = 5 + 2 * len(trainers)  # phantom, preprocess, tiny, (train, predict) x N, evaluate, figure
     step = 0
 
     def announce(text: str) -> None:
@@ -123,9 +92,9 @@ def run_demo(
     if (pre / dataset_name / "nnUNetPlans_3d_fullres").is_dir() and plans_file.is_file():
         print("  done before")
     else:
-        timings["preprocess"] = _run(
+        timings["preprocess"] = run_logged(
             [
-                _tool("nnUNetv2_plan_and_preprocess"),
+                nnunet_command("nnUNetv2_plan_and_preprocess"),
                 "-d",
                 str(DATASET_ID),
                 "-c",
@@ -158,7 +127,7 @@ def run_demo(
             print("  done before")
         else:
             cmd = [
-                _tool("nnUNetv2_train"),
+                nnunet_command("nnUNetv2_train"),
                 str(DATASET_ID),
                 CONFIGURATION,
                 "0",
@@ -169,7 +138,7 @@ def run_demo(
             ]
             if (model / "checkpoint_latest.pth").is_file():
                 cmd.append("--c")
-            timings[f"train {trainer}"] = _run(cmd, env, log, quiet)
+            timings[f"train {trainer}"] = run_logged(cmd, env, log, quiet)
         announce(f"nnUNetv2_predict -tr {trainer} on {dataset_name}/imagesTs")
         out = workdir / "predictions" / trainer
         if out.is_dir() and len(list(out.glob("*.nii.gz"))) == len(
@@ -177,9 +146,9 @@ def run_demo(
         ):
             print("  done before")
         else:
-            timings[f"predict {trainer}"] = _run(
+            timings[f"predict {trainer}"] = run_logged(
                 [
-                    _tool("nnUNetv2_predict"),
+                    nnunet_command("nnUNetv2_predict"),
                     "-i",
                     str(dataset_folder / "imagesTs"),
                     "-o",
@@ -270,7 +239,10 @@ def save_figure(dataset_folder: Path, predictions: dict[str, Path], path: Path, 
     import SimpleITK as sitk
 
     labels_ts = sorted((dataset_folder / "labelsTs").glob("*.nii.gz"))[:cases]
-    n_fg = max(int(v) for v in json.loads((dataset_folder / "dataset.json").read_text())["labels"].values())
+    label_names = {
+        int(v): k for k, v in json.loads((dataset_folder / "dataset.json").read_text())["labels"].items()
+    }
+    n_fg = max(label_names)
     cmap = matplotlib.colormaps["tab10"].resampled(max(n_fg + 1, 2))
     cols = 2 + len(predictions)
     fig, axes = plt.subplots(len(labels_ts), cols, figsize=(3 * cols, 3 * len(labels_ts)), squeeze=False)
@@ -297,7 +269,11 @@ def save_figure(dataset_folder: Path, predictions: dict[str, Path], path: Path, 
                 )
             ax.set_title(f"{title}\n{case} z={z}" if col == 0 else title, fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=cmap(v), alpha=0.6, label=n) for v, n in sorted(label_names.items()) if v > 0]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -333,7 +309,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--trainers",
         nargs="+",
-        help="trainers to run (default: nnUNetTrainer_demo and every nnunet_ext trainer's _demo variant)",
+        help="trainers to run (default: nnUNetTrainer_demo and nnUNetTrainerBANet_demo; any trainer, e.g. "
+        "nnUNetTrainerDoDNet_demo)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--num-train", type=int, default=12, help="training cases of the phantom (default 12)")

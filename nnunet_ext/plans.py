@@ -435,6 +435,10 @@ def apply_preset(
     for i, step in enumerate(preset.get("steps", [])):
         step = dict(step)
         op = step.pop("op", None)
+        parent = step.get("from", step.get("configuration"))
+        if step.pop("optional", False) and parent not in plans["configurations"]:
+            report.add(f"skipped step {i + 1} ({op}): these plans have no {parent!r} configuration")
+            continue
         try:
             if op == "add":
                 add_configuration(

@@ -16,7 +16,7 @@ import torch
 
 SCHEDULES: dict[str, dict[str, int]] = {
     "smoke": {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1},
-    "demo": {"num_epochs": 15, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4},
+    "demo": {"num_epochs": 30, "num_iterations_per_epoch": 30, "num_val_iterations_per_epoch": 4},
 }
 
 

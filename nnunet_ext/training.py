@@ -5,6 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from nnunet_ext import trainer_dir
 from nnunet_ext.errors import UserError
@@ -36,3 +41,33 @@ def find_trainer(name: str) -> type:
             f"trainer {name!r} not found: not one of nnunet_ext's ({', '.join(ours.__all__)}), not in nnU-Net, "
             f"not in nnUNet_extTrainer. Check the spelling. ({str(e).splitlines()[0][:200]})"
         ) from e
+
+
+def nnunet_command(name: str) -> str:
+    """Path of a console script (e.g. ``nnUNetv2_train``) of this Python environment, else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise UserError(
+            f"{name} not found: is nnunetv2 installed in this environment? (pip install nnunetv2)"
+        )
+    return found
+
+
+def run_logged(cmd: list[str], env: dict, log: Path, quiet: bool = False) -> float:
+    """Run a stock nnU-Net command, streaming its output (and appending it to ``log``); return seconds."""
+    print(f"$ {' '.join([Path(cmd[0]).name, *cmd[1:]])}", flush=True)
+    start = time.perf_counter()
+    with open(log, "a") as logf:
+        logf.write(f"\n$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            logf.write(line)
+            if not quiet and line.strip():
+                print(f"    {line.rstrip()}", flush=True)
+        code = proc.wait()
+    if code != 0:
+        raise UserError(f"`{Path(cmd[0]).name}` failed with exit code {code}; see the log {log}")
+    return time.perf_counter() - start

@@ -211,3 +211,34 @@ def test_cli_show_and_check_by_dataset_id(plans_dir, monkeypatch, capsys):
     assert main(["plans", "check", "1", "3d_tiny", "--device", "cpu", "--iterations", "1", "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{") :])["configuration"] == "3d_tiny"
+
+
+def test_banet_presets_record_the_network_and_skip_missing_lowres(plans):
+    report = apply_preset(plans, "banet_amos22")
+    assert "3d_lowres_banet" not in plans["configurations"]  # these small plans have no 3d_lowres
+    assert any("skipped" in line for line in report.lines)
+    cfg = validate(plans, "3d_fullres_banet")
+    assert cfg["architecture"]["network_class_name"] == "nnunet_ext.architectures.banet.BANet"
+    # BANet accepts the parent's kwargs unchanged
+    assert cfg["architecture"]["arch_kwargs"] == resolve(plans, "3d_fullres")["architecture"]["arch_kwargs"]
+    fresh = json.loads((DATA / "nnUNetPlans.json").read_text())
+    apply_preset(fresh, "banet_kipa22")
+    assert {"3d_fullres_banet", "3d_fullres_resenc"} <= set(fresh["configurations"])
+
+
+def test_banet_configuration_builds_through_nnunet(plans):
+    """The dotted path in the plans resolves and nnU-Net's own builder makes a BA-Net from it."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    apply_preset(plans, "banet_kipa22")
+    tiny_configuration(plans, "3d_fullres_banet", "3d_tiny_banet")
+    cm = PlansManager(plans).get_configuration("3d_tiny_banet")
+    net = get_network_from_plans(
+        cm.network_arch_class_name,
+        cm.network_arch_init_kwargs,
+        cm.network_arch_init_kwargs_req_import,
+        1,
+        3,
+        deep_supervision=False,
+    )
+    assert type(net).__name__ == "BANet"
