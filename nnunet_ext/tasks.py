@@ -409,13 +409,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``nnunet-ext tasks {show,validate}``."""
+    """Register ``nnunet-ext tasks {show,validate,merge}``."""
     parser = subparsers.add_parser(
         "tasks",
         help="show or validate a dataset's task registry (dataset.json['nnunet_ext_tasks'])",
         description="Inspect the task registry of a dataset (see docs/task-registry.md).",
     )
-    sub = parser.add_subparsers(dest="tasks_command", metavar="{show,validate}")
+    sub = parser.add_subparsers(dest="tasks_command", metavar="{show,validate,merge}")
     sub.required = True
     for name, func, text in (
         ("show", _cmd_show, "print each task's prefixes, labels and number of training cases"),
@@ -428,4 +428,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("dataset", metavar="DATASET", help="dataset id, name (Dataset501_X) or folder path")
         p.set_defaults(func=func)
+    from nnunet_ext.merge import add_merge_parser  # `tasks merge` lives in nnunet_ext.merge
+
+    add_merge_parser(sub)
     return parser

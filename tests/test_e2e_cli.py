@@ -16,7 +16,14 @@ from tests.conftest import run, training_env
 TRAINERS = ["nnUNetTrainer_smoke"] + [f"{t.__name__}_smoke" for t in ours.TRAINERS]
 
 
+def partially_labelled(trainer: str) -> bool:
+    # methods for partially labelled data (DoDNet, TransDoDNet) train on the partial phantom (task registry)
+    return getattr(getattr(ours, trainer), "partially_labelled_data", False)
+
+
 def dataset_id_for(trainer: str) -> int:
+    if partially_labelled(trainer):
+        return 502
     # nnU-Net keeps ONE splits_final.json per dataset: trainers with their own fold count get their own dataset
     folds = getattr(getattr(ours, trainer), "num_folds", 5)
     return 501 if folds == 5 else 500 + folds * 10
@@ -26,7 +33,7 @@ def dataset_id_for(trainer: str) -> int:
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_train_predict_evaluate_with_stock_cli(phantom_workspace, trainer):
     dataset_id = dataset_id_for(trainer)
-    dataset = phantom_workspace.dataset(dataset_id)
+    dataset = phantom_workspace.dataset(dataset_id, "partial" if partially_labelled(trainer) else "full")
     root, env = phantom_workspace.root, phantom_workspace.env
     run(
         ["nnUNetv2_train", str(dataset_id), "3d_tiny", "0", "-tr", trainer, "-device", "cpu"],

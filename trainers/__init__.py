@@ -12,11 +12,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_ext.schedules import add_schedule_variants
 from nnunet_ext.trainers.nnUNetTrainerBANet import nnUNetTrainerBANet
 from nnunet_ext.trainers.nnUNetTrainerBANet_4fold import nnUNetTrainerBANet_4fold
+from nnunet_ext.trainers.nnUNetTrainerDoDNet import nnUNetTrainerDoDNet
 from nnunet_ext.trainers.nnUNetTrainerLabelPropA import nnUNetTrainerLabelPropA
 from nnunet_ext.trainers.nnUNetTrainerLabelPropB import nnUNetTrainerLabelPropB
 
 # One main trainer per method: what the demo and the benchmarks compare with plain nnUNetTrainer.
-METHOD_TRAINERS: list[type] = [nnUNetTrainerBANet]
+METHOD_TRAINERS: list[type] = [nnUNetTrainerBANet, nnUNetTrainerDoDNet]
 # Everything we ship (methods and their recipe variants). The plain nnUNetTrainer is added below only to
 # get its short-schedule variants (the baseline of demos and tests); nnU-Net itself provides the class.
 TRAINERS: list[type] = [

@@ -1,0 +1,419 @@
+"""DoDNet: one backbone, dynamic per-task heads (Zhang et al., CVPR 2021, arXiv 2011.10217).
+
+Built on nnU-Net's encoder and decoder from the plans' architecture kwargs (PlainConvUNet or
+ResidualEncoderUNet style):
+
+* the decoder is a stock :class:`UNetDecoder` whose 1x1(x1) output layers (``decoder.seg_layers``) reduce the
+  decoder features to ``head_channels`` (8) channels, at every stage;
+* a controller (``task_heads.seg_layers.controller``: a linear map = a 1x1x1 conv on the pooled vector)
+  maps ``concat(global average pooled bottleneck, one-hot task)`` to the parameters of a dynamic head of
+  1x1(x1) convs ``8 -> 8 -> 8 -> K`` with ReLU between them (162 parameters for K = 2);
+* the dynamic head is applied per sample AND per task with a grouped convolution (groups = B * T).
+
+**All tasks in one pass.** ``forward(x)`` takes the image only (nnU-Net's predictor and training loop call
+``network(x)``; no side-channel task attribute, so torch.compile and DDP work). It generates the heads of
+all T tasks from one backbone pass. In training mode it returns the task-major per-structure logits
+(B, T*K, *spatial) - a list with deep supervision - and the trainer's loss picks each sample's task channels
+from ``batch['keys']`` (:class:`nnunet_ext.partial.PartialLabelLoss`).
+
+**Deep supervision.** The same per-sample dynamic head (its parameters come from the bottleneck, which all
+scales share) is applied to the 8-channel reduction of every decoder stage; each scale is supervised with
+the same loss and nnU-Net's weights.
+
+**Eval mode: universal logits.** In eval mode ``forward`` returns nnU-Net-style logits over the unified
+label space (B, num_classes, *spatial) built from the per-structure sigmoid probabilities ``p_l``:
+``u_0 = 0`` (background) and ``u_l = (p_l - 0.5) + 0.5 * rank_l * [p_l > 0.5]`` where ``rank_l`` is the
+position of label l in its task's list (organ 0, tumour 1). So argmax (what nnU-Net's export does after
+softmax) gives background unless some structure has p > 0.5; among those, the one listed later in its task
+(the tumour over its organ) wins; among equal ranks, the higher probability. A label segmented by several
+tasks uses the mean of their probabilities; a label no task segments is never predicted (``u = -1``).
+nnU-Net averages these values over overlapping windows and mirrors: for rank-0 labels that is exactly the
+mean probability thresholded at 0.5. ``set_inference_tasks`` restricts the eval output to some tasks (the
+other tasks' labels get ``u = -1``), which is the single-task mode; it is an inference setting, not used in
+training.
+
+**Pretrained weights.** Every parameter of the head generator lives under ``task_heads.seg_layers.``:
+nnU-Net's ``-pretrained_weights`` neither requires nor transfers ``.seg_layers.`` keys, so a plain nnU-Net
+checkpoint of the same plans loads into encoder and decoder (the 8-channel reductions and the controller keep
+their initialisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.initialization.weight_init import (
+    InitWeights_He,
+    init_last_bn_before_add_to_0,
+)
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.dropout import _DropoutNd
+
+IntOrSeq = Union[int, list, tuple]
+
+__all__ = [
+    "DoDNet",
+    "DynamicHeadController",
+    "dynamic_head_layers",
+    "dynamic_head_num_params",
+    "apply_dynamic_heads",
+    "build_nnunet_encoder",
+]
+
+
+def dynamic_head_layers(head_channels: int, num_layers: int, out_channels: int) -> list[tuple[int, int]]:
+    """(in, out) channels of the dynamic head's 1x1 convs: ``C -> C -> ... -> out`` (``num_layers`` convs)."""
+    if num_layers < 1:
+        raise ValueError("the dynamic head needs at least one layer")
+    return [(head_channels, head_channels)] * (num_layers - 1) + [(head_channels, out_channels)]
+
+
+def dynamic_head_num_params(layers: Sequence[tuple[int, int]]) -> int:
+    """Weights + biases of a dynamic head (8->8->8->2: 64 + 64 + 16 weights + 8 + 8 + 2 biases = 162)."""
+    return sum(cin * cout + cout for cin, cout in layers)
+
+
+def apply_dynamic_heads(
+    features: torch.Tensor, params: torch.Tensor, layers: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """Apply one dynamic head per (sample, task) with a grouped 1x1(x1) convolution.
+
+    ``features`` (B, C, *spatial); ``params`` (B, T, P) laid out as DoDNet does: all layers' weights, then
+    all layers' biases. Returns (B, T * K, *spatial), task-major.
+    """
+    b, c = features.shape[:2]
+    t = params.shape[1]
+    spatial = features.shape[2:]
+    nd = len(spatial)
+    conv = F.conv3d if nd == 3 else F.conv2d if nd == 2 else F.conv1d
+    n_w = [cin * cout for cin, cout in layers]
+    n_b = [cout for _, cout in layers]
+    chunks = torch.split(params.reshape(b * t, -1), n_w + n_b, dim=1)
+    weights, biases = chunks[: len(layers)], chunks[len(layers) :]
+    x = features.unsqueeze(1).expand(b, t, c, *spatial).reshape(1, b * t * c, *spatial)
+    x = x.to(params.dtype)
+    for i, (cin, cout) in enumerate(layers):
+        w = weights[i].reshape(b * t * cout, cin, *([1] * nd))
+        x = conv(x, w, biases[i].reshape(b * t * cout), groups=b * t)
+        if i < len(layers) - 1:
+            x = F.relu(x)
+    return x.reshape(b, t * layers[-1][1], *spatial)
+
+
+class DynamicHeadController(nn.Module):
+    """DoDNet's controller: ``Linear(concat(GAP(bottleneck), one_hot(task)))`` -> head parameters, for every
+    task at once: (B, C) pooled features -> (B, T, P)."""
+
+    def __init__(self, in_features: int, num_tasks: int, num_params: int):
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.controller = nn.Linear(in_features + num_tasks, num_params)
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        bottleneck = skips[-1]
+        pooled = bottleneck.mean(dim=tuple(range(2, bottleneck.ndim)))  # (B, C)
+        b = pooled.shape[0]
+        onehot = torch.eye(self.num_tasks, device=pooled.device, dtype=pooled.dtype)
+        cond = torch.cat(
+            (pooled.unsqueeze(1).expand(b, self.num_tasks, -1), onehot.unsqueeze(0).expand(b, -1, -1)), 2
+        )
+        return self.controller(cond)  # (B, T, P)
+
+
+class TaskHeadBranch(nn.Module):
+    """Gives the head generator the key prefix ``task_heads.seg_layers.`` (see the module docstring)."""
+
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.seg_layers = generator
+
+
+def build_nnunet_encoder(
+    input_channels: int,
+    n_stages: int,
+    features_per_stage: IntOrSeq,
+    conv_op: type[_ConvNd],
+    kernel_sizes: IntOrSeq,
+    strides: IntOrSeq,
+    n_conv_per_stage: IntOrSeq | None,
+    n_blocks_per_stage: IntOrSeq | None,
+    nonlin_first: bool,
+    block,
+    bottleneck_channels,
+    stem_channels,
+    **common,
+) -> tuple[nn.Module, str, str, tuple[str, ...]]:
+    """The encoder PlainConvUNet (``n_conv_per_stage``) or ResidualEncoderUNet (``n_blocks_per_stage``) builds,
+    with ``return_skips=True``; also returns (key_to_encoder, key_to_stem, keys_to_in_proj)."""
+    if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
+        raise ValueError(
+            "needs exactly one of n_conv_per_stage (PlainConvUNet plans) or n_blocks_per_stage "
+            "(ResidualEncoderUNet plans) in the architecture kwargs."
+        )
+    if n_conv_per_stage is not None:
+        if isinstance(n_conv_per_stage, int):
+            n_conv_per_stage = [n_conv_per_stage] * n_stages
+        if len(n_conv_per_stage) != n_stages:
+            raise ValueError(f"n_conv_per_stage needs n_stages = {n_stages} entries, got {n_conv_per_stage}.")
+        enc = PlainConvEncoder(
+            input_channels,
+            n_stages,
+            features_per_stage,
+            conv_op,
+            kernel_sizes,
+            strides,
+            n_conv_per_stage,
+            nonlin_first=nonlin_first,
+            return_skips=True,
+            **common,
+        )
+        return (
+            enc,
+            "encoder.stages",
+            "encoder.stages.0",
+            ("encoder.stages.0.0.convs.0.all_modules.0", "encoder.stages.0.0.convs.0.conv"),
+        )
+    if nonlin_first:
+        raise ValueError("nonlin_first is only supported with n_conv_per_stage (PlainConvUNet plans).")
+    if isinstance(n_blocks_per_stage, int):
+        n_blocks_per_stage = [n_blocks_per_stage] * n_stages
+    if len(n_blocks_per_stage) != n_stages:
+        raise ValueError(f"n_blocks_per_stage needs n_stages = {n_stages} entries, got {n_blocks_per_stage}.")
+    enc = ResidualEncoder(
+        input_channels,
+        n_stages,
+        features_per_stage,
+        conv_op,
+        kernel_sizes,
+        strides,
+        n_blocks_per_stage,
+        block=block,
+        bottleneck_channels=bottleneck_channels,
+        disable_default_stem=False,
+        stem_channels=stem_channels,
+        return_skips=True,
+        **common,
+    )
+    return (
+        enc,
+        "encoder.stages",
+        "encoder.stem",
+        ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"),
+    )
+
+
+class DoDNet(AbstractDynamicNetworkArchitectures):
+    """DoDNet on nnU-Net's encoders; see the module docstring.
+
+    ``task_labels``: per task the label values it segments, in channel order (outer to inner, e.g.
+    ``[[1, 2], [3, 4], [5]]``); default: one task segmenting every label ``1..num_classes-1``.
+    ``num_classes`` is nnU-Net's number of output channels (background + labels): the eval output.
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        n_stages: int,
+        features_per_stage: IntOrSeq,
+        conv_op: type[_ConvNd],
+        kernel_sizes: IntOrSeq,
+        strides: IntOrSeq,
+        num_classes: int,
+        n_conv_per_stage_decoder: IntOrSeq,
+        n_conv_per_stage: IntOrSeq | None = None,
+        n_blocks_per_stage: IntOrSeq | None = None,
+        conv_bias: bool = False,
+        norm_op: type[nn.Module] | None = None,
+        norm_op_kwargs: dict | None = None,
+        dropout_op: type[_DropoutNd] | None = None,
+        dropout_op_kwargs: dict | None = None,
+        nonlin: type[nn.Module] | None = None,
+        nonlin_kwargs: dict | None = None,
+        deep_supervision: bool = False,
+        nonlin_first: bool = False,
+        block: type[BasicBlockD] | type[BottleneckD] = BasicBlockD,
+        bottleneck_channels: IntOrSeq | None = None,
+        stem_channels: int | None = None,
+        task_labels: Sequence[Sequence[int]] | None = None,
+        head_channels: int = 8,
+        head_layers: int = 3,
+        num_structures: int | None = None,
+    ):
+        super().__init__()
+        if task_labels is None:
+            task_labels = [list(range(1, num_classes))]
+        task_labels = [[int(v) for v in labs] for labs in task_labels]
+        if not task_labels or any(len(labs) == 0 for labs in task_labels):
+            raise ValueError(
+                f"task_labels needs at least one task with at least one label, got {task_labels}"
+            )
+        for labs in task_labels:
+            if any(not 0 < v < num_classes for v in labs):
+                raise ValueError(f"task labels {labs} must lie in 1..num_classes-1 = 1..{num_classes - 1}")
+        self.num_classes = int(num_classes)
+        self.task_labels = task_labels
+        self.num_tasks = len(task_labels)
+        self.num_structures = int(num_structures or max(len(labs) for labs in task_labels))
+        if self.num_structures < max(len(labs) for labs in task_labels):
+            raise ValueError("num_structures must be at least the largest number of labels of a task")
+        if isinstance(n_conv_per_stage_decoder, int):
+            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
+        if len(n_conv_per_stage_decoder) != n_stages - 1:
+            raise ValueError(
+                f"n_conv_per_stage_decoder needs n_stages - 1 = {n_stages - 1} entries, "
+                f"got {n_conv_per_stage_decoder}."
+            )
+        common = dict(
+            conv_bias=conv_bias,
+            norm_op=norm_op,
+            norm_op_kwargs=norm_op_kwargs,
+            dropout_op=dropout_op,
+            dropout_op_kwargs=dropout_op_kwargs,
+            nonlin=nonlin,
+            nonlin_kwargs=nonlin_kwargs,
+        )
+        self.encoder, self.key_to_encoder, self.key_to_stem, self.keys_to_in_proj = build_nnunet_encoder(
+            input_channels,
+            n_stages,
+            features_per_stage,
+            conv_op,
+            kernel_sizes,
+            strides,
+            n_conv_per_stage,
+            n_blocks_per_stage,
+            nonlin_first,
+            block,
+            bottleneck_channels,
+            stem_channels,
+            **common,
+        )
+        # the decoder's seg_layers ARE the reduction of the last features to `head_channels` (at every stage)
+        self.decoder = UNetDecoder(
+            self.encoder, head_channels, n_conv_per_stage_decoder, deep_supervision, nonlin_first=nonlin_first
+        )
+        self.head_channels = int(head_channels)
+        self.head_layers = dynamic_head_layers(head_channels, head_layers, self.num_structures)
+        self.num_head_params = dynamic_head_num_params(self.head_layers)
+        self.task_heads = TaskHeadBranch(self._build_generator())
+        self._register_label_maps()
+
+    # -------------------------------------------------------------------------------------- construction
+    def _build_generator(self) -> nn.Module:
+        return DynamicHeadController(self.encoder.output_channels[-1], self.num_tasks, self.num_head_params)
+
+    def _register_label_maps(self) -> None:
+        """Non-persistent buffers (not in the state dict): the label, rank and task of every output channel."""
+        t, k = self.num_tasks, self.num_structures
+        channel_label = torch.full((t * k,), -1, dtype=torch.long)
+        channel_task = torch.arange(t).repeat_interleave(k)
+        rank = torch.zeros(self.num_classes)
+        for ti, labs in enumerate(self.task_labels):
+            for j, v in enumerate(labs):
+                channel_label[ti * k + j] = v
+                rank[v] = max(float(rank[v]), float(j))
+        onehot = torch.zeros(self.num_classes, t * k)
+        valid = channel_label >= 0
+        onehot[channel_label[valid], torch.nonzero(valid).flatten()] = 1.0
+        self.register_buffer("channel_onehot", onehot, persistent=False)  # (num_classes, T*K)
+        self.register_buffer("channel_task", channel_task, persistent=False)  # (T*K,)
+        self.register_buffer("label_rank", rank, persistent=False)  # (num_classes,)
+        self.register_buffer("inference_task_mask", torch.ones(t), persistent=False)  # (T,)
+
+    # ------------------------------------------------------------------------------------------ inference
+    def set_inference_tasks(self, tasks: Sequence[int] | None) -> None:
+        """Eval output for these task indices only (``None``: all tasks, the universal prediction)."""
+        mask = torch.zeros_like(self.inference_task_mask)
+        if tasks is None:
+            mask.fill_(1.0)
+        else:
+            for ti in tasks:
+                if not 0 <= int(ti) < self.num_tasks:
+                    raise ValueError(f"task index {ti} out of range 0..{self.num_tasks - 1}")
+                mask[int(ti)] = 1.0
+        self.inference_task_mask.copy_(mask)
+
+    def structure_probabilities(self, task_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-label sigmoid probabilities (B, num_classes, *spatial) from task-major logits, averaged over the
+        selected tasks that segment a label, and the (num_classes,) bool mask of labels some selected task
+        segments (background is never covered)."""
+        weights = self.channel_onehot * self.inference_task_mask[self.channel_task].unsqueeze(0)
+        counts = weights.sum(1)
+        covered = counts > 0
+        weights = weights / counts.clamp_min(1.0).unsqueeze(1)
+        prob = torch.sigmoid(task_logits.float())
+        b, c = prob.shape[:2]
+        per_label = torch.matmul(weights, prob.reshape(b, c, -1)).reshape(
+            b, self.num_classes, *prob.shape[2:]
+        )
+        return per_label, covered
+
+    def universal_logits(self, task_logits: torch.Tensor) -> torch.Tensor:
+        """Softmax-compatible logits over the unified label space (see the module docstring)."""
+        prob, covered = self.structure_probabilities(task_logits)
+        view = (1, self.num_classes, *([1] * (prob.ndim - 2)))
+        rank = self.label_rank.view(view)
+        u = (prob - 0.5) + 0.5 * rank * (prob > 0.5).to(prob.dtype)
+        u = torch.where(covered.view(view), u, torch.full_like(u, -1.0))
+        u[:, 0] = 0.0
+        return u
+
+    # -------------------------------------------------------------------------------------------- forward
+    def head_parameters(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """(B, T, P) dynamic head parameters of every task for every sample."""
+        return self.task_heads.seg_layers(skips)
+
+    def forward_tasks(self, x: torch.Tensor):
+        """Task-major per-structure logits (B, T*K, *spatial) of every task; a list (full resolution first)
+        with deep supervision. What ``forward`` returns in training mode, in any mode."""
+        skips = self.encoder(x)
+        features = self.decoder(skips)
+        params = self.head_parameters(skips)
+        if isinstance(features, (list, tuple)):
+            return [apply_dynamic_heads(f, params, self.head_layers) for f in features]
+        return apply_dynamic_heads(features, params, self.head_layers)
+
+    def forward(self, x: torch.Tensor):
+        out = self.forward_tasks(x)
+        if self.training:
+            return out
+        if isinstance(out, list):
+            return [self.universal_logits(o) for o in out]
+        return self.universal_logits(out)
+
+    # ------------------------------------------------------------------------------------------- nnU-Net
+    def compute_conv_feature_map_size(self, input_size) -> np.int64:
+        """Feature-map voxels of a forward pass (nnU-Net's VRAM proxy): encoder + decoder + dynamic heads
+        (T heads of ``8 -> 8 -> 8 -> K`` at every supervised resolution, counted per sample)."""
+        assert len(input_size) == convert_conv_op_to_dim(self.encoder.conv_op), (
+            "give the spatial image size only, e.g. input_size=(x, y, z)"
+        )
+        total = self.encoder.compute_conv_feature_map_size(input_size)
+        total += self.decoder.compute_conv_feature_map_size(input_size)
+        per_voxel = self.num_tasks * (sum(cout for _, cout in self.head_layers) + self.head_channels)
+        size = [i // j for i, j in zip(input_size, self.encoder.strides[0])]
+        sizes = [list(size)]
+        for s in range(1, len(self.encoder.strides) - 1):
+            size = [i // j for i, j in zip(size, self.encoder.strides[s])]
+            sizes.append(list(size))
+        n = len(sizes) if self.decoder.deep_supervision else 1
+        for sz in sizes[:n]:
+            total += np.prod([per_voxel, *sz], dtype=np.int64)
+        return total
+
+    @staticmethod
+    def initialize(module: nn.Module) -> None:
+        """nnU-Net's initialisation (He init of every conv; zeroed last norm in residual blocks). The
+        controller keeps PyTorch's default linear initialisation (as DoDNet's code)."""
+        InitWeights_He(1e-2)(module)
+        init_last_bn_before_add_to_0(module)

@@ -1,0 +1,227 @@
+"""Partially labelled data (DoDNet / TransDoDNet): the task layout a network is built for, and the loss.
+
+**Task layout.** A multi-task network needs, for every task, the labels it segments (its *structures*) in
+the order of its output channels. :class:`TaskLayout` is that list, taken from the dataset's task registry
+(``dataset.json['nnunet_ext_tasks']``, see docs/task-registry.md). A dataset without a registry is one task
+(``"all"``) that annotates every foreground label, so a fully labelled dataset trains unchanged.
+
+Each task gets ``K = max_t |labels_t|`` output channels (the paper's organ/tumour pair: K = 2); channel
+``j < |labels_t|`` of task ``t`` is the sigmoid of structure ``labels_t[j]``, the rest are unused padding
+(never in the loss, never in a prediction). Networks output ``T * K`` channels, task-major
+(``[task0 ch0..K-1, task1 ch0..K-1, ...]``).
+
+The layout travels with the trained model: the trainer writes it into its copy of the plans under
+``LAYOUT_KEY`` (nnU-Net saves that copy as ``plans.json`` in the results folder and in the checkpoint's
+``init_args``), where ``build_network_architecture`` - which gets the plans, not dataset.json - reads it at
+training and at inference.
+
+**Structures and precedence.** Every structure's target is its own label value (``label == v``; a tumour
+voxel is *not* an organ voxel in the target). Where two structures are both predicted (probability > 0.5),
+the one listed later in its task wins: tasks list their structures from the outside in (organ, then tumour),
+so the tumour wins over its organ. Across tasks the higher probability wins.
+
+**Loss.** :class:`PartialLabelLoss`: per structure a sigmoid channel; soft Dice
+``1 - 2 sum(p t) / (sum(p) + sum(t) + 1)`` + BCE (voxel mean) per sample and structure, averaged over the
+(sample, structure) pairs whose structure the sample's task annotates; nothing else enters the loss (a
+structure the task does not annotate is unknown, not background). nnU-Net's ignore label is masked out.
+:class:`DeepSupervisionPartialLoss` sums it over deep-supervision outputs with nnU-Net's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_ext.errors import UserError
+from nnunet_ext.tasks import TASKS_KEY, TaskRegistry, load_task_registry
+
+__all__ = [
+    "LAYOUT_KEY",
+    "SINGLE_TASK",
+    "TaskLayout",
+    "PartialLabelLoss",
+    "DeepSupervisionPartialLoss",
+    "foreground_labels",
+]
+
+LAYOUT_KEY = "nnunet_ext_task_layout"
+SINGLE_TASK = "all"
+
+
+def foreground_labels(dataset_json: Mapping) -> tuple[list[int], int, int | None]:
+    """(foreground label values, nnU-Net's number of output channels, ignore label) of a dataset.json."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    lm = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
+    if lm.has_regions:
+        raise UserError(
+            "DoDNet / TransDoDNet predict one sigmoid channel per label, but this dataset.json uses region-based "
+            "training ('regions_class_order'). Use integer labels (no regions)."
+        )
+    return [int(v) for v in lm.foreground_labels], int(lm.num_segmentation_heads), lm.ignore_label
+
+
+@dataclass(frozen=True)
+class TaskLayout:
+    """Tasks (ordered: position = task index) and the label values each task segments, in channel order."""
+
+    tasks: tuple[str, ...]
+    labels: tuple[tuple[int, ...], ...]
+    num_classes: int  # nnU-Net's output channels: background + foreground labels (ignore excluded)
+
+    def __post_init__(self):
+        if len(self.tasks) == 0 or len(self.tasks) != len(self.labels):
+            raise ValueError("a task layout needs at least one task and one label list per task")
+        for t, labs in zip(self.tasks, self.labels):
+            if len(labs) == 0:
+                raise ValueError(f"task {t!r} has no labels")
+            for v in labs:
+                if not 0 < v < self.num_classes:
+                    raise ValueError(
+                        f"task {t!r}: label {v} is outside the network's labels 1..{self.num_classes - 1}"
+                    )
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def num_structures(self) -> int:
+        """K: output channels per task (the largest number of labels of a task)."""
+        return max(len(labs) for labs in self.labels)
+
+    def task_index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise UserError(f"unknown task {task!r}; this model has the tasks {list(self.tasks)}.")
+        return self.tasks.index(task)
+
+    def to_json(self) -> dict:
+        return {
+            "tasks": list(self.tasks),
+            "labels": [list(v) for v in self.labels],
+            "num_classes": self.num_classes,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> TaskLayout:
+        return cls(
+            tuple(str(t) for t in d["tasks"]),
+            tuple(tuple(int(v) for v in labs) for labs in d["labels"]),
+            int(d["num_classes"]),
+        )
+
+    @classmethod
+    def single_task(cls, num_classes: int, labels: Sequence[int] | None = None) -> TaskLayout:
+        """One task annotating every foreground label (a fully labelled dataset)."""
+        labels = list(range(1, num_classes)) if labels is None else list(labels)
+        return cls((SINGLE_TASK,), (tuple(labels),), int(num_classes))
+
+    @classmethod
+    def from_dataset_json(cls, dataset_json: Mapping) -> tuple[TaskLayout, TaskRegistry | None]:
+        """The layout of a dataset and its registry (``None`` without ``nnunet_ext_tasks``: one task)."""
+        fg, num_classes, _ = foreground_labels(dataset_json)
+        if TASKS_KEY not in dataset_json:
+            return cls.single_task(num_classes, fg), None
+        registry = load_task_registry(dataset_json)
+        layout = cls(registry.tasks, tuple(tuple(registry.labels_of(t)) for t in registry.tasks), num_classes)
+        return layout, registry
+
+    def label_table(self) -> torch.Tensor:
+        """(T, K) long tensor: the label value of every (task, channel), -1 for padding channels."""
+        table = torch.full((self.num_tasks, self.num_structures), -1, dtype=torch.long)
+        for t, labs in enumerate(self.labels):
+            table[t, : len(labs)] = torch.tensor(labs, dtype=torch.long)
+        return table
+
+
+class PartialLabelLoss(nn.Module):
+    """Sigmoid soft Dice + BCE over the structures each sample's task annotates (DoDNet's loss).
+
+    ``forward(logits, target, task_ids)``: ``logits`` (B, T*K, *spatial) task-major per-structure logits of
+    every task (a network's training output), ``target`` (B, 1, *spatial) nnU-Net label map, ``task_ids``
+    (B,) long task index per sample. Only channels ``task_ids[b] * K + j`` with ``j < |labels_t|`` enter the
+    loss, against ``target == labels_t[j]``. Returns the mean over those (sample, structure) pairs of
+    ``weight_dice * (1 - Dice) + weight_bce * BCE``.
+    """
+
+    def __init__(
+        self,
+        layout: TaskLayout,
+        ignore_label: int | None = None,
+        smooth: float = 1.0,
+        weight_dice: float = 1.0,
+        weight_bce: float = 1.0,
+    ):
+        super().__init__()
+        self.num_structures = layout.num_structures
+        self.num_tasks = layout.num_tasks
+        self.ignore_label = ignore_label
+        self.smooth = float(smooth)
+        self.weight_dice = float(weight_dice)
+        self.weight_bce = float(weight_bce)
+        self.register_buffer("label_table", layout.label_table(), persistent=False)
+
+    def select(self, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """(B, K, *spatial): each sample's own task channels out of (B, T*K, *spatial)."""
+        b, k = logits.shape[0], self.num_structures
+        if logits.shape[1] != self.num_tasks * k:
+            raise ValueError(
+                f"expected {self.num_tasks} tasks x {k} channels = {self.num_tasks * k} channels, "
+                f"got {logits.shape[1]}"
+            )
+        idx = task_ids.view(b, 1) * k + torch.arange(k, device=logits.device).view(1, k)
+        idx = idx.view(b, k, *([1] * (logits.ndim - 2))).expand(b, k, *logits.shape[2:])
+        return torch.gather(logits, 1, idx)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        task_ids = task_ids.to(logits.device, torch.long)
+        sel = self.select(logits, task_ids).float()
+        labels = self.label_table.to(logits.device)[task_ids]  # (B, K)
+        valid = (labels >= 0).float()
+        shape = (*labels.shape, *([1] * (logits.ndim - 2)))
+        target = target.to(logits.device)
+        tgt = (target.long() == labels.view(shape)).float()  # (B, K, *spatial); target is (B, 1, *spatial)
+        if self.ignore_label is not None:
+            mask = (target != self.ignore_label).float()  # (B, 1, *spatial)
+        else:
+            mask = torch.ones_like(target, dtype=torch.float32)
+        axes = tuple(range(2, logits.ndim))
+        prob = torch.sigmoid(sel)
+        intersect = (prob * tgt * mask).sum(axes)
+        denominator = (prob * mask).sum(axes) + (tgt * mask).sum(axes) + self.smooth
+        dice_loss = 1 - 2 * intersect / denominator
+        bce = F.binary_cross_entropy_with_logits(sel, tgt, reduction="none")
+        bce = (bce * mask).sum(axes) / mask.sum(axes).clamp_min(1.0)
+        per_pair = self.weight_dice * dice_loss + self.weight_bce * bce  # (B, K)
+        return (per_pair * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+class DeepSupervisionPartialLoss(nn.Module):
+    """``sum_i weights[i] * loss(outputs[i], targets[i], task_ids)`` (outputs/targets: lists, full resolution
+    first, as nnU-Net's deep supervision produces them); plain tensors are passed through."""
+
+    def __init__(self, loss: PartialLabelLoss, weights: Sequence[float] | None):
+        super().__init__()
+        self.loss = loss
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+    def forward(self, outputs, targets, task_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, (list, tuple)):
+            targets = targets[0] if isinstance(targets, (list, tuple)) else targets
+            return self.loss(outputs, targets, task_ids)
+        weights = self.weights or [1.0] * len(outputs)
+        if len(weights) != len(outputs) or len(targets) != len(outputs):
+            raise ValueError(
+                f"{len(outputs)} outputs, {len(targets)} targets and {len(weights)} deep-supervision weights"
+            )
+        total = None
+        for w, o, t in zip(weights, outputs, targets):
+            if w == 0:
+                continue
+            term = w * self.loss(o, t, task_ids)
+            total = term if total is None else total + term
+        return total

@@ -1,0 +1,414 @@
+"""DoDNet: partial-label loss, dynamic heads, universal logits, trainer and predictor. Tiny networks on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+from copy import deepcopy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_ext.architectures.dodnet import (
+    DoDNet,
+    apply_dynamic_heads,
+    dynamic_head_layers,
+    dynamic_head_num_params,
+)
+from nnunet_ext.partial import DeepSupervisionPartialLoss, PartialLabelLoss, TaskLayout
+
+torch.set_num_threads(2)
+
+# the partial phantom's registry: liver [1, 2], kidney [3, 4], spleen [5]
+LAYOUT = TaskLayout(("liver", "kidney", "spleen"), ((1, 2), (3, 4), (5,)), 6)
+
+
+def arch_kwargs(style: str = "plain", dim: int = 3) -> dict:
+    conv = nn.Conv3d if dim == 3 else nn.Conv2d
+    norm = nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d
+    kw = dict(
+        n_stages=3,
+        features_per_stage=[4, 8, 8],
+        conv_op=conv,
+        kernel_sizes=[[3] * dim] * 3,
+        strides=[[1] * dim] + [[2] * dim] * 2,
+        n_conv_per_stage_decoder=[1, 1],
+        conv_bias=True,
+        norm_op=norm,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+    )
+    kw["n_conv_per_stage" if style == "plain" else "n_blocks_per_stage"] = [1, 1, 1]
+    return kw
+
+
+def make_dodnet(ds=True, seed=0, style="plain", dim=3, layout=LAYOUT) -> DoDNet:
+    torch.manual_seed(seed)
+    net = DoDNet(
+        1,
+        num_classes=layout.num_classes,
+        deep_supervision=ds,
+        task_labels=[list(v) for v in layout.labels],
+        **arch_kwargs(style, dim),
+    )
+    net.apply(net.initialize)
+    return net
+
+
+def phantom_target(b=3, shape=(8, 12, 12), seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 6, (b, 1, *shape), generator=g)
+
+
+# ------------------------------------------------------------------------------------------------------- loss
+def test_loss_ignores_unannotated_structures():
+    """Only the sample's own task channels enter the loss: any output on other tasks' heads (e.g. confidently
+    predicting the kidney in a liver case, where the partial label says background) costs nothing."""
+    loss_fn = PartialLabelLoss(LAYOUT)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 8, 12, 12, requires_grad=True)
+    target = phantom_target()
+    task_ids = torch.tensor([0, 1, 2])
+    loss = loss_fn(logits, target, task_ids)
+    loss.backward()
+    grad = logits.grad
+    own = {0: [0, 1], 1: [2, 3], 2: [4]}  # channel 5 is the spleen task's padding channel
+    for b, channels in own.items():
+        for c in range(6):
+            if c in channels:
+                assert grad[b, c].abs().sum() > 0
+            else:
+                assert torch.count_nonzero(grad[b, c]) == 0, (b, c)
+    # predicting kidney (task 1's channels) with certainty everywhere in the liver case changes nothing
+    changed = logits.detach().clone()
+    changed[0, 2:] = 50.0
+    changed[2, 5] = -50.0  # padding channel of the spleen task
+    assert torch.allclose(loss_fn(changed, target, task_ids), loss.detach())
+
+
+def test_loss_formula_and_mixed_tasks():
+    loss_fn = PartialLabelLoss(LAYOUT)
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, 6, 6, 6)
+    target = phantom_target(2, (6, 6, 6), seed=3)
+    task_ids = torch.tensor([1, 2])
+    terms = []
+    for b, t in enumerate(task_ids.tolist()):
+        for j, lab in enumerate(LAYOUT.labels[t]):
+            z = logits[b, t * 2 + j]
+            y = (target[b, 0] == lab).float()
+            p = torch.sigmoid(z)
+            dice = 2 * (p * y).sum() / (p.sum() + y.sum() + 1)
+            terms.append(1 - dice + F.binary_cross_entropy_with_logits(z, y))
+    assert len(terms) == 3  # kidney: kidney + kidney_tumour, spleen: spleen only
+    torch.testing.assert_close(loss_fn(logits, target, task_ids), torch.stack(terms).mean())
+
+
+def test_loss_ignore_label_and_deep_supervision():
+    layout = TaskLayout(("all",), ((1, 2),), 3)
+    loss_fn = PartialLabelLoss(layout, ignore_label=3)
+    logits = torch.randn(1, 2, 4, 4, 4)
+    target = torch.randint(0, 3, (1, 1, 4, 4, 4))
+    base = loss_fn(logits, target, torch.tensor([0]))
+    ignored = target.clone()
+    ignored[..., :2] = 3
+    changed = logits.clone()
+    changed[..., :2] = 100.0
+    # voxels with the ignore label do not count, whatever the network predicts there
+    a = loss_fn(changed, ignored, torch.tensor([0]))
+    b = loss_fn(logits, ignored, torch.tensor([0]))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, base)
+    ds = DeepSupervisionPartialLoss(loss_fn, [0.75, 0.25])
+    low = logits[..., ::2, ::2, ::2]
+    tgt_low = target[..., ::2, ::2, ::2]
+    expected = 0.75 * base + 0.25 * loss_fn(low, tgt_low, torch.tensor([0]))
+    torch.testing.assert_close(ds([logits, low], [target, tgt_low], torch.tensor([0])), expected)
+
+
+# -------------------------------------------------------------------------------------------- dynamic heads
+def test_default_head_has_162_parameters():
+    layers = dynamic_head_layers(8, 3, 2)
+    assert layers == [(8, 8), (8, 8), (8, 2)]
+    assert dynamic_head_num_params(layers) == 162
+    net = make_dodnet()  # K = 2 (liver / kidney: organ + tumour)
+    assert net.num_head_params == 162
+    assert net.task_heads.seg_layers.controller.out_features == 162
+    assert net.task_heads.seg_layers.controller.in_features == 8 + 3  # bottleneck channels + one-hot task
+
+
+def test_grouped_conv_equals_per_sample_loop():
+    torch.manual_seed(0)
+    layers = dynamic_head_layers(8, 3, 2)
+    feats = torch.randn(2, 8, 4, 5, 6)
+    params = torch.randn(2, 3, 162)
+    out = apply_dynamic_heads(feats, params, layers)
+    assert out.shape == (2, 6, 4, 5, 6)
+    for b in range(2):
+        for t in range(3):
+            p = params[b, t]
+            w1, w2, w3 = (
+                p[:64].view(8, 8, 1, 1, 1),
+                p[64:128].view(8, 8, 1, 1, 1),
+                p[128:144].view(2, 8, 1, 1, 1),
+            )
+            b1, b2, b3 = p[144:152], p[152:160], p[160:162]
+            x = F.relu(F.conv3d(feats[b : b + 1], w1, b1))
+            x = F.relu(F.conv3d(x, w2, b2))
+            x = F.conv3d(x, w3, b3)
+            torch.testing.assert_close(out[b : b + 1, t * 2 : t * 2 + 2], x, rtol=1e-5, atol=1e-5)
+
+
+def test_per_sample_kernels_differ_by_task_and_sample():
+    net = make_dodnet(ds=False)
+    net.eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        params = net.head_parameters(net.encoder(x))
+    assert params.shape == (2, 3, 162)
+    for b in range(2):
+        for t in range(3):
+            for u in range(t + 1, 3):
+                assert not torch.allclose(params[b, t], params[b, u])
+    assert not torch.allclose(params[0, 0], params[1, 0])  # conditioned on the image too
+    # every task's output comes from its own kernels: same features, different maps per task
+    with torch.no_grad():
+        out = net.forward_tasks(x)
+    assert out.shape == (2, 6, 16, 16, 16)
+    assert not torch.allclose(out[:, 0:2], out[:, 2:4])
+
+
+@pytest.mark.parametrize("style,dim", [("plain", 3), ("resenc", 3), ("plain", 2)])
+def test_shapes_deep_supervision_and_modes(style, dim):
+    net = make_dodnet(style=style, dim=dim)
+    x = torch.randn(2, 1, *([16] * dim))
+    net.train()
+    out = net(x)
+    assert isinstance(out, list) and len(out) == 2
+    assert out[0].shape == (2, 6, *([16] * dim)) and out[1].shape == (2, 6, *([8] * dim))
+    net.eval()
+    net.decoder.deep_supervision = False
+    with torch.no_grad():
+        u = net(x)
+    assert u.shape == (2, 6, *([16] * dim))  # background + 5 labels: nnU-Net's output channels
+    assert torch.all(u[:, 0] == 0)
+    assert net.compute_conv_feature_map_size([16] * dim) > 0
+
+
+def test_gradients_reach_backbone_and_controller():
+    net = make_dodnet()
+    net.train()
+    out = net(torch.randn(2, 1, 16, 16, 16))
+    loss = DeepSupervisionPartialLoss(PartialLabelLoss(LAYOUT), [0.7, 0.3])(
+        out, [phantom_target(2, (16, 16, 16)), phantom_target(2, (8, 8, 8))], torch.tensor([0, 2])
+    )
+    loss.backward()
+    for prefix in ("encoder.", "decoder.stages.", "decoder.seg_layers.", "task_heads.seg_layers.controller."):
+        assert any(
+            p.grad is not None and p.grad.abs().sum() > 0
+            for n, p in net.named_parameters()
+            if n.startswith(prefix)
+        ), prefix
+
+
+# ------------------------------------------------------------------------------------------ universal logits
+def _decode(net: DoDNet, task_logits: torch.Tensor) -> torch.Tensor:
+    return net.universal_logits(task_logits).argmax(1)
+
+
+def test_universal_logits_threshold_and_tumour_over_organ():
+    net = make_dodnet()
+    big = 6.0  # sigmoid(6) ~ 0.998
+    # one voxel per scenario, channels: liver, liver_tumour, kidney, kidney_tumour, spleen, (pad)
+    scenarios = {
+        "nothing": ([-big, -big, -big, -big, -big, 0], 0),
+        "liver": ([big, -big, -big, -big, -big, 0], 1),
+        "tumour over organ": ([big, 0.1, -big, -big, -big, 0], 2),  # tumour barely > 0.5 still wins
+        "tumour alone": ([-big, 0.2, -big, -big, -big, 0], 2),
+        "kidney tumour": ([-big, -big, big, big, -big, 0], 4),
+        "higher prob across tasks": ([0.5, -big, 2.0, -big, -big, 0], 3),
+        "spleen, padding ignored": ([-big, -big, -big, -big, 0.3, big], 5),
+        "just below 0.5": ([-0.01, -0.01, -0.01, -0.01, -0.01, big], 0),
+    }
+    logits = torch.tensor([v for v, _ in scenarios.values()], dtype=torch.float32).T.reshape(1, 6, -1, 1, 1)
+    got = _decode(net, logits).flatten().tolist()
+    assert got == [e for _, e in scenarios.values()], dict(zip(scenarios, got))
+
+
+def test_label_without_task_is_never_predicted():
+    layout = TaskLayout(("a", "b"), ((1,), (3,)), 4)  # label 2 has no task
+    net = make_dodnet(layout=layout)
+    u = net.universal_logits(torch.full((1, 2, 2, 2, 2), 5.0))
+    assert torch.all(u[:, 2] == -1.0) and torch.all(u.argmax(1) != 2)
+
+
+def test_universal_prediction_is_union_of_single_task_predictions():
+    """Universal = single-task predictions merged: background iff every task says background, otherwise the
+    label of some task's own prediction (the one with the highest universal logit)."""
+    net = make_dodnet(ds=False, seed=3)
+    net.eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        task_logits = net.forward_tasks(x)
+        # spread the probabilities so that every label occurs somewhere
+        task_logits = (task_logits - task_logits.mean((2, 3, 4), keepdim=True)) * 8
+        universal = _decode(net, task_logits)
+        single = []
+        for t in range(3):
+            net.set_inference_tasks([t])
+            single.append(_decode(net, task_logits))
+        net.set_inference_tasks(None)
+        torch.testing.assert_close(_decode(net, task_logits), universal)
+    single = torch.stack(single)  # (T, B, ...)
+    for t, labs in enumerate(LAYOUT.labels):
+        assert set(single[t].unique().tolist()) <= {0, *labs}
+    assert torch.equal(universal == 0, (single == 0).all(0))
+    task_of_label = {lab: t for t, labs in enumerate(LAYOUT.labels) for lab in labs}
+    for lab, t in task_of_label.items():
+        where = universal == lab
+        assert torch.equal(single[t][where], universal[where])
+    assert len(universal.unique()) == 6  # the check above covered every label
+    # without cross-task conflicts the universal map IS the plain union
+    no_conflict = (single > 0).sum(0) <= 1
+    union = single.max(0).values
+    assert torch.equal(universal[no_conflict], union[no_conflict])
+    # and through the real forward (eval mode, single- vs all-task)
+    with torch.no_grad():
+        full = net(x).argmax(1)
+        net.set_inference_tasks([1])
+        kidney_only = net(x).argmax(1)
+        net.set_inference_tasks(None)
+    assert set(kidney_only.unique().tolist()) <= {0, 3, 4}
+    assert torch.equal(kidney_only[(full == 3) | (full == 4)], full[(full == 3) | (full == 4)])
+
+
+def test_dynamo_traces_forward_without_side_channels():
+    net = make_dodnet(ds=True)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    x = torch.randn(1, 1, 16, 16, 16)
+    net.train()
+    for a, b in zip(net(x), compiled(x)):
+        torch.testing.assert_close(a, b)
+    net.eval()
+    with torch.no_grad():
+        for a, b in zip(net(x), compiled(x)):
+            torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------ trainer (stock nnU-Net)
+def _partial_trainer(workspace, cls_name="nnUNetTrainerDoDNet", plans=None):
+    import nnunet_ext.trainers as ours
+
+    dataset = workspace.dataset(502, "partial")
+    pre = workspace.root / "preprocessed" / dataset.name
+    p = plans or json.loads((pre / "nnUNetPlans.json").read_text())
+    p = deepcopy(p)
+    p["continue_training"] = False
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    return getattr(ours, cls_name)(p, "3d_tiny", 0, dataset_json, device=torch.device("cpu"))
+
+
+@pytest.fixture
+def partial_env(phantom_workspace):
+    with pytest.MonkeyPatch.context() as mp:
+        for k in (
+            "nnUNet_raw",
+            "nnUNet_preprocessed",
+            "nnUNet_results",
+            "nnUNet_extTrainer",
+            "nnUNet_compile",
+        ):
+            mp.setenv(k, phantom_workspace.env[k])
+        mp.setenv("nnUNet_n_proc_DA", "0")
+        yield phantom_workspace
+
+
+@pytest.mark.slow  # plans + preprocesses the partial phantom (shared with the e2e test)
+@pytest.mark.parametrize("cls_name", ["nnUNetTrainerDoDNet"])
+def test_trainer_step_validation_checkpoint_and_predictor(partial_env, tmp_path, cls_name):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_ext.partial import LAYOUT_KEY
+
+    trainer = _partial_trainer(partial_env, cls_name)
+    assert trainer.plans_manager.plans[LAYOUT_KEY]["labels"] == [[1, 2], [3, 4], [5]]
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer.on_train_epoch_start()
+    batch = next(trainer.dataloader_train)
+    batch["keys"] = ["liver_000", "spleen_002"][: len(batch["keys"])]  # a mixed-task batch
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    losses = [float(trainer.train_step(batch)["loss"]) for _ in range(2)]
+    assert all(np.isfinite(losses))
+    after = trainer.network.state_dict()
+    for prefix in ("encoder.", "decoder.", "task_heads.seg_layers."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+    trainer.on_validation_epoch_start()
+    with torch.no_grad():
+        val = trainer.validation_step(next(trainer.dataloader_val))
+    assert np.isfinite(val["loss"]) and len(val["tp_hard"]) == 5
+
+    # checkpoint -> stock predictor (plans.json of the results folder carries the task layout)
+    out_base = trainer.output_folder_base
+    os.makedirs(os.path.join(out_base, "fold_0"), exist_ok=True)
+    with open(os.path.join(out_base, "plans.json"), "w") as f:
+        json.dump(trainer.plans_manager.plans, f)
+    with open(os.path.join(out_base, "dataset.json"), "w") as f:
+        json.dump(trainer.dataset_json, f)
+    trainer.save_checkpoint(os.path.join(out_base, "fold_0", "checkpoint_final.pth"))
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_mirroring=False,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(out_base, (0,), "checkpoint_final.pth")
+    assert isinstance(predictor.network, DoDNet)
+    logits = predictor.predict_logits_from_preprocessed_data(torch.randn(1, 24, 48, 48))
+    assert logits.shape == (6, 24, 48, 48) and torch.isfinite(logits).all()
+    trainer.network.eval()
+    trainer.set_deep_supervision_enabled(False)
+    x = torch.randn(1, 1, 24, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(predictor.network(x), trainer.network(x))
+
+
+@pytest.mark.slow
+def test_plain_nnunet_checkpoint_loads_as_pretrained_weights(partial_env, tmp_path):
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    dataset = partial_env.dataset(502, "partial")
+    pre = partial_env.root / "preprocessed" / dataset.name
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    plain = nnUNetTrainer(
+        deepcopy(plans), "3d_tiny", 0, json.loads((pre / "dataset.json").read_text()), torch.device("cpu")
+    )
+    plain.initialize()
+    ckpt = str(tmp_path / "plain.pth")
+    plain.save_checkpoint(ckpt)
+    trainer = _partial_trainer(partial_env)
+    trainer.initialize()
+    controller = trainer.network.task_heads.seg_layers.controller.weight.clone()
+    maybe_load_checkpoint(
+        trainer, continue_training=False, validation_only=False, pretrained_weights_file=ckpt
+    )
+    plain_sd = plain.network.state_dict()
+    for k, v in trainer.network.state_dict().items():
+        if ".seg_layers." not in k:
+            torch.testing.assert_close(v, plain_sd[k], rtol=0, atol=0)
+    torch.testing.assert_close(trainer.network.task_heads.seg_layers.controller.weight, controller)
+
+
+def test_fully_labelled_dataset_is_one_task():
+    layout, registry = TaskLayout.from_dataset_json(
+        {"labels": {"background": 0, "a": 1, "b": 2, "ignore": 3}, "channel_names": {"0": "CT"}}
+    )
+    assert registry is None and layout.tasks == ("all",) and layout.labels == ((1, 2),)
+    assert layout.num_classes == 3

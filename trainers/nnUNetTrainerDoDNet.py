@@ -1,0 +1,324 @@
+"""DoDNet (dynamic on-demand network for partially labelled data; Zhang et al., CVPR 2021) as an nnU-Net v2
+trainer.
+
+``nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerDoDNet`` on a dataset with a task registry
+(``dataset.json['nnunet_ext_tasks']``; e.g. made by ``nnunet-ext tasks merge``), or on a fully labelled
+dataset (one task annotating every label). ``nnUNetv2_predict -tr nnUNetTrainerDoDNet`` returns the
+universal label map. See docs/dodnet.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+from torch._dynamo import OptimizedModule
+
+from nnunet_ext.architectures.dodnet import DoDNet
+from nnunet_ext.errors import UserError
+from nnunet_ext.partial import (
+    LAYOUT_KEY,
+    DeepSupervisionPartialLoss,
+    PartialLabelLoss,
+    TaskLayout,
+    foreground_labels,
+)
+from nnunet_ext.tasks import case_ids_in_folder, load_task_registry
+
+
+def layout_from_plans(plans_manager: PlansManager, num_output_channels: int) -> TaskLayout:
+    """The task layout a network is built for: the one the trainer wrote into the plans (training, and the
+    results folder's plans.json at inference); else the registry of the preprocessed dataset.json; else one
+    task segmenting every label (e.g. ``nnunet-ext plans check``)."""
+    stored = plans_manager.plans.get(LAYOUT_KEY)
+    if stored is not None:
+        layout = TaskLayout.from_json(stored)
+    else:
+        layout = None
+        pre = os.environ.get("nnUNet_preprocessed")
+        name = plans_manager.plans.get("dataset_name")
+        path = os.path.join(pre, name, "dataset.json") if pre and name else None
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                layout, _ = TaskLayout.from_dataset_json(json.load(f))
+        if layout is None or layout.num_classes != num_output_channels:
+            layout = TaskLayout.single_task(num_output_channels)
+    if layout.num_classes != num_output_channels:
+        raise UserError(
+            f"the task layout in the plans ({LAYOUT_KEY}) is for {layout.num_classes} output channels but the "
+            f"dataset.json has {num_output_channels}; the plans.json and dataset.json of this model folder do "
+            f"not belong together. Use the files the training wrote."
+        )
+    return layout
+
+
+class nnUNetTrainerDoDNet(nnUNetTrainer):
+    """nnU-Net's trainer with DoDNet's network (:class:`nnunet_ext.architectures.dodnet.DoDNet`) and the
+    partial-label loss (:class:`nnunet_ext.partial.PartialLabelLoss`); data, augmentation, schedule, SGD,
+    checkpoints and inference are nnU-Net's.
+
+    * the task of a training case comes from its identifier through the task registry (``batch['keys']``),
+      so batches may mix tasks; without a registry every case is one task annotating every label;
+    * the network computes the heads of all tasks in one pass; ``train_step`` / ``validation_step`` pick each
+      sample's task channels for the loss; in eval mode the network returns universal logits, so nnU-Net's
+      validation, ``--val`` and ``nnUNetv2_predict`` run unchanged.
+    """
+
+    network_class_name = "nnunet_ext.architectures.dodnet.DoDNet"
+    network_class = DoDNet
+    #: dynamic head: ``head_channels -> ... -> K`` with ``head_layers`` 1x1 convs (the paper: 8, 3)
+    head_channels: int = 8
+    head_layers: int = 3
+    #: gradient-norm clipping (nnU-Net's value)
+    grad_clip: float = 12.0
+    #: a method for partially labelled data: the end-to-end test trains it on the partial phantom
+    partially_labelled_data: bool = True
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature)
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        foreground_labels(dataset_json)  # refuses region-based datasets with the fix
+        self.task_layout, self.task_registry = TaskLayout.from_dataset_json(dataset_json)
+        # the layout travels with the model: nnU-Net saves these plans as the results folder's plans.json (read by
+        # build_network_architecture at inference) and in the checkpoint's init_args
+        self.plans_manager.plans[LAYOUT_KEY] = self.task_layout.to_json()
+
+    # ------------------------------------------------------------------------------------------------ network
+    @classmethod
+    def network_extra_kwargs(cls) -> dict:
+        return {"head_channels": cls.head_channels, "head_layers": cls.head_layers}
+
+    @classmethod
+    def build_network_architecture(
+        cls,
+        plans_manager: PlansManager,
+        configuration_manager: ConfigurationManager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module:
+        """The method's network from the configuration's PlainConvUNet / ResidualEncoderUNet kwargs and the
+        task layout (see :func:`layout_from_plans`); called at training AND inference."""
+        arch_kwargs = dict(configuration_manager.network_arch_init_kwargs)
+        accepted = set(inspect.signature(cls.network_class.__init__).parameters) - {
+            "self",
+            "input_channels",
+            "num_classes",
+        }
+        own = {"task_labels", "head_channels", "head_layers", "num_structures"} | set(
+            cls.network_extra_kwargs()
+        )
+        unsupported = sorted(set(arch_kwargs) - accepted - {"deep_supervision"})
+        if unsupported or not ({"n_conv_per_stage", "n_blocks_per_stage"} & set(arch_kwargs)):
+            raise UserError(
+                f"{cls.__name__} builds its network from PlainConvUNet / ResidualEncoderUNet architecture kwargs, "
+                f"but the plans' network ({configuration_manager.network_arch_class_name}) "
+                + (
+                    f"has kwargs it does not know: {unsupported}. "
+                    if unsupported
+                    else "has neither n_conv_per_stage nor n_blocks_per_stage. "
+                )
+                + "Use plans made by nnU-Net's default or ResEnc planners."
+            )
+        for k in own:
+            arch_kwargs.pop(k, None)
+        layout = layout_from_plans(plans_manager, num_output_channels)
+        arch_kwargs["task_labels"] = [list(v) for v in layout.labels]
+        arch_kwargs.update(cls.network_extra_kwargs())
+        return get_network_from_plans(
+            cls.network_class_name,
+            arch_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import,
+            num_input_channels,
+            num_output_channels,
+            allow_init=True,
+            deep_supervision=enable_deep_supervision,
+        )
+
+    def unwrapped_network(self) -> DoDNet:
+        """The DoDNet module behind DDP / torch.compile."""
+        mod = self.network.module if self.is_ddp else self.network
+        if isinstance(mod, OptimizedModule):
+            mod = mod._orig_mod
+        return mod
+
+    # ------------------------------------------------------------------------------------------------- tasks
+    def task_ids(self, keys) -> torch.Tensor:
+        """Task index of every case of a batch (from its identifier through the registry)."""
+        if self.task_registry is None:
+            return torch.zeros(len(keys), dtype=torch.long, device=self.device)
+        return torch.tensor(self.task_registry.task_ids_for_keys(keys), dtype=torch.long, device=self.device)
+
+    def on_train_start(self):
+        if self.task_registry is not None:  # every training case must belong to a task (clear error up front)
+            case_ids = case_ids_in_folder(self.preprocessed_dataset_folder_base, self.dataset_json)
+            load_task_registry(self.dataset_json, case_ids)
+        super().on_train_start()
+
+    # --------------------------------------------------------------------------------------------------- loss
+    def _build_loss(self):
+        loss = PartialLabelLoss(self.task_layout, ignore_label=self.label_manager.ignore_label)
+        weights = None
+        if self.enable_deep_supervision:
+            scales = self._get_deep_supervision_scales()
+            weights = np.array([1 / (2**i) for i in range(len(scales))])
+            # nnU-Net: the lowest resolution gets 0 (a tiny weight under DDP without compile: unused parameters)
+            weights[-1] = 1e-6 if (self.is_ddp and not self._do_i_compile()) else 0
+            weights = weights / weights.sum()
+        return DeepSupervisionPartialLoss(loss, None if weights is None else list(weights)).to(self.device)
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [i.to(self.device, non_blocking=True) for i in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        task_ids = self.task_ids(batch["keys"])
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)  # training mode: (B, T*K, ...) logits of every task
+            del data
+            loss = self.loss(output, target, task_ids)
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        """Partial-label loss and the pseudo Dice of each sample's own task (single-task decoding: threshold 0.5,
+        later structure of the task wins); a label counts only in samples whose task annotates it."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [i.to(self.device, non_blocking=True) for i in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        task_ids = self.task_ids(batch["keys"])
+        net = self.unwrapped_network()  # the per-task outputs (eval mode returns universal logits)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = net.forward_tasks(data)
+            del data
+            loss = self.loss(output, target, task_ids)
+        if isinstance(output, list):
+            output, target = output[0], target[0]
+        seg = single_task_segmentation(output, task_ids, self.loss.loss)  # (B, *spatial) label values
+        target = target[:, 0].long()
+        ignore = self.label_manager.ignore_label
+        valid = (target != ignore) if ignore is not None else torch.ones_like(target, dtype=torch.bool)
+        num_fg = self.label_manager.num_segmentation_heads - 1
+        annotated = torch.zeros(seg.shape[0], num_fg + 1, dtype=torch.bool, device=seg.device)
+        table = self.loss.loss.label_table.to(seg.device)[task_ids]  # (B, K)
+        for j in range(table.shape[1]):
+            has = table[:, j] >= 0
+            annotated[has, table[has, j]] = True
+        tp = np.zeros(num_fg)
+        fp = np.zeros(num_fg)
+        fn = np.zeros(num_fg)
+        axes = tuple(range(1, seg.ndim))
+        for lab in range(1, num_fg + 1):
+            rows = annotated[:, lab]
+            if not rows.any():
+                continue
+            p = (seg[rows] == lab) & valid[rows]
+            t = (target[rows] == lab) & valid[rows]
+            tp[lab - 1] = float((p & t).sum(axes).sum())
+            fp[lab - 1] = float((p & ~t).sum(axes).sum())
+            fn[lab - 1] = float((~p & t).sum(axes).sum())
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
+
+    # ------------------------------------------------------------------------------------------- validation
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation (universal predictions, summary.json against the training labels) and, for a
+        dataset with a task registry, ``summary_tasks.json``: every validation case scored only on the labels
+        of its own task (an unannotated structure in a partial label is unknown, not background)."""
+        super().perform_actual_validation(save_probabilities)
+        if self.task_registry is None or self.local_rank != 0:
+            return
+        folder = os.path.join(self.output_folder, "validation")
+        if os.path.isdir(folder):
+            summary = task_aware_summary(
+                folder,
+                os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
+                self.dataset_json,
+                self.plans_manager.image_reader_writer_class(),
+            )
+            if summary is not None:
+                from nnunet_ext.io import atomic_write_json
+
+                atomic_write_json(os.path.join(folder, "summary_tasks.json"), summary)
+                self.print_to_log_file(
+                    "Task-aware validation Dice (each case on its own task's labels): ",
+                    {k: round(v["Dice"], 4) for k, v in summary["mean"].items()},
+                )
+
+
+def single_task_segmentation(
+    output: torch.Tensor, task_ids: torch.Tensor, loss: PartialLabelLoss
+) -> torch.Tensor:
+    """Label map of every sample from its own task's channels: threshold 0.5, the later structure of the task
+    wins (the single-task decoding of :meth:`DoDNet.universal_logits`). ``output`` (B, T*K, *spatial)."""
+    sel = torch.sigmoid(loss.select(output, task_ids).float())  # (B, K, ...)
+    labels = loss.label_table.to(output.device)[task_ids]  # (B, K)
+    shape = (*labels.shape, *([1] * (output.ndim - 2)))
+    k = labels.shape[1]
+    rank = torch.arange(k, device=output.device, dtype=sel.dtype).view(1, k, *([1] * (output.ndim - 2)))
+    u = (sel - 0.5) + 0.5 * rank * (sel > 0.5).to(sel.dtype)
+    u = torch.where(labels.view(shape) >= 0, u, torch.full_like(u, -1.0))
+    u = torch.cat((torch.zeros_like(u[:, :1]), u), 1)
+    idx = u.argmax(1)  # 0 background, j+1 structure j
+    values = torch.cat((torch.zeros_like(labels[:, :1]), labels.clamp_min(0)), 1)  # (B, K+1)
+    return torch.gather(
+        values.view(*values.shape, *([1] * (output.ndim - 2))).expand(-1, -1, *idx.shape[1:]),
+        1,
+        idx.unsqueeze(1),
+    )[:, 0]
+
+
+def task_aware_summary(pred_folder: str, gt_folder: str, dataset_json: dict, reader) -> dict | None:
+    """Dice per label over the cases whose task annotates it (predictions vs partial references)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+
+    registry = load_task_registry(dataset_json)
+    ending = dataset_json["file_ending"]
+    cases = sorted(f[: -len(ending)] for f in os.listdir(pred_folder) if f.endswith(ending))
+    per_case = []
+    for case in cases:
+        ref = os.path.join(gt_folder, case + ending)
+        if not os.path.isfile(ref):
+            continue
+        task = registry.task_of(case)
+        labels = registry.labels_of(task)
+        m = compute_metrics(ref, os.path.join(pred_folder, case + ending), reader, labels, None)
+        per_case.append({"case": case, "task": task, "metrics": {str(k): v for k, v in m["metrics"].items()}})
+    if not per_case:
+        return None
+    mean = {}
+    for label in sorted({k for c in per_case for k in c["metrics"]}, key=int):
+        dices = [c["metrics"][label]["Dice"] for c in per_case if label in c["metrics"]]
+        finite = [d for d in dices if d == d]
+        mean[label] = {"Dice": float(np.mean(finite)) if finite else float("nan"), "cases": len(dices)}
+    return {"mean": mean, "metric_per_case": per_case}
