@@ -59,7 +59,7 @@ __all__ = [
 
 METHODS = ("nearest", "shape")
 # chosen from the interpolation-only benchmark (docs/labelprop.md, benchmarks/bench_labelprop.py)
-DEFAULT_METHOD = "shape"
+DEFAULT_METHOD = "nearest"
 OUTSIDE_CHOICES = ("ignore", "background")
 AXIS_NAMES = {"z": 0, "y": 1, "x": 2}
 METADATA_FILE = "labelprop.json"
