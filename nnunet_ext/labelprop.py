@@ -818,7 +818,6 @@ def pseudo_label_dataset(
     default all folds with ``checkpoint``), write the annotated voxels back over the predictions and write
     the next-round dataset ``Dataset{out_id}_{name}`` (dense labels, no ignore label). Uses nnU-Net's
     ``nnUNetPredictor`` (sequential preprocessing/export, mirroring on unless ``tta=False``)."""
-    import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_ext.training import ext_trainer_env
@@ -866,7 +865,6 @@ def pseudo_label_dataset(
         )
         pred_dir = writer.tmp / ".predictions"
         pred_dir.mkdir()
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         per_case = {}
         for case in _progress(src.cases, f"pseudo-labels -> {writer.folder_name}", enabled=progress):
             predictor.predict_from_files_sequential(

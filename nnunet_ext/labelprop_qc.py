@@ -24,12 +24,14 @@ __all__ = ["qc_case_figure", "qc_dataset"]
 AXIS_LETTERS = "zyx"
 
 
-def _overlay(ax, image: np.ndarray, labels: np.ndarray, ignore_label, aspect: float, title: str) -> None:
+def _overlay(
+    ax, image: np.ndarray, labels: np.ndarray, ignore_label, aspect: float, title: str, origin: str = "lower"
+) -> None:
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
 
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0, 1)
-    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect, origin="lower")
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect, origin=origin)
     colours = colormaps["tab10"](np.arange(10))
     lab = labels.astype(np.int64)
     shown = np.ma.masked_where((lab == 0) | (lab == (ignore_label if ignore_label is not None else -1)), lab)
@@ -40,12 +42,12 @@ def _overlay(ax, image: np.ndarray, labels: np.ndarray, ignore_label, aspect: fl
         vmax=9,
         alpha=0.45,
         aspect=aspect,
-        origin="lower",
+        origin=origin,
         interpolation="nearest",
     )
     if ignore_label is not None and np.any(lab == ignore_label):
         ign = np.ma.masked_where(lab != ignore_label, np.ones_like(lab))
-        ax.imshow(ign, cmap=ListedColormap(["#7f7f7f"]), alpha=0.35, aspect=aspect, origin="lower")
+        ax.imshow(ign, cmap=ListedColormap(["#7f7f7f"]), alpha=0.35, aspect=aspect, origin=origin)
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -125,7 +127,9 @@ def qc_case_figure(
     )
     for k, (s, what) in enumerate(picks):
         ax = fig.add_subplot(grid[1, k])
-        _overlay(ax, img[s], lab[s], ignore_label, sp[1] / sp[2], f"{what}: {AXIS_LETTERS[axis]} = {s}")
+        _overlay(
+            ax, img[s], lab[s], ignore_label, sp[1] / sp[2], f"{what}: {AXIS_LETTERS[axis]} = {s}", "upper"
+        )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -205,6 +205,14 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
         _run([_exe("nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", n_proc], env, log)
         cmd = [_exe("nnUNetv2_move_plans_between_datasets"), "-s", str(plans_from), "-t", str(dataset_id)]
         _run([*cmd, "-sp", opts.plans, "-tp", opts.plans], env, log)
+        # nnUNetv2_preprocess reads <preprocessed>/<dataset>/dataset.json, which only the planner copies there
+        import json
+
+        from nnunet_ext.environment import require_folder_var
+
+        raw = _dataset_folder(dataset_id)
+        target = require_folder_var("nnUNet_preprocessed") / raw.name / "dataset.json"
+        atomic_write_json(target, json.loads((raw / "dataset.json").read_text()))
         cmd = [_exe("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", opts.plans, "-c", cfg]
         _run([*cmd, "-np", n_proc], env, log)
         return
@@ -260,7 +268,7 @@ def run_recipe(
     if not opts.folds:
         raise UserError("--folds needs at least one fold.")
     lp.parse_axis(opts.axis)
-    method = opts.method or lp.DEFAULT_METHOD
+    method = opts.method = opts.method or lp.DEFAULT_METHOD  # recorded resolved: a resumed run keeps it
     device = "cuda" if opts.device == "auto" and lp._device("auto").type == "cuda" else opts.device
     device = "cpu" if device == "auto" else device
     source = lp._resolve_raw(opts.source)
