@@ -334,6 +334,8 @@ def load_task_registry_from_folder(folder: str | os.PathLike) -> TaskRegistry:
 
 def resolve_dataset_folder(dataset: str) -> Path:
     """A folder path, or a dataset id / name resolved under ``$nnUNet_raw`` (then ``$nnUNet_preprocessed``)."""
+    from nnunet_ext.environment import resolve_dataset
+
     p = Path(dataset).expanduser()
     if p.is_dir():
         return p
@@ -341,27 +343,24 @@ def resolve_dataset_folder(dataset: str) -> Path:
         raise UserError(
             f"dataset folder {dataset} does not exist; check the path (or pass a dataset id / name)."
         )
-    raw = os.environ.get("nnUNet_raw")
-    if not raw:
+    problems = []
+    for root_var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        if not os.environ.get(root_var):
+            continue
+        try:
+            folder = resolve_dataset(dataset, root_var)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        if (folder / "dataset.json").is_file():
+            return folder
+        problems.append(f"{folder} has no dataset.json")
+    if not problems:
         raise UserError(
             f"cannot resolve dataset {dataset!r}: nnUNet_raw is not set. Run `export nnUNet_raw=/path/to/nnUNet_raw` "
             f"or pass the dataset folder path instead."
         )
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise UserError(
-            f"cannot resolve dataset {dataset!r} under nnUNet_raw={raw}: {e}\nPass an existing dataset id "
-            f"(e.g. 501), a name (Dataset501_Name) or a dataset folder path."
-        ) from e
-    for root in (raw, os.environ.get("nnUNet_preprocessed")):
-        if root and (Path(root) / name / "dataset.json").is_file():
-            return Path(root) / name
-    raise UserError(
-        f"dataset {name} has no dataset.json under nnUNet_raw={raw}; check the id/name or pass the folder path."
-    )
+    raise UserError(" ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -60,6 +60,17 @@ def test_console_script_trainer_dir():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """A wheel built (like `pip install .` does) from a copy of the source, so the checkout stays clean."""
+    import shutil
+
+    src = tmp_path_factory.mktemp("src") / "nnunet_ext_src"
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", "nnunet_ext_demo", "benchmark_workdir"
+        ),
+    )
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
@@ -72,7 +83,7 @@ def wheel(tmp_path_factory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(REPO),
+            str(src),
         ],
         check=True,
         capture_output=True,

@@ -247,7 +247,7 @@ def test_cli_validate_errors(raw_root, capsys, monkeypatch):
     assert "'pancreas'" in capsys.readouterr().err
     assert run_cli(["tasks", "show", "43"]) == 1
     assert run_cli(["tasks", "validate", "77"]) == 1  # no such id
-    assert "cannot resolve dataset '77'" in capsys.readouterr().err
+    assert "dataset '77' not found" in capsys.readouterr().err
     assert run_cli(["tasks", "validate", str(raw_root / "missing") + "/"]) == 1
     monkeypatch.delenv("nnUNet_raw")
     assert run_cli(["tasks", "validate", "42"]) == 1
