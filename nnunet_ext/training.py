@@ -62,7 +62,14 @@ def run_logged(cmd: list[str], env: dict, log: Path, quiet: bool = False) -> flo
     start = time.perf_counter()
     with open(log, "a") as logf:
         logf.write(f"\n$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # unbuffered: nnU-Net's progress lines arrive as they are printed, not in blocks
+        proc = subprocess.Popen(
+            cmd,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for line in proc.stdout:
             logf.write(line)
             if not quiet and line.strip():
