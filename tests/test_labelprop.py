@@ -350,7 +350,7 @@ def test_run_recipe_end_to_end_and_resume(phantom_workspace):
     ]
     cmd += ["--trainer-a", "nnUNetTrainerLabelPropA_smoke", "--trainer-b", "nnUNetTrainerLabelPropB_smoke"]
     cmd += ["-np", "1", "--state", str(state), "--qc-cases", "2", "--disable-tta"]
-    proc = run(cmd, env, timeout=900)
+    proc = run(cmd, env, timeout=1800)  # ~3 min on 2 idle cores; generous for loaded CI machines
     assert "finished. Final model" in proc.stdout
     data = json.loads(state.read_text())
     keys = [
