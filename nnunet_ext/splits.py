@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
@@ -114,3 +115,30 @@ def kfold_do_split(trainer, n_splits: int, seed: int = 12345) -> tuple[list[str]
         f"validation cases."
     )
     return tr_keys, val_keys
+
+
+class KFoldSplit:
+    """Mixin for an nnU-Net trainer on a fixed k-fold split; list it BEFORE the trainer class::
+
+        class nnUNetTrainerBANet_4fold(KFoldSplit, nnUNetTrainerBANet):
+            num_folds = 4
+
+    The fold is checked before anything is written, and ``do_split`` is :func:`kfold_do_split`.
+    """
+
+    num_folds: int = 4
+    split_seed: int = 12345
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature)
+    ):
+        check_fold(fold, self.num_folds, type(self).__name__)  # fail before anything is written
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+    def do_split(self):
+        return kfold_do_split(self, self.num_folds, self.split_seed)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
-from nnunet_ext.splits import check_fold, kfold_do_split
+from nnunet_ext.splits import KFoldSplit
 from nnunet_ext.trainers.nnUNetTrainerBANet import nnUNetTrainerBANet
 
 
-class nnUNetTrainerBANet_4fold(nnUNetTrainerBANet):
+class nnUNetTrainerBANet_4fold(KFoldSplit, nnUNetTrainerBANet):
     """:class:`nnUNetTrainerBANet` on a 4-fold split: folds 0..3 (or 'all').
 
     The split is written to the dataset's ``splits_final.json`` (nnU-Net's file and format) if that file does not
@@ -19,17 +17,3 @@ class nnUNetTrainerBANet_4fold(nnUNetTrainerBANet):
 
     num_folds: int = 4
     split_seed: int = 12345
-
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature)
-    ):
-        check_fold(fold, self.num_folds, type(self).__name__)  # fail before anything is written
-        super().__init__(plans, configuration, fold, dataset_json, device)
-
-    def do_split(self):
-        return kfold_do_split(self, self.num_folds, self.split_seed)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.splits import check_fold, kfold_do_split
+from nnunet_ext.splits import KFoldSplit
 
 
-class nnUNetTrainerLabelPropA(nnUNetTrainer):
+class nnUNetTrainerLabelPropA(KFoldSplit, nnUNetTrainer):
     """Plain :class:`nnUNetTrainer` (network, loss, augmentation unchanged) on the label-propagation recipe's
     short schedule: 100 epochs (x 250 iterations), folds 0..3 of a 4-fold split (sklearn KFold, shuffle,
     seed 12345; or 'all'). Model A is trained on the interpolated labels and its 4-fold ensemble writes the
@@ -30,9 +30,7 @@ class nnUNetTrainerLabelPropA(nnUNetTrainer):
         dataset_json: dict,
         device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature)
     ):
-        check_fold(fold, self.num_folds, type(self).__name__)  # fail before anything is written
-        super().__init__(plans, configuration, fold, dataset_json, device)
+        super().__init__(
+            plans, configuration, fold, dataset_json, device
+        )  # checks the fold first (KFoldSplit)
         self.num_epochs = self.recipe_epochs
-
-    def do_split(self):
-        return kfold_do_split(self, self.num_folds, self.split_seed)
