@@ -341,17 +341,18 @@ def _paint(img: np.ndarray, layers) -> None:
 
 
 def _render_ct(rng, grids, shape, body, muscle_wall, spine, marrow, bowel, gas, organs, tumour_host, vessel):
-    """CT in Hounsfield units: air -1000, fat ~-100, organs 40-72, tumours hypodense, vessels ~200."""
+    """Contrast-enhanced (portal-venous phase) CT in Hounsfield units, as in KiPA/AMOS/MOTS: air -1000,
+    fat ~-100, muscle 40-55, liver 105-120, spleen 88-100, kidney 160-190, tumours hypodense, vessels ~290."""
     mean = {
         "fat": rng.uniform(-110, -90),
         "muscle": rng.uniform(40, 55),
         "cortex": rng.uniform(600, 800),
         "marrow": rng.uniform(180, 280),
         "bowel": rng.uniform(15, 35),
-        "liver": rng.uniform(56, 66),
-        "kidney": rng.uniform(62, 72),
-        "spleen": rng.uniform(42, 52),
-        "vessel": rng.uniform(180, 230),
+        "liver": rng.uniform(105, 120),
+        "kidney": rng.uniform(160, 190),
+        "spleen": rng.uniform(88, 100),
+        "vessel": rng.uniform(260, 320),
     }
     img = np.full(shape, -1000.0, dtype=np.float32)
     body_layers = [
@@ -369,7 +370,7 @@ def _render_ct(rng, grids, shape, body, muscle_wall, spine, marrow, bowel, gas, 
         (organs == SPLEEN, mean["spleen"]),
     ]
     organ_layers += [
-        (tumour_host == h, mean[k] - rng.uniform(25, 40)) for h, k in ((LIVER, "liver"), (KIDNEY, "kidney"))
+        (tumour_host == h, mean[k] - rng.uniform(40, 60)) for h, k in ((LIVER, "liver"), (KIDNEY, "kidney"))
     ]
     _paint(img, _textured(rng, grids, organ_layers, 3.0))
     img[vessel] = mean["vessel"]
