@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "bench",
     "predict_boundaries",
     "labelprop",
+    "universal",
 ]
 
 

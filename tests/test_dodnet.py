@@ -18,6 +18,7 @@ from nnunet_ext.architectures.dodnet import (
     dynamic_head_layers,
     dynamic_head_num_params,
 )
+from nnunet_ext.architectures.transdodnet import TaskQueryTransformer, TransDoDNet
 from nnunet_ext.partial import DeepSupervisionPartialLoss, PartialLabelLoss, TaskLayout
 
 torch.set_num_threads(2)
@@ -299,6 +300,79 @@ def test_dynamo_traces_forward_without_side_channels():
             torch.testing.assert_close(a, b)
 
 
+# ------------------------------------------------------------------------------------------------ TransDoDNet
+def make_transdodnet(ds=True, seed=0, **kw) -> TransDoDNet:
+    torch.manual_seed(seed)
+    net = TransDoDNet(
+        1,
+        num_classes=6,
+        deep_supervision=ds,
+        task_labels=[[1, 2], [3, 4], [5]],
+        d_model=16,
+        n_heads=2,
+        n_enc_layers=1,
+        n_dec_layers=2,
+        **{**arch_kwargs(), **kw},
+    )
+    net.apply(net.initialize)
+    return net
+
+
+def test_transdodnet_queries_generate_per_task_heads():
+    net = make_transdodnet(max_tokens_per_level=64)
+    gen = net.task_heads.seg_layers
+    assert isinstance(gen, TaskQueryTransformer) and gen.task_queries.shape == (3, 16)
+    x = torch.randn(2, 1, 16, 16, 16)
+    skips = net.encoder(x)
+    assert gen.tokens(skips).shape == (2, 3 * 64, 16)  # levels 16^3, 8^3, 4^3 pooled to 4^3 tokens each
+    params = net.head_parameters(skips)
+    assert params.shape == (2, 3, 162)
+    assert not torch.allclose(params[:, 0], params[:, 1])
+    net.train()
+    out = net(x)
+    assert [o.shape[1] for o in out] == [6, 6]
+    sum(o.sum() for o in out).backward()
+    grads = {n: p.grad for n, p in gen.named_parameters()}
+    for n in (
+        "task_queries",
+        "level_embed",
+        "mlp.2.weight",
+        "input_proj.0.weight",
+        "encoder.layers.0.linear1.weight",
+    ):
+        assert grads[n] is not None and grads[n].abs().sum() > 0, n
+    assert all(
+        k.startswith("task_heads.seg_layers.") for k in net.state_dict() if "task_queries" in k or "mlp" in k
+    )
+    compiled = torch.compile(net, backend="eager")
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x)[0], net(x)[0])
+
+
+def test_transdodnet_trainer_defaults_and_warmup_schedule():
+    from nnunet_ext.trainers import nnUNetTrainerTransDoDNet
+    from nnunet_ext.trainers.nnUNetTrainerTransDoDNet import WarmupPolyLRScheduler
+
+    assert nnUNetTrainerTransDoDNet.grad_clip == 0.1 and nnUNetTrainerTransDoDNet.warmup_epochs == 10
+    kw = nnUNetTrainerTransDoDNet.network_extra_kwargs()
+    assert (kw["d_model"], kw["n_heads"], kw["n_levels"], kw["n_enc_layers"], kw["n_dec_layers"]) == (
+        192,
+        8,
+        3,
+        3,
+        3,
+    )
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=2e-4)
+    sched = WarmupPolyLRScheduler(opt, 2e-4, 1000, 10)
+    lrs = []
+    for epoch in (0, 4, 9, 10, 505, 999):
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(2e-5) and lrs[1] == pytest.approx(1e-4) and lrs[2] == pytest.approx(2e-4)
+    assert lrs[3] == pytest.approx(2e-4) and lrs[3] > lrs[4] > lrs[5] > 0
+
+
 # ------------------------------------------------------------------------------------ trainer (stock nnU-Net)
 def _partial_trainer(workspace, cls_name="nnUNetTrainerDoDNet", plans=None):
     import nnunet_ext.trainers as ours
@@ -328,7 +402,7 @@ def partial_env(phantom_workspace):
 
 
 @pytest.mark.slow  # plans + preprocesses the partial phantom (shared with the e2e test)
-@pytest.mark.parametrize("cls_name", ["nnUNetTrainerDoDNet"])
+@pytest.mark.parametrize("cls_name", ["nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet"])
 def test_trainer_step_validation_checkpoint_and_predictor(partial_env, tmp_path, cls_name):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -376,6 +450,37 @@ def test_trainer_step_validation_checkpoint_and_predictor(partial_env, tmp_path,
     x = torch.randn(1, 1, 24, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(predictor.network(x), trainer.network(x))
+    if cls_name != "nnUNetTrainerDoDNet":
+        return
+    # nnunet-ext predict: universal vs single-task predictions through nnU-Net's predictor and export
+    import SimpleITK as sitk
+
+    from nnunet_ext.universal import load_predictor, predict_tasks
+
+    images = partial_env.dataset(502, "partial") / "imagesTs"
+    pred, layout = load_predictor(out_base, (0,), device="cpu", tta=False)
+    maps = {}
+    for mode in ("universal", "liver", "kidney", "spleen", "prefix"):
+        out = tmp_path / mode
+        if mode == "universal":
+            predict_tasks(pred, layout, images, out)
+        elif mode == "prefix":
+            done = predict_tasks(pred, layout, images, out, by_prefix=True)
+            assert done == {c: c.split("_")[0] for c in done}
+        else:
+            predict_tasks(pred, layout, images, out, tasks=[mode])
+        maps[mode] = {
+            p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(out.glob("*.nii.gz"))
+        }
+    for case, uni in maps["universal"].items():
+        single = np.stack([maps[t][case] for t in ("liver", "kidney", "spleen")])
+        for t, labs in enumerate(layout.labels):
+            assert set(np.unique(single[t])) <= {0, *labs}
+        assert np.array_equal(uni == 0, (single == 0).all(0))
+        for t, labs in enumerate(layout.labels):
+            where = np.isin(uni, labs)
+            np.testing.assert_array_equal(single[t][where], uni[where])
+        np.testing.assert_array_equal(maps["prefix"][case], maps[case.split("_")[0]][case])
 
 
 @pytest.mark.slow
@@ -412,3 +517,20 @@ def test_fully_labelled_dataset_is_one_task():
     )
     assert registry is None and layout.tasks == ("all",) and layout.labels == ((1, 2),)
     assert layout.num_classes == 3
+
+
+def test_postprocessing_rules_from_registry():
+    from nnunet_ext.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
+    from nnunet_ext.universal import default_postprocessing_rules, postprocess_segmentation
+
+    rules = default_postprocessing_rules({"labels": PARTIAL_LABELS, "nnunet_ext_tasks": PARTIAL_TASKS})
+    assert rules["keep_largest"] == {1: 1, 3: 2, 5: 1} and rules["inside"] == {2: 1, 4: 3}
+    seg = np.zeros((12, 12, 12), np.uint8)
+    seg[1:7, 1:7, 1:7] = 1  # liver
+    seg[3:6, 3:6, 3:6] = 2  # liver tumour inside (27 voxels >= min_size 10)
+    seg[9:11, 9:11, 9:11] = 1  # second, smaller liver component: removed
+    seg[9:11, 1:3, 9:11] = 2  # tumour outside the liver: removed
+    seg[0, 11, 0] = 5  # a 1-voxel spleen: the largest spleen component, but below min_size
+    out = postprocess_segmentation(seg, rules)
+    assert (out[1:7, 1:7, 1:7] == seg[1:7, 1:7, 1:7]).all()
+    assert not out[9:, :, :].any() and out[0, 11, 0] == 0

@@ -15,9 +15,10 @@ from nnunet_ext.trainers.nnUNetTrainerBANet_4fold import nnUNetTrainerBANet_4fol
 from nnunet_ext.trainers.nnUNetTrainerDoDNet import nnUNetTrainerDoDNet
 from nnunet_ext.trainers.nnUNetTrainerLabelPropA import nnUNetTrainerLabelPropA
 from nnunet_ext.trainers.nnUNetTrainerLabelPropB import nnUNetTrainerLabelPropB
+from nnunet_ext.trainers.nnUNetTrainerTransDoDNet import nnUNetTrainerTransDoDNet
 
 # One main trainer per method: what the demo and the benchmarks compare with plain nnUNetTrainer.
-METHOD_TRAINERS: list[type] = [nnUNetTrainerBANet, nnUNetTrainerDoDNet]
+METHOD_TRAINERS: list[type] = [nnUNetTrainerBANet, nnUNetTrainerDoDNet, nnUNetTrainerTransDoDNet]
 # Everything we ship (methods and their recipe variants). The plain nnUNetTrainer is added below only to
 # get its short-schedule variants (the baseline of demos and tests); nnU-Net itself provides the class.
 TRAINERS: list[type] = [

@@ -114,7 +114,10 @@ class nnUNetTrainerDoDNet(nnUNetTrainer):
         """The method's network from the configuration's PlainConvUNet / ResidualEncoderUNet kwargs and the
         task layout (see :func:`layout_from_plans`); called at training AND inference."""
         arch_kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        accepted = set(inspect.signature(cls.network_class.__init__).parameters) - {
+        accepted = set(inspect.signature(DoDNet.__init__).parameters) | set(
+            inspect.signature(cls.network_class.__init__).parameters
+        )
+        accepted -= {"args", "kwargs"} | {
             "self",
             "input_channels",
             "num_classes",
