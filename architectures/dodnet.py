@@ -8,7 +8,8 @@ ResidualEncoderUNet style):
 * a controller (``task_heads.seg_layers.controller``: a linear map = a 1x1x1 conv on the pooled vector)
   maps ``concat(global average pooled bottleneck, one-hot task)`` to the parameters of a dynamic head of
   1x1(x1) convs ``8 -> 8 -> 8 -> K`` with ReLU between them (162 parameters for K = 2);
-* the dynamic head is applied per sample AND per task with a grouped convolution (groups = B * T).
+* the dynamic head is applied per sample AND per task: a grouped 1x1 convolution (groups = B * T), computed as
+  a batched matrix product (:func:`apply_dynamic_heads`; ``impl="conv"`` runs DoDNet's grouped ``conv3d``).
 
 **All tasks in one pass.** ``forward(x)`` takes the image only (nnU-Net's predictor and training loop call
 ``network(x)``; no side-channel task attribute, so torch.compile and DDP work). It generates the heads of
@@ -85,24 +86,35 @@ def dynamic_head_num_params(layers: Sequence[tuple[int, int]]) -> int:
 
 
 def apply_dynamic_heads(
-    features: torch.Tensor, params: torch.Tensor, layers: Sequence[tuple[int, int]]
+    features: torch.Tensor, params: torch.Tensor, layers: Sequence[tuple[int, int]], impl: str = "matmul"
 ) -> torch.Tensor:
-    """Apply one dynamic head per (sample, task) with a grouped 1x1(x1) convolution.
+    """Apply one dynamic head per (sample, task): a per-sample grouped 1x1(x1) convolution.
 
     ``features`` (B, C, *spatial); ``params`` (B, T, P) laid out as DoDNet does: all layers' weights, then
-    all layers' biases. Returns (B, T * K, *spatial), task-major.
+    all layers' biases. Returns (B, T * K, *spatial), task-major. ``impl="conv"`` runs it as DoDNet's code does
+    (``F.conv3d`` with groups = B * T on a (1, B*T*C, ...) tensor); ``impl="matmul"`` (default) computes the same
+    1x1 convolutions as one batched matrix product per layer (weights (B, T, out, in) @ features (B, 1, in, N)),
+    which avoids materialising T copies of the features and is about 2x faster on the CPU.
     """
     b, c = features.shape[:2]
     t = params.shape[1]
     spatial = features.shape[2:]
-    nd = len(spatial)
-    conv = F.conv3d if nd == 3 else F.conv2d if nd == 2 else F.conv1d
     n_w = [cin * cout for cin, cout in layers]
     n_b = [cout for _, cout in layers]
-    chunks = torch.split(params.reshape(b * t, -1), n_w + n_b, dim=1)
+    chunks = torch.split(params, n_w + n_b, dim=2)
     weights, biases = chunks[: len(layers)], chunks[len(layers) :]
-    x = features.unsqueeze(1).expand(b, t, c, *spatial).reshape(1, b * t * c, *spatial)
-    x = x.to(params.dtype)
+    if impl == "matmul":
+        x = features.to(params.dtype).reshape(b, 1, c, -1)
+        for i, (cin, cout) in enumerate(layers):
+            x = torch.matmul(weights[i].reshape(b, t, cout, cin), x) + biases[i].reshape(b, t, cout, 1)
+            if i < len(layers) - 1:
+                x = F.relu(x)
+        return x.reshape(b, t * layers[-1][1], *spatial)
+    if impl != "conv":
+        raise ValueError(f"impl must be 'matmul' or 'conv', got {impl!r}")
+    nd = len(spatial)
+    conv = F.conv3d if nd == 3 else F.conv2d if nd == 2 else F.conv1d
+    x = features.unsqueeze(1).expand(b, t, c, *spatial).reshape(1, b * t * c, *spatial).to(params.dtype)
     for i, (cin, cout) in enumerate(layers):
         w = weights[i].reshape(b * t * cout, cin, *([1] * nd))
         x = conv(x, w, biases[i].reshape(b * t * cout), groups=b * t)

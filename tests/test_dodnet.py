@@ -149,6 +149,9 @@ def test_grouped_conv_equals_per_sample_loop():
     params = torch.randn(2, 3, 162)
     out = apply_dynamic_heads(feats, params, layers)
     assert out.shape == (2, 6, 4, 5, 6)
+    torch.testing.assert_close(
+        apply_dynamic_heads(feats, params, layers, impl="conv"), out, rtol=1e-5, atol=1e-5
+    )
     for b in range(2):
         for t in range(3):
             p = params[b, t]
