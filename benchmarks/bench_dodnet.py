@@ -1,0 +1,294 @@
+"""DoDNet / TransDoDNet benchmarks on the partially labelled phantom (nnU-Net's 3d_tiny configuration).
+
+    python benchmarks/bench_dodnet.py                       # all parts, CPU defaults
+    python benchmarks/bench_dodnet.py --parts speed infer   # skip the (slow) accuracy part
+    python benchmarks/bench_dodnet.py --iterations 300 --device cuda
+
+1. speed: `nnunet-ext bench` (nnunet_ext.bench.run_benchmark): train-step time, peak memory and inference time
+   per case of nnUNetTrainerDoDNet / nnUNetTrainerTransDoDNet vs nnUNetTrainer on the same plans.
+2. infer: sliding-window inference time per case (nnU-Net's predictor, no mirroring) of the universal prediction
+   (all tasks from one backbone pass) vs one single-task prediction vs T single-task predictions.
+3. accuracy: Dice per structure on the test cases (full truth in labelsTs) of DoDNet trained on all tasks vs
+   plain nnU-Nets trained per task on that task's cases, with the same TOTAL number of iterations (each plain
+   net gets 1/T of them). Each model is scored on the structures it segments.
+
+Prints a machine line and the tables; writes <workdir>/bench_dodnet.json. Copy them into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASET_ID = 982
+TASK_IDS = {"liver": 983, "kidney": 984, "spleen": 985}
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def _run(cmd: list[str]) -> None:
+    exe = Path(sys.executable).parent / cmd[0]
+    subprocess.run(
+        [str(exe) if exe.exists() else cmd[0], *cmd[1:]], check=True, capture_output=True, text=True
+    )
+
+
+def prepare(workdir: Path, dataset_id: int, raw_source: Path | None = None, task: str | None = None) -> Path:
+    """Raw + preprocessed + 3d_tiny for the partial phantom, or (task given) a per-task subset of it whose labels
+    are renumbered 1..n in the task's order. Returns the preprocessed folder."""
+    from nnunet_ext.phantoms import PARTIAL_LABELS, write_phantom_dataset
+    from nnunet_ext.plans import load_plans, save_plans, tiny_configuration
+
+    raw, pre = workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed"
+    for folder in (raw, pre, workdir / "nnUNet_results"):
+        folder.mkdir(parents=True, exist_ok=True)
+    os.environ.update(
+        nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(workdir / "nnUNet_results")
+    )
+    existing = list(pre.glob(f"Dataset{dataset_id:03d}_*/nnUNetPlans.json"))
+    if existing:
+        return existing[0].parent
+    if task is None:
+        write_phantom_dataset(raw, dataset_id, kind="partial", num_train=12, num_test=6, seed=0, force=True)
+    else:
+        import SimpleITK as sitk
+
+        from nnunet_ext.phantoms import PARTIAL_TASKS
+
+        names = PARTIAL_TASKS[task]["labels"]
+        target = raw / f"Dataset{dataset_id:03d}_Phantom{task.capitalize()}"
+        shutil.rmtree(target, ignore_errors=True)
+        for sub in ("imagesTr", "labelsTr"):
+            (target / sub).mkdir(parents=True)
+        lut = np.zeros(max(PARTIAL_LABELS.values()) + 1, np.uint8)
+        for i, n in enumerate(names):
+            lut[PARTIAL_LABELS[n]] = i + 1
+        cases = sorted(p.name[: -len(".nii.gz")] for p in (raw_source / "labelsTr").glob(f"{task}_*.nii.gz"))
+        for c in cases:
+            shutil.copy2(
+                raw_source / "imagesTr" / f"{c}_0000.nii.gz", target / "imagesTr" / f"{c}_0000.nii.gz"
+            )
+            im = sitk.ReadImage(str(raw_source / "labelsTr" / f"{c}.nii.gz"))
+            out = sitk.GetImageFromArray(lut[sitk.GetArrayFromImage(im)])
+            out.CopyInformation(im)
+            sitk.WriteImage(out, str(target / "labelsTr" / f"{c}.nii.gz"))
+        (target / "dataset.json").write_text(
+            json.dumps(
+                {
+                    "channel_names": {"0": "CT"},
+                    "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(names)}},
+                    "numTraining": len(cases),
+                    "file_ending": ".nii.gz",
+                }
+            )
+        )
+    _run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "2"])
+    plans_file = next(pre.glob(f"Dataset{dataset_id:03d}_*/nnUNetPlans.json"))
+    plans = load_plans(plans_file)
+    tiny_configuration(plans)
+    save_plans(plans_file, plans)
+    return plans_file.parent
+
+
+def make_trainer(pre: Path, trainer: str, device: torch.device, epochs: int = 1, iterations: int = 1):
+    from nnunet_ext.training import find_trainer
+
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    t = find_trainer(trainer)(plans=deepcopy(plans), configuration="3d_tiny", fold="all", dataset_json=dataset_json,
+                              device=device)  # fmt: skip
+    t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch = epochs, iterations, 1
+    return t
+
+
+def predictor_for(trainer, device):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    trainer.set_deep_supervision_enabled(False)
+    trainer.network.eval()
+    p = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=False,
+        perform_everything_on_device=device.type == "cuda",
+        device=device,
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
+    p.manual_initialization(
+        trainer.network, trainer.plans_manager, trainer.configuration_manager, None, trainer.dataset_json,
+        type(trainer).__name__, trainer.inference_allowed_mirroring_axes,
+    )  # fmt: skip
+    return p
+
+
+def part_speed(pre: Path, args) -> dict:
+    from nnunet_ext.bench import format_report, run_benchmark
+
+    out = {}
+    for trainer in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet"):
+        r = run_benchmark(
+            pre / "nnUNetPlans.json", "3d_tiny", trainer, device=args.device, iterations=args.speed_iterations,
+            warmup=2, cases=2, no_mirroring=True,
+        )  # fmt: skip
+        print(format_report(r), flush=True)
+        out[trainer] = r
+    return out
+
+
+def part_infer(pre: Path, raw: Path, device: torch.device, repeats: int) -> dict:
+    import SimpleITK as sitk
+
+    out = {}
+    images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[:2]
+    for trainer in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet"):
+        t = make_trainer(pre, trainer, device)
+        t.initialize()
+        p = predictor_for(t, device)
+        net = t.network
+        data = [
+            torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(f)))[None].astype(np.float32))
+            for f in images
+        ]
+        times = {}
+        for mode, tasks in (
+            ("all tasks (1 pass)", [None]),
+            ("one task", [[0]]),
+            ("each task separately", [[i] for i in range(net.num_tasks)]),
+        ):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for x in data:
+                    for sel in tasks:
+                        net.set_inference_tasks(sel)
+                        p.predict_sliding_window_return_logits(x)
+                best = min(best, (time.perf_counter() - start) / len(data))
+            times[mode] = best
+        net.set_inference_tasks(None)
+        out[trainer] = times
+        print(trainer, {k: f"{v:.2f} s/case" for k, v in times.items()}, flush=True)
+    return out
+
+
+def train_and_score(
+    pre: Path, trainer: str, device, epochs: int, iterations: int, test_images, truths, label_map
+):
+    """Train in-process, predict the test images, Dice per unified label in ``label_map`` (model label -> unified)."""
+    import SimpleITK as sitk
+
+    torch.manual_seed(0)
+    t = make_trainer(pre, trainer, device, epochs, iterations)
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    start = time.perf_counter()
+    t.run_training()
+    train_s = time.perf_counter() - start
+    p = predictor_for(t, device)
+    dice = {u: [] for u in label_map.values()}
+    for img, truth in zip(test_images, truths):
+        seg = p.predict_single_npy_array(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(img)))[None].astype(np.float32),
+            {"spacing": list(sitk.ReadImage(str(img)).GetSpacing())[::-1]},
+            None, None, False,
+        )  # fmt: skip
+        for m, u in label_map.items():
+            a, b = seg == m, truth == u
+            if a.sum() + b.sum():
+                dice[u].append(2 * (a & b).sum() / (a.sum() + b.sum()))
+    return {str(u): float(np.mean(v)) if v else float("nan") for u, v in dice.items()}, train_s
+
+
+def part_accuracy(pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int) -> dict:
+    import SimpleITK as sitk
+
+    from nnunet_ext.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
+
+    test_images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
+    truths = [
+        sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / f.name.replace("_0000", ""))))
+        for f in test_images
+    ]
+    per_iter = max(1, total_iterations // epochs)
+    results = {}
+    for trainer in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet"):
+        ident = {v: v for v in PARTIAL_LABELS.values() if v}
+        results[trainer], secs = train_and_score(
+            pre, trainer, device, epochs, per_iter, test_images, truths, ident
+        )
+        print(trainer, results[trainer], f"{secs:.0f} s", flush=True)
+    plain = {}
+    for task, tid in TASK_IDS.items():
+        tpre = prepare(workdir, tid, raw, task)
+        names = PARTIAL_TASKS[task]["labels"]
+        label_map = {i + 1: PARTIAL_LABELS[n] for i, n in enumerate(names)}
+        d, secs = train_and_score(
+            tpre,
+            "nnUNetTrainer",
+            device,
+            epochs,
+            max(1, per_iter // len(TASK_IDS)),
+            test_images,
+            truths,
+            label_map,
+        )
+        print(f"nnUNetTrainer ({task} only)", d, f"{secs:.0f} s", flush=True)
+        plain.update(d)
+    results["nnUNetTrainer per task"] = plain
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", default="benchmark_workdir")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--parts", nargs="+", default=["speed", "infer", "accuracy"], choices=["speed", "infer", "accuracy"]
+    )
+    parser.add_argument("--speed-iterations", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--iterations", type=int, default=150, help="total training iterations (accuracy part)"
+    )
+    parser.add_argument("--epochs", type=int, default=5)
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    workdir = Path(args.workdir).resolve()
+    os.environ.setdefault("nnUNet_compile", "f")
+    pre = prepare(workdir, DATASET_ID)
+    raw = next((workdir / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*"))
+    print(f"machine: {machine()}", flush=True)
+    report = {"machine": machine()}
+    if "speed" in args.parts:
+        report["speed"] = part_speed(pre, args)
+    if "infer" in args.parts:
+        report["inference"] = part_infer(pre, raw, device, args.repeats)
+    if "accuracy" in args.parts:
+        report["accuracy"] = part_accuracy(pre, raw, workdir, device, args.iterations, args.epochs)
+    from nnunet_ext.io import atomic_write_json
+
+    atomic_write_json(workdir / "bench_dodnet.json", report)
+    print(f"wrote {workdir / 'bench_dodnet.json'}")
+
+
+if __name__ == "__main__":
+    main()
