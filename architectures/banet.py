@@ -40,9 +40,7 @@ import numpy as np
 import torch
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
-from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
-from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import (
     InitWeights_He,
@@ -51,6 +49,8 @@ from dynamic_network_architectures.initialization.weight_init import (
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
+
+from nnunet_ext.architectures.encoders import build_nnunet_encoder
 
 IntOrSeq = Union[int, list, tuple]
 
@@ -117,11 +117,6 @@ class BANet(AbstractDynamicNetworkArchitectures):
         stem_channels: int | None = None,
     ):
         super().__init__()
-        if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
-            raise ValueError(
-                "BANet needs exactly one of n_conv_per_stage (PlainConvUNet plans) or n_blocks_per_stage "
-                "(ResidualEncoderUNet plans) in the architecture kwargs."
-            )
         if isinstance(n_conv_per_stage_decoder, int):
             n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
         if len(n_conv_per_stage_decoder) != n_stages - 1:
@@ -137,60 +132,22 @@ class BANet(AbstractDynamicNetworkArchitectures):
             dropout_op_kwargs=dropout_op_kwargs,
             nonlin=nonlin,
             nonlin_kwargs=nonlin_kwargs,
-            return_skips=True,
         )
-        if n_conv_per_stage is not None:
-            if isinstance(n_conv_per_stage, int):
-                n_conv_per_stage = [n_conv_per_stage] * n_stages
-            if len(n_conv_per_stage) != n_stages:
-                raise ValueError(
-                    f"n_conv_per_stage needs n_stages = {n_stages} entries, got {n_conv_per_stage}."
-                )
-            self.key_to_encoder = "encoder.stages"
-            self.key_to_stem = "encoder.stages.0"
-            self.keys_to_in_proj = (
-                "encoder.stages.0.0.convs.0.all_modules.0",
-                "encoder.stages.0.0.convs.0.conv",
-            )
-            self.encoder = PlainConvEncoder(
-                input_channels,
-                n_stages,
-                features_per_stage,
-                conv_op,
-                kernel_sizes,
-                strides,
-                n_conv_per_stage,
-                nonlin_first=nonlin_first,
-                **common,
-            )
-        else:
-            if nonlin_first:
-                raise ValueError(
-                    "nonlin_first is only supported with n_conv_per_stage (PlainConvUNet plans)."
-                )
-            if isinstance(n_blocks_per_stage, int):
-                n_blocks_per_stage = [n_blocks_per_stage] * n_stages
-            if len(n_blocks_per_stage) != n_stages:
-                raise ValueError(
-                    f"n_blocks_per_stage needs n_stages = {n_stages} entries, got {n_blocks_per_stage}."
-                )
-            self.key_to_encoder = "encoder.stages"
-            self.key_to_stem = "encoder.stem"
-            self.keys_to_in_proj = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
-            self.encoder = ResidualEncoder(
-                input_channels,
-                n_stages,
-                features_per_stage,
-                conv_op,
-                kernel_sizes,
-                strides,
-                n_blocks_per_stage,
-                block=block,
-                bottleneck_channels=bottleneck_channels,
-                disable_default_stem=False,
-                stem_channels=stem_channels,
-                **common,
-            )
+        self.encoder, self.key_to_encoder, self.key_to_stem, self.keys_to_in_proj = build_nnunet_encoder(
+            input_channels,
+            n_stages,
+            features_per_stage,
+            conv_op,
+            kernel_sizes,
+            strides,
+            n_conv_per_stage,
+            n_blocks_per_stage,
+            nonlin_first,
+            block,
+            bottleneck_channels,
+            stem_channels,
+            **common,
+        )
         # Segmentation decoder: exactly the decoder PlainConvUNet / ResidualEncoderUNet build (same key names).
         self.decoder = UNetDecoder(
             self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision, nonlin_first=nonlin_first
