@@ -4,10 +4,15 @@ For a trainer and a configuration, measure against a baseline (plain ``nnUNetTra
 plans, in the same run:
 
 * train-step time: ``trainer.train_step(batch)`` (forward, loss, backward, optimizer step) on real
-  augmented batches of the preprocessed dataset, fetched before timing; warm-up steps are not counted;
+  augmented batches of the preprocessed dataset, fetched before timing; warm-up steps are not counted.
+  Measured twice: once per trainer in its own fresh process, and INTERLEAVED: one process holds both
+  trainers and alternates rounds of steps (baseline, trainer, trainer, baseline, ...); the reported ratio is
+  the median of the per-round ratios, so load that drifts on a shared machine affects both sides alike;
 * peak memory during those steps: CUDA ``max_memory_allocated``, or on CPU the growth of the process's
   peak resident memory over its size before the steps (each trainer runs in its own fresh process, so
-  one cannot hide the other's peak);
+  one cannot hide the other's peak). CPU RSS is a poor proxy for GPU memory, so every run also reports a
+  device-independent estimate of training memory: parameters + gradients + optimizer state + the tensors
+  autograd saves for backward in one train step (unique storages, counted with saved-tensor hooks);
 * sliding-window inference time per case with nnU-Net's predictor (Gaussian weighting, mirroring as
   nnU-Net does) on preprocessed validation cases.
 
@@ -34,35 +39,130 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _make_trainer(options: dict, name: str):
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_ext.training import find_trainer
+
+    plans_file = Path(options["plans_file"])
+    plans = load_json(str(plans_file))
+    plans["continue_training"] = False
+    trainer = find_trainer(name)(
+        plans=plans,
+        configuration=options["configuration"],
+        fold=options["fold"],
+        dataset_json=load_json(str(plans_file.parent / "dataset.json")),
+        device=torch.device(options["device"]),
+    )
+    trainer.initialize()
+    trainer.network.train()
+    return trainer
+
+
+def _fetch_batches(trainer, n: int) -> list:
+    dl_train, _ = trainer.get_dataloaders()
+    return [next(dl_train) for _ in range(n)]
+
+
+def training_memory_estimate(trainer, batch) -> dict:
+    """Device-independent training memory of one train step, in MiB.
+
+    ``state``: parameters + gradients + optimizer state tensors; ``activations``: unique storages of the
+    tensors autograd saves for backward during the step (what a GPU must hold at the peak, between the
+    forward and the backward pass). Runs one real ``train_step`` (it updates the weights like any step).
+    """
+    import torch
+
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.train_step(batch)
+    params = list(trainer.network.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    opt_bytes = sum(
+        v.numel() * v.element_size()
+        for state in trainer.optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+    state_mb = (param_bytes + grad_bytes + opt_bytes) / 2**20
+    act_mb = sum(storages.values()) / 2**20
+    return {
+        "state_memory_mb": state_mb,
+        "activation_memory_mb": act_mb,
+        "memory_estimate_mb": state_mb + act_mb,
+    }
+
+
+def _timed_steps(trainer, batches, device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for batch in batches:
+        trainer.train_step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / len(batches)
+
+
+def measure_interleaved(options: dict) -> dict:
+    """Run in a fresh process: baseline and trainer in ONE process, train steps in alternating rounds.
+
+    Round r times ``steps_per_round`` steps of each trainer, the order alternating (ABBA) so neither side
+    always runs first; the ratio is the median over rounds of trainer / baseline, robust to load drift.
+    """
+    import statistics
+
+    import torch
+
+    torch.manual_seed(options.get("seed", 0))
+    device = torch.device(options["device"])
+    names = [options["baseline"], options["trainer"]]
+    trainers = {n: _make_trainer(options, n) for n in names}
+    k, rounds, warmup = options["steps_per_round"], options["rounds"], options["warmup"]
+    batches = {n: _fetch_batches(t, warmup + k) for n, t in trainers.items()}
+    for n, t in trainers.items():
+        for batch in batches[n][:warmup]:
+            t.train_step(batch)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            times[n].append(_timed_steps(trainers[n], batches[n][warmup:], device))
+    ratios = [t / b for b, t in zip(times[names[0]], times[names[1]], strict=True)]
+    return {
+        "baseline_step_s": statistics.median(times[names[0]]),
+        "trainer_step_s": statistics.median(times[names[1]]),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "rounds": rounds,
+        "steps_per_round": k,
+    }
+
+
 def measure(options: dict) -> dict:
     """Run in a fresh process (see ``run_benchmark``): measure one trainer."""
     import resource
 
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_ext.training import find_trainer
-
     torch.manual_seed(options.get("seed", 0))
-    plans_file = Path(options["plans_file"])
-    plans = load_json(str(plans_file))
-    dataset_json = load_json(str(plans_file.parent / "dataset.json"))
-    plans["continue_training"] = False
     device = torch.device(options["device"])
-    cls = find_trainer(options["trainer"])
-    trainer = cls(
-        plans=plans,
-        configuration=options["configuration"],
-        fold=options["fold"],
-        dataset_json=dataset_json,
-        device=device,
-    )
-    trainer.initialize()
-    dl_train, _ = trainer.get_dataloaders()
+    trainer = _make_trainer(options, options["trainer"])
+    cls = type(trainer)
     n_warmup, n_steps = options["warmup"], options["iterations"]
-    batches = [next(dl_train) for _ in range(n_warmup + n_steps)]
-    trainer.network.train()
+    batches = _fetch_batches(trainer, n_warmup + n_steps + 1)
     for batch in batches[:n_warmup]:
         trainer.train_step(batch)
     if device.type == "cuda":
@@ -71,12 +171,7 @@ def measure(options: dict) -> dict:
         base_mem = torch.cuda.memory_allocated(device) / 2**20
     rss_before = _rss_mb()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
-    for batch in batches[n_warmup:]:
-        trainer.train_step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    step_time = (time.perf_counter() - start) / n_steps
+    step_time = _timed_steps(trainer, batches[n_warmup:-1], device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         memory = {
@@ -90,6 +185,8 @@ def measure(options: dict) -> dict:
             "peak_memory_mb": max(peak_after, peak_before) - rss_before,
             "memory_kind": "CPU peak RSS growth during the timed steps",
         }
+    if type(trainer.network).__name__ != "OptimizedModule":  # saved-tensor hooks and inductor don't mix
+        memory.update(training_memory_estimate(trainer, batches[-1]))
 
     # sliding-window inference on validation cases, exactly nnU-Net's predictor
     trainer.set_deep_supervision_enabled(False)
@@ -150,8 +247,11 @@ def run_benchmark(
     cases: int = 2,
     fold: int = 0,
     no_mirroring: bool = False,
+    rounds: int = 10,
+    steps_per_round: int = 2,
 ) -> dict:
-    """Measure ``baseline`` and ``trainer`` in fresh processes, one after the other; return both and ratios."""
+    """Measure ``baseline`` and ``trainer`` in fresh processes, one after the other, then both interleaved in
+    one process (``rounds`` x ``steps_per_round`` steps each; 0 rounds skips it); return all and ratios."""
     import torch
 
     from nnunet_ext.plans import load_plans, validate
@@ -171,23 +271,16 @@ def run_benchmark(
         env["nnUNet_preprocessed"] = str(Path(plans_file).resolve().parent.parent)
         env.setdefault("nnUNet_raw", tmp)
         env["nnUNet_n_proc_DA"] = "0"
-        for name in (baseline, trainer):
-            options = {
-                "plans_file": str(Path(plans_file).resolve()),
-                "configuration": configuration,
-                "trainer": name,
-                "device": device,
-                "iterations": iterations,
-                "warmup": warmup,
-                "cases": cases,
-                "fold": fold,
-                "no_mirroring": no_mirroring,
-            }
-            out = Path(tmp) / f"{name}.json"
-            print(
-                f"measuring {name} ({warmup} warm-up + {iterations} timed train steps, {cases} inference cases) ...",
-                flush=True,
-            )
+        common = {
+            "plans_file": str(Path(plans_file).resolve()),
+            "configuration": configuration,
+            "device": device,
+            "warmup": warmup,
+            "fold": fold,
+        }
+
+        def worker(label: str, options: dict) -> dict:
+            out = Path(tmp) / f"{label}.json"
             proc = subprocess.run(
                 [sys.executable, "-m", "nnunet_ext.bench", json.dumps(options), str(out)],
                 env=env,
@@ -196,28 +289,56 @@ def run_benchmark(
             )
             if proc.returncode != 0 or not out.is_file():
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-                raise UserError(f"measuring {name} failed:\n{tail}")
-            results[name] = json.loads(out.read_text())
+                raise UserError(f"measuring {label} failed:\n{tail}")
+            return json.loads(out.read_text())
+
+        for name in (baseline, trainer):
+            print(
+                f"measuring {name} ({warmup} warm-up + {iterations} timed train steps, {cases} inference cases) ...",
+                flush=True,
+            )
+            options = {**common, "trainer": name, "iterations": iterations, "cases": cases}
+            results[name] = worker(name, {**options, "no_mirroring": no_mirroring})
+        interleaved = None
+        if rounds > 0:
+            print(
+                f"interleaving {baseline} and {trainer} in one process "
+                f"({rounds} rounds x {steps_per_round} train steps each) ...",
+                flush=True,
+            )
+            options = {**common, "mode": "interleaved", "baseline": baseline, "trainer": trainer}
+            interleaved = worker(
+                "interleaved", {**options, "rounds": rounds, "steps_per_round": steps_per_round}
+            )
     b, t = results[baseline], results[trainer]
     ratios = {}
-    for key in ("train_step_s", "peak_memory_mb", "inference_s_per_case", "parameters"):
+    for key in ("train_step_s", "peak_memory_mb", "memory_estimate_mb", "inference_s_per_case", "parameters"):
         if b.get(key) and t.get(key) is not None:
             ratios[key] = t[key] / b[key]
+    if interleaved:
+        ratios["train_step_interleaved_s"] = interleaved["ratio_median"]
     return {
         "configuration": configuration,
         "plans_file": str(plans_file),
         "device": device,
         "baseline": b,
         "trainer": t,
+        "interleaved": interleaved,
         "ratios": ratios,
     }
 
 
 def format_report(r: dict) -> str:
     b, t = r["baseline"], r["trainer"]
+    inter = r.get("interleaved")
+    if inter:  # the load-robust train-step measurement (see the module docstring)
+        b = {**b, "train_step_interleaved_s": inter["baseline_step_s"]}
+        t = {**t, "train_step_interleaved_s": inter["trainer_step_s"]}
     rows = [
         ("train step [s]", "train_step_s", "{:.3f}"),
+        ("  interleaved [s]", "train_step_interleaved_s", "{:.3f}"),
         ("peak memory [MiB]", "peak_memory_mb", "{:.0f}"),
+        ("memory estimate [MiB]", "memory_estimate_mb", "{:.0f}"),
         ("inference / case [s]", "inference_s_per_case", "{:.2f}"),
         ("parameters [M]", "parameters", "{:.3f}"),
     ]
@@ -234,7 +355,18 @@ def format_report(r: dict) -> str:
 
         ratio = f"{r['ratios'][key]:.2f}x" if key in r["ratios"] else "n/a"
         lines.append(f"{label:<22}{cell(b.get(key)):>{width}}{cell(t.get(key)):>{width + 2}}{ratio:>10}")
-    lines.append(f"memory: {t['memory_kind']}")
+    lines.append(f"peak memory: {t['memory_kind']}")
+    if "memory_estimate_mb" in t:
+        lines.append(
+            "memory estimate: parameters + gradients + optimizer state + tensors saved for backward "
+            f"({b['state_memory_mb']:.0f} + {b['activation_memory_mb']:.0f} vs "
+            f"{t['state_memory_mb']:.0f} + {t['activation_memory_mb']:.0f} MiB)"
+        )
+    if inter:
+        lines.append(
+            f"interleaved: median of {inter['rounds']} per-round ratios (range "
+            f"{inter['ratio_min']:.2f}x-{inter['ratio_max']:.2f}x), {inter['steps_per_round']} steps per round"
+        )
     return "\n".join(lines)
 
 
@@ -253,6 +385,8 @@ def _cmd_bench(args):
         args.cases,
         args.fold,
         args.no_mirroring,
+        args.rounds,
+        args.steps_per_round,
     )
     print(format_report(r))
     if args.json:
@@ -281,12 +415,25 @@ def add_parser(sub) -> None:
     p.add_argument("--cases", type=int, default=2, help="validation cases for inference timing (default 2)")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--no-mirroring", action="store_true", help="time inference without test-time mirroring")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=10,
+        help="rounds of the interleaved train-step timing, both trainers in one process (default 10; 0: skip)",
+    )
+    p.add_argument(
+        "--steps-per-round", type=int, default=2, help="train steps per trainer and round (default 2)"
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_bench)
 
 
 if __name__ == "__main__":  # worker: python -m nnunet_ext.bench OPTIONS_JSON OUT_JSON
-    result = measure(json.loads(sys.argv[1]))
+    worker_options = json.loads(sys.argv[1])
+    if worker_options.get("mode") == "interleaved":
+        result = measure_interleaved(worker_options)
+    else:
+        result = measure(worker_options)
     from nnunet_ext.io import atomic_write_json
 
     atomic_write_json(Path(sys.argv[2]), result)

@@ -31,6 +31,10 @@ def test_bench_reports_both_trainers_and_ratios(phantom_workspace, monkeypatch, 
             "1",
             "--cases",
             "1",
+            "--rounds",
+            "2",
+            "--steps-per-round",
+            "1",
             "--json",
             str(out),
         ]
@@ -43,6 +47,19 @@ def test_bench_reports_both_trainers_and_ratios(phantom_workspace, monkeypatch, 
     assert r["trainer"]["train_step_s"] > 0 and r["trainer"]["inference_s_per_case"] > 0
     # BA-Net has a second decoder: more parameters than the plain U-Net on the same plans
     assert r["ratios"]["parameters"] > 1.2
+    # the device-independent memory estimate: SGD with momentum holds weights, gradients and one buffer
+    for side in ("baseline", "trainer"):
+        expected_state = 3 * 4 * r[side]["parameters"] / 2**20  # float32
+        assert abs(r[side]["state_memory_mb"] - expected_state) < 0.01 * expected_state
+        assert r[side]["activation_memory_mb"] > 0
+    # ... and the second decoder's activations and weights make BA-Net's estimate larger
+    assert r["ratios"]["memory_estimate_mb"] > 1.1
+    # interleaved timing: both trainers in one process, the ratio is the median over the rounds
+    inter = r["interleaved"]
+    assert inter["rounds"] == 2 and inter["baseline_step_s"] > 0 and inter["trainer_step_s"] > 0
+    assert inter["ratio_min"] <= inter["ratio_median"] <= inter["ratio_max"]
+    assert r["ratios"]["train_step_interleaved_s"] == inter["ratio_median"]
+    assert "interleaved" in text and "memory estimate" in text
     # the user's results folder is untouched: trainer outputs went to a temporary folder
     assert not list((phantom_workspace.root / "results").glob("*/nnUNetTrainerBANet__*"))
 
