@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cases", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (0: skip)")
+    parser.add_argument("--steps-per-round", type=int, default=2)
     parser.add_argument("--trainers", nargs="+", default=[t.__name__ for t in ours.METHOD_TRAINERS])
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
@@ -80,6 +82,8 @@ def main() -> None:
             iterations=args.iterations,
             warmup=args.warmup,
             cases=args.cases,
+            rounds=args.rounds,
+            steps_per_round=args.steps_per_round,
         )
         r["machine"] = machine()
         print(format_report(r))
