@@ -6,6 +6,11 @@ structures from one backbone pass; the network's eval output is softmax-compatib
 label space). ``nnunet-ext predict`` runs the same nnU-Net predictor with the network restricted to some
 tasks (``DoDNet.set_inference_tasks``): ``--task liver`` outputs only that task's structures, ``--by-prefix``
 gives every case the task its file name's prefix names in the model's task registry.
+
+UniSeg models (``-tr nnUNetTrainerUniSeg``, docs/uniseg.md) take the same options: their eval forward merges all
+tasks (encoder once, the task decoders batched); ``--task`` / ``--by-prefix`` hand the predictor a wrapper
+whose ``forward(x)`` is ``UniSeg.forward_global(x, tasks)`` (no task attribute on the network). Cases may
+omit the channels their task does not have (the network zero-pads them, as the merged dataset does).
 """
 
 from __future__ import annotations
@@ -34,8 +39,35 @@ def _unwrap(network):
     return network._orig_mod if isinstance(network, OptimizedModule) else network
 
 
+def _task_restricted_network_class():
+    from torch import nn
+
+    class TaskRestrictedNetwork(nn.Module):
+        """What nnU-Net's predictor calls as ``network(x)`` for a UniSeg model restricted to some tasks:
+        ``forward_global(x, tasks)`` (the encoder once, the tasks' decoder passes batched, merged into the global
+        label map). Weights load into the wrapped network (the predictor loads every fold's parameters)."""
+
+        def __init__(self, net, tasks):
+            super().__init__()
+            self.net = net
+            self.tasks = None if tasks is None else [int(t) for t in tasks]
+
+        def forward(self, x):
+            return self.net.forward_global(x, self.tasks)
+
+        def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+            return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    return TaskRestrictedNetwork
+
+
+def restrict_tasks(net, tasks):
+    """A module whose ``forward(x)`` is ``net.forward_global(x, tasks)`` (UniSeg); torch is imported lazily."""
+    return _task_restricted_network_class()(net, tasks)
+
+
 def load_predictor(model_folder, folds, checkpoint="checkpoint_final.pth", device="auto", tta=True, step=0.5):
-    """nnU-Net's predictor for a DoDNet / TransDoDNet model folder; returns (predictor, layout)."""
+    """nnU-Net's predictor for a DoDNet / TransDoDNet / UniSeg model folder; returns (predictor, layout)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -60,10 +92,12 @@ def load_predictor(model_folder, folds, checkpoint="checkpoint_final.pth", devic
     )
     predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
     net = _unwrap(predictor.network)
-    if not hasattr(net, "set_inference_tasks") or LAYOUT_KEY not in predictor.plans_manager.plans:
+    multi_task = hasattr(net, "set_inference_tasks") or hasattr(net, "forward_global")
+    if not multi_task or LAYOUT_KEY not in predictor.plans_manager.plans:
         raise UserError(
-            f"{model_folder} is not a DoDNet / TransDoDNet model (trainer {predictor.trainer_name}); "
-            f"single-task prediction needs a model trained with nnUNetTrainerDoDNet or nnUNetTrainerTransDoDNet."
+            f"{model_folder} is not a DoDNet / TransDoDNet / UniSeg model (trainer {predictor.trainer_name}); "
+            f"single-task prediction needs a model trained with nnUNetTrainerDoDNet, nnUNetTrainerTransDoDNet "
+            f"or nnUNetTrainerUniSeg."
         )
     return predictor, TaskLayout.from_json(predictor.plans_manager.plans[LAYOUT_KEY])
 
@@ -112,15 +146,22 @@ def predict_tasks(
     else:
         groups["universal"] = (None, list(cases))
     done = {}
+    original = predictor.network
+    uniseg = hasattr(net, "forward_global")
     try:
         for mode, (indices, group) in groups.items():
-            net.set_inference_tasks(indices)
+            if uniseg:  # UniSeg: the task selection is an argument of forward_global, bound by a wrapper
+                predictor.network = restrict_tasks(net, indices)
+            else:
+                net.set_inference_tasks(indices)
             lists = create_lists_from_splitted_dataset_folder(str(input_folder), ending, group)
             outs = [os.path.join(output_folder, c) for c in group]
             predictor.predict_from_files_sequential(lists, outs, False, True, None)
             done.update({c: mode for c in group})
     finally:
-        net.set_inference_tasks(None)
+        predictor.network = original
+        if not uniseg:
+            net.set_inference_tasks(None)
     from nnunet_ext.io import atomic_write_json
 
     atomic_write_json(
@@ -287,8 +328,9 @@ def _cmd_postprocess(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "predict",
-        help="DoDNet/TransDoDNet prediction: universal, one task (--task) or each case's task (--by-prefix)",
-        description="Predict with a DoDNet / TransDoDNet model through nnU-Net's predictor. Without --task / "
+        help="DoDNet/TransDoDNet/UniSeg prediction: all tasks, one task (--task) or each case's task (--by-prefix)",
+        description="Predict with a DoDNet / TransDoDNet / UniSeg model (-tr nnUNetTrainerUniSeg) through nnU-Net's "
+        "predictor. Without --task / "
         "--by-prefix this equals nnUNetv2_predict (the universal label map). See docs/dodnet.md.",
     )
     p.add_argument(
