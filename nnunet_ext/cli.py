@@ -20,6 +20,10 @@ COMMAND_MODULES = [
     "predict_boundaries",
     "labelprop",
     "universal",
+    "convert",
+    "evaluate",
+    "submit",
+    "uniseg",
 ]
 
 

@@ -16,9 +16,16 @@ from nnunet_ext.trainers.nnUNetTrainerDoDNet import nnUNetTrainerDoDNet
 from nnunet_ext.trainers.nnUNetTrainerLabelPropA import nnUNetTrainerLabelPropA
 from nnunet_ext.trainers.nnUNetTrainerLabelPropB import nnUNetTrainerLabelPropB
 from nnunet_ext.trainers.nnUNetTrainerTransDoDNet import nnUNetTrainerTransDoDNet
+from nnunet_ext.trainers.nnUNetTrainerUniSeg import nnUNetTrainerUniSeg
+from nnunet_ext.trainers.nnUNetTrainerUniSegFT import nnUNetTrainerUniSegFT
 
 # One main trainer per method: what the demo and the benchmarks compare with plain nnUNetTrainer.
-METHOD_TRAINERS: list[type] = [nnUNetTrainerBANet, nnUNetTrainerDoDNet, nnUNetTrainerTransDoDNet]
+METHOD_TRAINERS: list[type] = [
+    nnUNetTrainerBANet,
+    nnUNetTrainerDoDNet,
+    nnUNetTrainerTransDoDNet,
+    nnUNetTrainerUniSeg,
+]
 # Everything we ship (methods and their recipe variants). The plain nnUNetTrainer is added below only to
 # get its short-schedule variants (the baseline of demos and tests); nnU-Net itself provides the class.
 TRAINERS: list[type] = [
@@ -26,6 +33,7 @@ TRAINERS: list[type] = [
     nnUNetTrainerBANet_4fold,
     nnUNetTrainerLabelPropA,
     nnUNetTrainerLabelPropB,
+    nnUNetTrainerUniSegFT,
 ]
 
 __all__ = [t.__name__ for t in TRAINERS]
