@@ -1,0 +1,271 @@
+"""``nnunet-ext evaluate PRED_DIR GT_DIR --challenge NAME``: a challenge's metrics per case and class.
+
+Classes, official metrics, tolerances and the conventions for empty masks and spacing come from the challenge
+definition (:mod:`nnunet_ext.challenges`); surface distances from MONAI (:mod:`nnunet_ext.metrics`).
+Output: ``<challenge>_metrics.json`` (per case, per class, means, the conventions used) and
+``<challenge>_metrics.csv`` (one row per case and class, plus the mean rows), and a summary table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_ext.challenges import get_challenge
+from nnunet_ext.challenges.base import ALL_METRICS, DISTANCE_METRICS, Challenge, image_files, strip_suffix
+from nnunet_ext.errors import UserError
+from nnunet_ext.io import atomic_write_json, refuse_existing
+
+DEFAULT_BOTH_EMPTY = {"Dice": 1.0, "NSD": 1.0, **{m: 0.0 for m in DISTANCE_METRICS}}
+DEFAULT_ONE_EMPTY = {"Dice": 0.0, "NSD": 0.0, **{m: math.inf for m in DISTANCE_METRICS}}
+
+
+def class_metrics(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: tuple[float, ...],
+    metrics: tuple[str, ...],
+    rules,
+    tolerance: float | None,
+) -> dict[str, float]:
+    """The ``metrics`` of two boolean masks with the empty-mask conventions of ``rules``."""
+    p_empty, g_empty = not pred.any(), not gt.any()
+    out: dict[str, float] = {}
+    distances = None
+    for metric in metrics:
+        if p_empty and g_empty:
+            value = rules.both_empty.get(metric, DEFAULT_BOTH_EMPTY[metric])
+        elif p_empty or g_empty:
+            value = rules.one_empty.get(metric, DEFAULT_ONE_EMPTY[metric])
+            if value == "diagonal":
+                value = float(np.linalg.norm(np.asarray(pred.shape) * np.asarray(spacing)))
+        elif metric == "Dice":
+            inter = np.logical_and(pred, gt).sum()
+            value = 2.0 * inter / (pred.sum() + gt.sum() + rules.dice_smooth)
+        elif metric == "NSD":
+            from nnunet_ext.metrics import normalized_surface_dice
+
+            value = normalized_surface_dice(pred, gt, spacing, tolerance)
+        else:
+            if distances is None:
+                from nnunet_ext.metrics import distance_metrics
+
+                distances = distance_metrics(pred, gt, spacing)
+            value = distances[metric]
+        out[metric] = float(value)
+    return out
+
+
+def _read(path: Path):
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image
+
+
+def evaluate_case(
+    challenge: Challenge,
+    case_id: str,
+    pred_path: Path,
+    gt_path: Path,
+    metrics: tuple[str, ...],
+    tolerance: float | None = None,
+) -> dict[str, dict[str, float]]:
+    pred, pred_img = _read(pred_path)
+    gt, gt_img = _read(gt_path)
+    if pred.shape != gt.shape:
+        raise UserError(
+            f"{case_id}: prediction shape {pred.shape} differs from the reference's {gt.shape}; predict the same "
+            f"images the reference belongs to."
+        )
+    if not np.allclose(pred_img.GetSpacing(), gt_img.GetSpacing(), rtol=1e-4, atol=1e-4):
+        raise UserError(
+            f"{case_id}: prediction spacing {pred_img.GetSpacing()} differs from the reference's "
+            f"{gt_img.GetSpacing()}; predictions must be in the reference's geometry."
+        )
+    rules = challenge.rules
+    spacing = (
+        (1.0,) * gt.ndim if rules.unit_spacing else tuple(float(s) for s in reversed(gt_img.GetSpacing()))
+    )
+    valid = None if rules.ignore_label is None else gt != rules.ignore_label
+    result = {}
+    for cls in challenge.eval_classes(case_id):
+        p, g = np.isin(pred, cls.labels), np.isin(gt, cls.labels)
+        if valid is not None:
+            p &= valid
+            g &= valid
+        tol = tolerance if tolerance is not None else cls.tolerance
+        if tol is None:
+            tol = rules.default_tolerance
+        if "NSD" in metrics and tol is None:
+            raise UserError(f"NSD needs a tolerance for {challenge.name}; pass --tolerance MM.")
+        result[cls.name] = class_metrics(p, g, spacing, metrics, rules, tol)
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan
+    return float(np.mean(finite))
+
+
+def evaluate_folders(
+    challenge: Challenge | str,
+    pred_dir: str | os.PathLike,
+    gt_dir: str | os.PathLike,
+    metrics: list[str] | None = None,
+    tolerance: float | None = None,
+    progress: bool = False,
+) -> dict:
+    """Score every reference file of ``gt_dir`` against the file of the same name in ``pred_dir``."""
+    challenge = get_challenge(challenge) if isinstance(challenge, str) else challenge
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for what, d in (("prediction", pred_dir), ("reference", gt_dir)):
+        if not d.is_dir():
+            raise UserError(f"{what} folder {d} does not exist.")
+    metrics = tuple(metrics or challenge.rules.metrics)
+    unknown = [m for m in metrics if m not in ALL_METRICS]
+    if unknown:
+        raise UserError(f"unknown metrics {unknown}; choose from {', '.join(ALL_METRICS)}.")
+    gts = {strip_suffix(p.name): p for p in image_files(gt_dir)}
+    preds = {strip_suffix(p.name): p for p in image_files(pred_dir)}
+    if not gts:
+        raise UserError(f"no reference images (.nii.gz, .nii, .mha, .nrrd) in {gt_dir}.")
+    missing = sorted(set(gts) - set(preds))
+    if missing:
+        raise UserError(
+            f"{len(missing)} reference cases have no prediction in {pred_dir}: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}; predict them (same file names as the references)."
+        )
+    cases = {}
+    items = sorted(gts.items())
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"evaluate {challenge.name}", unit="case", file=sys.stderr)
+    for case_id, gt_path in items:
+        cases[case_id] = evaluate_case(challenge, case_id, preds[case_id], gt_path, metrics, tolerance)
+    classes: list[str] = []
+    for per_class in cases.values():
+        classes += [c for c in per_class if c not in classes]
+    mean = {
+        cls: {m: _mean([r[cls][m] for r in cases.values() if cls in r]) for m in metrics} for cls in classes
+    }
+    tolerances = {}
+    for case_id in cases:
+        for cls in challenge.eval_classes(case_id):
+            tol = tolerance if tolerance is not None else cls.tolerance
+            tolerances[cls.name] = tol if tol is not None else challenge.rules.default_tolerance
+    return {
+        "challenge": challenge.name,
+        "prediction_folder": str(pred_dir.resolve()),
+        "reference_folder": str(gt_dir.resolve()),
+        "metrics": list(metrics),
+        "conventions": {
+            **challenge.rules.to_json(),
+            "nsd_tolerance_mm": tolerances if "NSD" in metrics else None,
+            "distances_in": "voxels" if challenge.rules.unit_spacing else "mm",
+            "library": "MONAI surface distances (monai.metrics.utils.get_edge_surface_distance)",
+        },
+        "mean": mean,
+        "overall_mean": {m: _mean([mean[c][m] for c in classes]) for m in metrics},
+        "cases": cases,
+        "unmatched_predictions": sorted(set(preds) - set(gts)),
+    }
+
+
+def _json_value(v):
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def to_csv(results: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    metrics = results["metrics"]
+    w.writerow(["case", "class", *metrics])
+    for case_id, per_class in results["cases"].items():
+        for cls, values in per_class.items():
+            w.writerow([case_id, cls, *(repr(float(values[m])) for m in metrics)])
+    for cls, values in results["mean"].items():
+        w.writerow(["mean", cls, *(repr(float(values[m])) for m in metrics)])
+    return buf.getvalue()
+
+
+def format_summary(results: dict) -> str:
+    metrics = results["metrics"]
+    rows = [["class", *metrics]]
+    for cls, values in results["mean"].items():
+        rows.append([cls, *(f"{values[m]:.4f}" for m in metrics)])
+    rows.append(["mean", *(f"{results['overall_mean'][m]:.4f}" for m in metrics)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    n = len(results["cases"])
+    head = f"{results['challenge']}: mean over {n} case{'s' if n != 1 else ''} (NaN cases left out)"
+    return "\n".join([head, *lines])
+
+
+def write_results(results: dict, out_dir: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    stem = f"{results['challenge']}_metrics"
+    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    for p in (json_path, csv_path):
+        refuse_existing(p, overwrite, "the metrics file")
+    atomic_write_json(json_path, _json_value(results))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    tmp.write_text(to_csv(results), encoding="utf-8")
+    os.replace(tmp, csv_path)
+    return json_path, csv_path
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    challenge = get_challenge(args.challenge)
+    results = evaluate_folders(
+        challenge, args.pred_dir, args.gt_dir, args.metrics, args.tolerance, not args.quiet
+    )
+    json_path, csv_path = write_results(results, args.output or args.pred_dir, args.overwrite)
+    print(format_summary(results))
+    for note in challenge.rules.notes:
+        print(f"note: {note}")
+    if results["unmatched_predictions"]:
+        print(f"ignored {len(results['unmatched_predictions'])} predictions without reference")
+    print(f"wrote {json_path} and {csv_path}")
+    return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    text = "a challenge's official metrics (Dice, HD95, HD, average distance, NSD, ...) per case and class"
+    p = sub.add_parser("evaluate", help=text, description=text + " (see docs/challenges/).")
+    p.add_argument("pred_dir", metavar="PRED_DIR", help="predicted label files")
+    p.add_argument("gt_dir", metavar="GT_DIR", help="reference label files (same names)")
+    p.add_argument("--challenge", required=True, help="challenge whose classes and conventions to use")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        help=f"instead of the official ones; any of {', '.join(ALL_METRICS)}",
+    )
+    p.add_argument("--tolerance", type=float, default=None, help="NSD tolerance in mm for every class")
+    p.add_argument("-o", "--output", default=None, help="folder for the JSON and CSV (default PRED_DIR)")
+    p.add_argument("--overwrite", "-f", action="store_true", help="replace existing metrics files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd)
+    return p

@@ -1,0 +1,416 @@
+"""`nnunet-ext convert`: each challenge's converter on a small fake source folder in the official layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_ext.challenges import get_challenge
+from nnunet_ext.challenges.base import convert
+from nnunet_ext.cli import main
+from nnunet_ext.errors import UserError
+
+SHAPE = (6, 8, 8)  # z, y, x
+
+
+# ------------------------------------------------------------------------------------------ fake sources
+def write(path: Path, array: np.ndarray, spacing=(0.7, 0.7, 1.0), origin=(0.0, 0.0, 0.0)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def organ_label(values=(1, 2, 3, 4), shape=SHAPE) -> np.ndarray:
+    lab = np.zeros(shape, np.uint8)
+    lab[1:3, 1:4, 1:4] = values[0]
+    if len(values) > 1:
+        lab[3:5, 4:7, 4:7] = values[1]
+    for k, v in enumerate(values[2:]):
+        lab[2 + k, 6, 1] = v
+    return lab
+
+
+def ct(seed=0, shape=SHAPE) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def tree_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def fake_kipa(root: Path) -> Path:
+    src = root / "kipa"
+    for i in (1, 2, 3):
+        write(src / "train" / "image" / f"{i}.nii.gz", ct(i))
+        write(src / "train" / "label" / f"{i}.nii.gz", organ_label())
+    write(src / "open" / "image" / "71.nii.gz", ct(9))
+    return src
+
+
+def fake_amos(root: Path) -> Path:
+    src = root / "amos22"
+    labels = {str(i): n for i, n in enumerate(["background", *get_challenge("amos22-task1").labels][1:])}
+    labels = {"0": "background", **{str(v): k for k, v in get_challenge("amos22-task1").labels.items() if v}}
+    (src).mkdir(parents=True)
+    (src / "dataset.json").write_text(json.dumps({"labels": labels}))
+    for n in (1, 2, 507):  # 507: MRI
+        write(src / "imagesTr" / f"amos_{n:04d}.nii.gz", ct(n))
+        write(src / "labelsTr" / f"amos_{n:04d}.nii.gz", organ_label((1, 6, 15)))
+    write(src / "imagesVa" / "amos_0005.nii.gz", ct(5))
+    write(src / "labelsVa" / "amos_0005.nii.gz", organ_label((14, 2)))
+    write(src / "imagesTs" / "amos_0010.nii.gz", ct(10))
+    write(src / "imagesTs" / "amos_0540.nii.gz", ct(11))
+    return src
+
+
+def fake_kits21(root: Path) -> Path:
+    src = root / "kits21" / "data"
+    for i in range(3):
+        write(src / f"case_{i:05d}" / "imaging.nii.gz", ct(i))
+        write(src / f"case_{i:05d}" / "aggregated_MAJ_seg.nii.gz", organ_label((1, 2, 3)))
+    write(src / "case_00300" / "imaging.nii.gz", ct(7))  # test case: no label
+    return src
+
+
+# --------------------------------------------------------------------------------------------- KiPA22
+def test_kipa22_converts_checks_and_never_touches_the_source(tmp_path, capsys):
+    src = fake_kipa(tmp_path)
+    before = tree_hash(src)
+    raw = tmp_path / "raw"
+    rc = main(["convert", "kipa22", str(src), "--id", "11", "--out", str(raw), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "converted 3 training and 1 test cases" in out and "nnUNetv2_plan_and_preprocess -d 11" in out
+    folder = raw / "Dataset011_KiPA22"
+    dj = json.loads((folder / "dataset.json").read_text())
+    assert dj["labels"] == {"background": 0, "vein": 1, "kidney": 2, "artery": 3, "tumour": 4}
+    assert dj["channel_names"] == {"0": "CT"} and dj["numTraining"] == 3 and dj["file_ending"] == ".nii.gz"
+    assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"KiPA_{i}.nii.gz" for i in (1, 2, 3)]
+    assert (folder / "imagesTs" / "KiPA_71_0000.nii.gz").is_file()
+    np.testing.assert_array_equal(read(folder / "labelsTr" / "KiPA_2.nii.gz"), organ_label())
+    image = sitk.ReadImage(str(folder / "imagesTr" / "KiPA_2_0000.nii.gz"))
+    assert np.allclose(image.GetSpacing(), (0.7, 0.7, 1.0))
+    assert dj["nnunet_ext_challenge"]["cases"]["KiPA_71"] == {"split": "Ts", "original": "71"}
+    assert tree_hash(src) == before
+    assert not [p for p in raw.iterdir() if p.name.startswith(".")]
+
+    # an existing dataset is refused without --force
+    with pytest.raises(UserError, match="already exists"):
+        convert(get_challenge("kipa22"), src, 11, out=raw, progress=False)
+    convert(get_challenge("kipa22"), src, 11, out=raw, progress=False, force=True)
+
+    # nnU-Net's own integrity check accepts the result
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    verify_dataset_integrity(str(folder), num_processes=1)
+
+
+def test_kipa22_lists_every_bad_case_and_skip_bad_leaves_them_out(tmp_path):
+    src = fake_kipa(tmp_path)
+    write(src / "train" / "label" / "2.nii.gz", organ_label((1, 2, 3, 7)))  # 7: not a KiPA label
+    write(src / "train" / "label" / "3.nii.gz", organ_label(), spacing=(0.7, 0.7, 2.0))  # geometry mismatch
+    write(src / "train" / "image" / "4.nii.gz", ct(4))  # no label
+    raw = tmp_path / "raw"
+    with pytest.raises(UserError) as err:
+        convert(get_challenge("kipa22"), src, 12, out=raw, progress=False)
+    text = str(err.value)
+    assert "2 of 4 cases" in text and "[7]" in text and "spacing" in text and "--skip-bad" in text
+    assert not raw.exists() or not list(raw.iterdir())  # nothing written
+    result = convert(get_challenge("kipa22"), src, 12, out=raw, progress=False, skip_bad=True)
+    assert result.converted == {"Tr": ["KiPA_1"], "Ts": ["KiPA_71"]}
+    reasons = dict(result.skipped)
+    assert "no label" in reasons["train/image/4.nii.gz"]
+    assert "label values [7]" in reasons["KiPA_2"] and "spacing" in reasons["KiPA_3"]
+    skipped = json.loads((result.folder / "dataset.json").read_text())["nnunet_ext_challenge"]["skipped"]
+    assert {s["case"] for s in skipped} == {"train/image/4.nii.gz", "KiPA_2", "KiPA_3"}
+    assert sorted(p.name for p in (result.folder / "labelsTr").iterdir()) == ["KiPA_1.nii.gz"]
+
+
+def test_convert_errors_name_the_expected_layout(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="train/image"):
+        convert(get_challenge("kipa22"), tmp_path / "empty", 13, out=tmp_path / "raw", progress=False)
+    with pytest.raises(UserError, match="does not exist"):
+        convert(get_challenge("kits21"), tmp_path / "nope", 13, out=tmp_path / "raw", progress=False)
+    with pytest.raises(UserError, match="unknown challenge"):
+        get_challenge("brats")
+    assert (
+        main(["convert", "kits21", str(tmp_path / "empty"), "--id", "5", "--regions", "--test-list", "x"])
+        == 1
+    )
+
+
+# --------------------------------------------------------------------------------------------- AMOS22
+def test_amos22_task1_keeps_ct_task2_keeps_all(tmp_path):
+    src = fake_amos(tmp_path)
+    raw = tmp_path / "raw"
+    r1 = convert(get_challenge("amos22-task1"), src, 218, out=raw, progress=False)
+    assert r1.converted == {"Tr": ["amos_0001", "amos_0002", "amos_0005"], "Ts": ["amos_0010"]}
+    assert {what for what, why in r1.skipped if "MRI case" in why} == {
+        "imagesTr/amos_0507.nii.gz",
+        "imagesTs/amos_0540.nii.gz",
+    }
+    dj = json.loads((r1.folder / "dataset.json").read_text())
+    assert dj["overwrite_image_reader_writer"] == "NibabelIOWithReorient"
+    assert dj["labels"]["prostate/uterus"] == 15 and len(dj["labels"]) == 16
+    assert dj["channel_names"] == {"0": "CT"} and dj["numTraining"] == 3
+    assert (r1.folder / "labelsTr" / "amos_0005.nii.gz").is_file()  # validation -> training, as nnU-Net
+
+    r2 = convert(get_challenge("amos22-task2"), src, 219, out=raw, progress=False)
+    assert r2.converted["Tr"] == ["amos_0001", "amos_0002", "amos_0507", "amos_0005"]
+    assert r2.converted["Ts"] == ["amos_0010", "amos_0540"]
+    dj2 = json.loads((r2.folder / "dataset.json").read_text())
+    assert dj2["channel_names"] == {"0": "either_CT_or_MR"}
+    assert dj2["nnunet_ext_challenge"]["cases"]["amos_0507"]["modality"] == "MRI"
+
+    (src / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver"}}))
+    with pytest.raises(UserError, match="AMOS22 has 0..15"):
+        convert(get_challenge("amos22-task1"), src, 220, out=raw, progress=False)
+
+
+# --------------------------------------------------------------------------------------------- KiTS21
+def test_kits21_cases_test_split_and_regions(tmp_path):
+    src = fake_kits21(tmp_path)
+    raw = tmp_path / "raw"
+    r = convert(get_challenge("kits21"), src, 135, out=raw, progress=False)
+    assert r.converted == {"Tr": ["case_00000", "case_00001", "case_00002"], "Ts": ["case_00300"]}
+    dj = json.loads((r.folder / "dataset.json").read_text())
+    assert dj["labels"] == {"background": 0, "kidney": 1, "tumour": 2, "cyst": 3}
+    np.testing.assert_array_equal(read(r.folder / "labelsTr" / "case_00001.nii.gz"), organ_label((1, 2, 3)))
+
+    rr = convert(get_challenge("kits21"), src, 136, out=raw, progress=False, regions=True)
+    dj = json.loads((rr.folder / "dataset.json").read_text())
+    assert dj["labels"] == {"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": 2}
+    assert dj["regions_class_order"] == [1, 3, 2]
+
+    write(src / "case_00001" / "aggregated_MAJ_seg.nii.gz", organ_label((1, 2, 3)), spacing=(1, 1, 1))
+    with pytest.raises(UserError, match="case_00001: geometry"):
+        convert(get_challenge("kits21"), src, 137, out=raw, progress=False)
+
+
+# --------------------------------------------------------------------------------------------- COSMOS22
+COSMOS_SHAPE = (6, 16, 32)  # z, y, x; x >= 16 is the patient's left (LPS, identity direction)
+
+
+def write_dicom_series(folder: Path, array: np.ndarray, spacing_xyz=(0.5, 0.5, 2.0)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array.astype(np.int16))
+    image.SetSpacing(spacing_xyz)
+    uid = f"1.2.826.0.1.3680043.2.1125.1.{time.time_ns()}"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i in range(image.GetDepth()):
+        sl = image[:, :, i]
+        tags = {
+            "0020|000e": uid,
+            "0008|0018": f"{uid}.{i + 1}",
+            "0020|0032": "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, i)))),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0013": str(i + 1),
+            "0008|0060": "MR",
+        }
+        for k, v in tags.items():
+            sl.SetMetaData(k, v)
+        writer.SetFileName(str(folder / f"IM{i + 1:04d}.dcm"))
+        writer.Execute(sl)
+
+
+def square(cx, cy, r):
+    return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+
+
+def qvs(slices: dict[int, tuple], athero=()) -> str:
+    """QVAS XML: {slice number (1-based): (cx, cy)} -> lumen square r=1.6 (3x3 px), outer wall r=3.6 (7x7)."""
+    parts = ['<?xml version="1.0" encoding="UTF-8"?>', "<QVAS_Project>"]
+    for n, (cx, cy) in slices.items():
+        parts.append(f'<QVAS_Image ImageName="E1S101I{n}">')
+        for kind, r in (("Lumen", 1.6), ("Outer Wall", 3.6)):
+            pts = "".join(f'<Point x="{x}" y="{y}"/>' for x, y in square(cx, cy, r))
+            parts.append(
+                f"<QVAS_Contour><Contour_Point>{pts}</Contour_Point><ContourType>{kind}</ContourType>"
+            )
+            parts.append("</QVAS_Contour>")
+        if n in athero:
+            parts.append("<Atherosclerosis>1</Atherosclerosis>")
+        parts.append("</QVAS_Image>")
+    parts.append('<QVAS_Image ImageName="E1S101I6"></QVAS_Image>')  # no contours: not annotated
+    parts.append("</QVAS_Project>")
+    return "\n".join(parts)
+
+
+def fake_cosmos(root: Path) -> Path:
+    src = root / "cosmos"
+    for case in ("c01", "c02"):
+        write_dicom_series(src / case, np.arange(np.prod(COSMOS_SHAPE)).reshape(COSMOS_SHAPE) % 700)
+        (src / case / "CASCADE-ICAL").mkdir()
+        (src / case / "CASCADE-ICAR").mkdir()
+        (src / case / "CASCADE-ICAL" / "E1S101_L.QVS").write_text(qvs({2: (24, 8), 4: (25, 8)}, athero=(4,)))
+        (src / case / "CASCADE-ICAR" / "E1S101_R.QVS").write_text(qvs({2: (7, 8), 5: (7, 9)}))
+    write_dicom_series(src / "t01", np.zeros(COSMOS_SHAPE))  # test case: no contours
+    return src
+
+
+def test_cosmos22_sparse_slices_with_ignore_label_consumed_by_labelprop(tmp_path):
+    src = fake_cosmos(tmp_path)
+    before = tree_hash(src)
+    raw = tmp_path / "raw"
+    r = convert(get_challenge("cosmos22"), src, 40, out=raw, progress=False)
+    assert r.converted == {"Tr": ["c01_L", "c01_R", "c02_L", "c02_R"], "Ts": ["t01_L", "t01_R"]}
+    dj = json.loads((r.folder / "dataset.json").read_text())
+    assert dj["labels"] == {
+        "background": 0, "lumen": 1, "normal_wall": 2, "atherosclerotic_wall": 3, "ignore": 4,
+    }  # fmt: skip
+    assert dj["channel_names"] == {"0": "MRI"}
+    meta = dj["nnunet_ext_challenge"]["cases"]
+    assert meta["c01_L"]["x_range"] == [16, 32] and meta["c01_L"]["annotated_slices"] == [1, 3]
+    assert meta["t01_L"]["x_range"] == [16, 32] and meta["t01_R"]["x_range"] == [0, 16]
+
+    left = read(r.folder / "labelsTr" / "c01_L.nii.gz")
+    assert left.shape == (6, 16, 16)
+    assert set(np.unique(left[[0, 2, 4, 5]])) == {4}  # unannotated slices: ignore
+    z1 = left[1]
+    assert (z1 == 1).sum() == 9 and (z1 == 2).sum() == 40 and (z1 == 0).sum() == 256 - 49
+    assert z1[8, 24 - 16] == 1 and z1[5, 24 - 16] == 2  # lumen centre, wall
+    assert (left[3] == 3).sum() == 40 and (left[3] == 2).sum() == 0  # atherosclerotic slice
+    right = read(r.folder / "labelsTr" / "c01_R.nii.gz")
+    assert sorted(np.flatnonzero((right != 4).all(axis=(1, 2)))) == [1, 4]
+    assert right[4, 9, 7] == 1
+    image = sitk.ReadImage(str(r.folder / "imagesTr" / "c01_L_0000.nii.gz"))
+    assert image.GetSize() == (16, 16, 6) and np.allclose(image.GetSpacing(), (0.5, 0.5, 2.0))
+    assert np.allclose(image.GetOrigin(), (8.0, 0.0, 0.0))  # the left half keeps its physical position
+    assert tree_hash(src) == before
+
+    # one step of label propagation works on the converted dataset
+    from nnunet_ext.labelprop import interpolate_dataset
+
+    out = interpolate_dataset(r.folder, 41, "nearest", out=raw, progress=False)
+    filled = read(out / "labelsTr" / "c01_L.nii.gz")
+    np.testing.assert_array_equal(filled[2], left[1])  # halfway between slices 1 and 3: the lower one
+    np.testing.assert_array_equal(filled[[1, 3]], left[[1, 3]])
+    assert set(np.unique(filled[[0, 4, 5]])) == {4}
+
+    # whole volumes on request
+    whole = convert(get_challenge("cosmos22"), src, 42, out=raw, progress=False, no_split_sides=True)
+    lab = read(whole.folder / "labelsTr" / "c02.nii.gz")
+    assert lab.shape == COSMOS_SHAPE and sorted(np.flatnonzero((lab != 4).all(axis=(1, 2)))) == [1, 3, 4]
+
+
+def test_cosmos22_refuses_bad_contours(tmp_path):
+    src = fake_cosmos(tmp_path)
+    (src / "c02" / "CASCADE-ICAL" / "E1S101_L.QVS").write_text(qvs({2: (40, 8)}))  # outside the 32 px slice
+    (src / "c01" / "CASCADE-ICAR" / "E1S101_R.QVS").write_text("<QVAS_Project><QVAS_Image")
+    with pytest.raises(UserError) as err:
+        convert(get_challenge("cosmos22"), src, 43, out=tmp_path / "raw", progress=False)
+    text = str(err.value)
+    assert "c02: side L slice 2: contour points outside the 32x16 slice" in text
+    assert "c01: E1S101_R.QVS is not valid XML" in text
+
+
+# --------------------------------------------------------------------------------------------- MOTS
+def fake_mots(root: Path) -> Path:
+    """DoDNet's folder names; LiTS originals (.nii) for liver, KiTS19 case folders for kidney, MSD for the rest."""
+    src = root / "MOTS"
+    shape = (4, 6, 6)
+    lab2 = organ_label((1, 2), shape)
+    for n in (0, 1):
+        sitk.WriteImage(sitk.GetImageFromArray(ct(n, shape)), str(_mk(src / "0Liver" / f"volume-{n}.nii")))
+        sitk.WriteImage(sitk.GetImageFromArray(lab2), str(_mk(src / "0Liver" / f"segmentation-{n}.nii")))
+        case = src / "1Kidney" / "origin" / f"case_{n:05d}"
+        write(case / "imaging.nii.gz", ct(n, shape))
+        write(case / "segmentation.nii.gz", lab2)
+    for folder, name, values in (
+        ("2HepaticVessel", "hepaticvessel", (1, 2)),
+        ("3Pancreas", "pancreas", (1, 2)),
+        ("4Colon", "colon", (1,)),
+        ("5Lung", "lung", (1,)),
+        ("6Spleen", "spleen", (1,)),
+    ):
+        for n in (1, 2):
+            write(src / folder / "imagesTr" / f"{name}_{n:03d}.nii.gz", ct(n, shape))
+            write(src / folder / "labelsTr" / f"{name}_{n:03d}.nii.gz", organ_label(values, shape))
+        write(src / folder / "imagesTs" / f"{name}_009.nii.gz", ct(9, shape))
+    return src
+
+
+def _mk(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_mots_seven_sources_then_tasks_merge(tmp_path, capsys):
+    from nnunet_ext.tasks import load_task_registry_from_folder
+
+    src = fake_mots(tmp_path)
+    before = tree_hash(src)
+    (tmp_path / "MOTS_test.txt").write_text(
+        "0Liver/volume-1.nii 0Liver/segmentation-1.nii\n1Kidney/origin/case_00001/imaging.nii.gz x\n"
+        "3Pancreas/imagesTr/pancreas_002.nii.gz 3Pancreas/labelsTr/pancreas_002.nii.gz\n"
+    )
+    raw = tmp_path / "raw"
+    argv = ["convert", "mots", str(src), "--id", "701", "--out", str(raw), "--quiet"]
+    assert main([*argv, "--test-list", str(tmp_path / "MOTS_test.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "nnunet-ext tasks merge --id M --preset mots --source liver=701 --source kidney=702" in out
+    names = sorted(p.name for p in raw.iterdir())
+    assert names == [
+        "Dataset701_MOTSLiver", "Dataset702_MOTSKidney", "Dataset703_MOTSHepaticvessel", "Dataset704_MOTSPancreas",
+        "Dataset705_MOTSColon", "Dataset706_MOTSLung", "Dataset707_MOTSSpleen",
+    ]  # fmt: skip
+    liver = raw / "Dataset701_MOTSLiver"
+    assert sorted(p.name for p in (liver / "labelsTr").iterdir()) == ["liver_0.nii.gz"]
+    assert (liver / "labelsTs" / "liver_1.nii.gz").is_file()  # listed in the test list
+    np.testing.assert_array_equal(read(liver / "labelsTr" / "liver_0.nii.gz"), organ_label((1, 2), (4, 6, 6)))
+    assert (raw / "Dataset702_MOTSKidney" / "imagesTs" / "case_00001_0000.nii.gz").is_file()
+    assert (raw / "Dataset704_MOTSPancreas" / "labelsTs" / "pancreas_002.nii.gz").is_file()
+    assert (raw / "Dataset705_MOTSColon" / "imagesTs" / "colon_009_0000.nii.gz").is_file()
+    assert json.loads((raw / "Dataset705_MOTSColon" / "dataset.json").read_text())["labels"] == {
+        "background": 0,
+        "colon_tumour": 1,
+    }
+    assert tree_hash(src) == before
+
+    # the converted datasets are accepted by `nnunet-ext tasks merge --preset mots`
+    merge = ["tasks", "merge", "--id", "700", "--preset", "mots", "--out", str(raw)]
+    for k, task in enumerate(("liver", "kidney", "hepaticvessel", "pancreas", "colon", "lung", "spleen")):
+        merge += ["--source", f"{task}={raw / names[k]}"]
+    assert main(merge) == 0
+    merged = next(raw.glob("Dataset700_*"))
+    reg = load_task_registry_from_folder(merged)
+    assert reg.tasks == ("liver", "kidney", "hepaticvessel", "pancreas", "colon", "lung", "spleen")
+    assert (merged / "labelsTs" / "liver_liver_1.nii.gz").is_file()
+
+    # --merge-id does both in one command
+    assert (
+        main(["convert", "mots", str(src), "--id", "711", "--out", str(raw), "--quiet", "--merge-id", "710"])
+        == 0
+    )
+    assert load_task_registry_from_folder(next(raw.glob("Dataset710_*"))).tasks == reg.tasks
+
+
+def test_mots_reports_missing_sources(tmp_path):
+    src = fake_mots(tmp_path)
+    import shutil
+
+    shutil.rmtree(src / "5Lung")
+    from nnunet_ext.convert import convert_mots
+
+    with pytest.raises(UserError, match=r"no folder for lung \(5Lung or Task06_Lung\)"):
+        convert_mots(src, 720, out=tmp_path / "raw", progress=False)
