@@ -1,0 +1,125 @@
+"""`nnunet-ext submit`: file names, format and label values per challenge; every test case must be present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_ext.challenges import get_challenge
+from nnunet_ext.challenges.base import convert
+from nnunet_ext.cli import main
+from nnunet_ext.errors import UserError
+from nnunet_ext.submit import submit
+from tests.test_convert import (
+    COSMOS_SHAPE,
+    fake_cosmos,
+    fake_kipa,
+    fake_kits21,
+    fake_mots,
+    organ_label,
+    read,
+)
+
+
+def predict_like(image_path, out_path, array):
+    """A fake nnU-Net prediction: ``array`` in the geometry of the converted test image."""
+    image = sitk.ReadImage(str(image_path))
+    pred = sitk.GetImageFromArray(array.astype(np.uint8))
+    pred.CopyInformation(image)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(pred, str(out_path))
+
+
+def test_kipa22_names_values_and_completeness(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    result = convert(get_challenge("kipa22"), fake_kipa(tmp_path), 11, out=raw, progress=False)
+    pred = tmp_path / "pred"
+    out = tmp_path / "submission"
+    argv = ["submit", "kipa22", str(pred), str(out), "-d", str(result.folder)]
+    pred.mkdir()
+    assert main(argv) == 1  # the test case KiPA_71 has no prediction
+    err = capsys.readouterr().err
+    assert "1 of 1 test cases have no prediction" in err and "KiPA_71" in err and not out.exists()
+
+    predict_like(result.folder / "imagesTs" / "KiPA_71_0000.nii.gz", pred / "KiPA_71.nii.gz", organ_label())
+    predict_like(result.folder / "imagesTr" / "KiPA_1_0000.nii.gz", pred / "KiPA_1.nii.gz", organ_label())
+    assert main(argv) == 0
+    assert "wrote 1 files" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "71.nii.gz"
+    ]  # the challenge's name, training case left out
+    written = sitk.ReadImage(str(out / "71.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), organ_label())
+    assert written.GetPixelID() == sitk.sitkUInt8 and np.allclose(written.GetSpacing(), (0.7, 0.7, 1.0))
+
+    assert main(argv) == 1 and "--force" in capsys.readouterr().err  # existing OUT
+    bad = organ_label((1, 2, 9))
+    predict_like(result.folder / "imagesTs" / "KiPA_71_0000.nii.gz", pred / "KiPA_71.nii.gz", bad)
+    with pytest.raises(UserError, match=r"label values \[9\]"):
+        submit("kipa22", pred, out, result.folder, overwrite=True)
+    assert (out / "71.nii.gz").is_file()  # the old submission is kept when the new one fails
+
+    with pytest.raises(UserError, match="not kits21"):
+        submit("kits21", pred, tmp_path / "other", result.folder)
+
+
+def test_kits21_prediction_file_names(tmp_path):
+    result = convert(
+        get_challenge("kits21"), fake_kits21(tmp_path), 135, out=tmp_path / "raw", progress=False
+    )
+    pred = tmp_path / "pred"
+    lab = organ_label((1, 2, 3))
+    predict_like(result.folder / "imagesTs" / "case_00300_0000.nii.gz", pred / "case_00300.nii.gz", lab)
+    out, written = submit("kits21", pred, tmp_path / "sub", result.folder)
+    assert written == ["prediction_00300.nii.gz"]
+    np.testing.assert_array_equal(read(out / "prediction_00300.nii.gz"), lab)
+
+
+def test_cosmos22_puts_the_halves_back_together(tmp_path):
+    src = fake_cosmos(tmp_path)
+    result = convert(get_challenge("cosmos22"), src, 40, out=tmp_path / "raw", progress=False)
+    pred = tmp_path / "pred"
+    z, y, x = COSMOS_SHAPE
+    left = np.zeros((z, y, x // 2), np.uint8)
+    left[:, 4:8, 6:10] = 1
+    right = np.zeros((z, y, x // 2), np.uint8)
+    right[:, 2:6, 3:5] = 3
+    predict_like(result.folder / "imagesTs" / "t01_L_0000.nii.gz", pred / "t01_L.nii.gz", left)
+    predict_like(result.folder / "imagesTs" / "t01_R_0000.nii.gz", pred / "t01_R.nii.gz", right)
+    out, written = submit("cosmos22", pred, tmp_path / "sub", result.folder)
+    assert written == ["t01.nii.gz"]
+    full = sitk.ReadImage(str(out / "t01.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(full), np.concatenate([right, left], axis=2))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(src / "t01")))
+    original = reader.Execute()
+    assert full.GetSize() == original.GetSize()
+    assert np.allclose(full.GetSpacing(), original.GetSpacing()) and np.allclose(
+        full.GetOrigin(), original.GetOrigin()
+    )
+
+
+def test_mots_merged_predictions_back_to_each_source(tmp_path):
+    from nnunet_ext.convert import convert_mots
+
+    raw = tmp_path / "raw"
+    convert_mots(fake_mots(tmp_path), 701, merge_id=700, out=raw, progress=False)
+    merged = next(raw.glob("Dataset700_*"))
+    labels = get_challenge("mots").labels
+    test_ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (merged / "imagesTs").iterdir())
+    assert "spleen_spleen_009" in test_ids and "liver_liver_0" not in test_ids
+    pred = tmp_path / "pred"
+    for cid in test_ids:
+        arr = np.zeros((4, 6, 6), np.uint8)
+        arr[1, 1, 1] = labels["spleen"]
+        arr[2, 2, 2] = labels["pancreas_tumour"]
+        predict_like(merged / "imagesTs" / f"{cid}_0000.nii.gz", pred / f"{cid}.nii.gz", arr)
+    out, written = submit("mots", pred, tmp_path / "sub", merged)
+    assert "spleen/spleen_009.nii.gz" in written and "pancreas/pancreas_009.nii.gz" in written
+    spleen = read(out / "spleen" / "spleen_009.nii.gz")
+    assert spleen[1, 1, 1] == 1 and spleen.sum() == 1  # the spleen task's label 1; other tasks dropped
+    pancreas = read(out / "pancreas" / "pancreas_009.nii.gz")
+    assert pancreas[2, 2, 2] == 2 and pancreas.sum() == 2  # MSD pancreas: 2 = tumour
+    with pytest.raises(UserError, match="not a merged dataset"):
+        submit("mots", pred, tmp_path / "sub2", next(raw.glob("Dataset701_*")))
