@@ -123,8 +123,10 @@ def evaluate_folders(
     metrics: list[str] | None = None,
     tolerance: float | None = None,
     progress: bool = False,
+    only_predicted: bool = False,
 ) -> dict:
-    """Score every reference file of ``gt_dir`` against the file of the same name in ``pred_dir``."""
+    """Score every reference file of ``gt_dir`` against the file of the same name in ``pred_dir``
+    (``only_predicted``: only the references that have a prediction, e.g. one fold's validation cases)."""
     challenge = get_challenge(challenge) if isinstance(challenge, str) else challenge
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for what, d in (("prediction", pred_dir), ("reference", gt_dir)):
@@ -139,10 +141,15 @@ def evaluate_folders(
     if not gts:
         raise UserError(f"no reference images (.nii.gz, .nii, .mha, .nrrd) in {gt_dir}.")
     missing = sorted(set(gts) - set(preds))
-    if missing:
+    if only_predicted:
+        gts = {k: v for k, v in gts.items() if k in preds}
+        if not gts:
+            raise UserError(f"no prediction in {pred_dir} has a reference of the same name in {gt_dir}.")
+    elif missing:
         raise UserError(
             f"{len(missing)} reference cases have no prediction in {pred_dir}: {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''}; predict them (same file names as the references)."
+            f"{' ...' if len(missing) > 10 else ''}; predict them (same file names as the references), or pass "
+            f"--only-predicted to score only the predicted cases."
         )
     cases = {}
     items = sorted(gts.items())
@@ -180,6 +187,7 @@ def evaluate_folders(
         "overall_mean": {m: _mean([mean[c][m] for c in classes]) for m in metrics},
         "cases": cases,
         "unmatched_predictions": sorted(set(preds) - set(gts)),
+        "references_without_prediction": missing if only_predicted else [],
     }
 
 
@@ -247,6 +255,8 @@ def _cmd(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     if results["unmatched_predictions"]:
         print(f"ignored {len(results['unmatched_predictions'])} predictions without reference")
+    if results["references_without_prediction"]:
+        print(f"left out {len(results['references_without_prediction'])} references without prediction")
     print(f"wrote {json_path} and {csv_path}")
     return 0
 
@@ -262,6 +272,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help=f"instead of the official ones; any of {', '.join(ALL_METRICS)}",
+    )
+    p.add_argument(
+        "--only-predicted", action="store_true", help="score only the references that have a prediction"
     )
     p.add_argument("--tolerance", type=float, default=None, help="NSD tolerance in mm for every class")
     p.add_argument("-o", "--output", default=None, help="folder for the JSON and CSV (default PRED_DIR)")

@@ -116,6 +116,9 @@ def test_kipa22_converts_checks_and_never_touches_the_source(tmp_path, capsys):
     with pytest.raises(UserError, match="already exists"):
         convert(get_challenge("kipa22"), src, 11, out=raw, progress=False)
     convert(get_challenge("kipa22"), src, 11, out=raw, progress=False, force=True)
+    linked = convert(get_challenge("kipa22"), src, 14, out=raw, progress=False, link=True)
+    image_file = linked.folder / "imagesTr" / "KiPA_1_0000.nii.gz"
+    assert image_file.stat().st_ino == (src / "train" / "image" / "1.nii.gz").stat().st_ino
 
     # nnU-Net's own integrity check accepts the result
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
@@ -180,6 +183,9 @@ def test_amos22_task1_keeps_ct_task2_keeps_all(tmp_path):
     dj2 = json.loads((r2.folder / "dataset.json").read_text())
     assert dj2["channel_names"] == {"0": "either_CT_or_MR"}
     assert dj2["nnunet_ext_challenge"]["cases"]["amos_0507"]["modality"] == "MRI"
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    verify_dataset_integrity(str(r2.folder), num_processes=1)  # nnU-Net reads it with NibabelIOWithReorient
 
     (src / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver"}}))
     with pytest.raises(UserError, match="AMOS22 has 0..15"):

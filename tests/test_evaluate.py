@@ -124,6 +124,8 @@ def test_kits21_hierarchical_classes_via_cli(tmp_path, capsys):
     (tmp_path / "pred" / "case_00002.nii.gz").unlink()
     with pytest.raises(UserError, match=r"1 reference cases have no prediction.*case_00002"):
         evaluate_folders("kits21", tmp_path / "pred", tmp_path / "gt")
+    part = evaluate_folders("kits21", tmp_path / "pred", tmp_path / "gt", only_predicted=True)
+    assert list(part["cases"]) == ["case_00001"] and part["references_without_prediction"] == ["case_00002"]
 
 
 def test_spacing_conventions_kipa_mm_versus_mots_voxels(tmp_path):
