@@ -1,0 +1,171 @@
+"""UniSeg benchmarks on the multi-task (partially labelled) phantom, nnU-Net's 3d_tiny configuration.
+
+    python benchmarks/bench_uniseg.py                       # all parts, CPU defaults
+    python benchmarks/bench_uniseg.py --parts speed infer   # skip the (slow) accuracy part
+    python benchmarks/bench_uniseg.py --iterations 300 --device cuda
+
+1. speed: `nnunet-ext bench` (nnunet_ext.bench.run_benchmark): train-step time, peak memory and inference time per
+   case of nnUNetTrainerUniSeg vs nnUNetTrainer on the same plans, measured in the same run (separate processes
+   and interleaved in one process); the issue's target is a train-step ratio of at most 1.1.
+2. infer: sliding-window inference time per case (nnU-Net's predictor, no mirroring) of all tasks in one call
+   (encoder once, the T task decoder passes batched: ``UniSeg.forward_global``) vs one task vs T single-task
+   calls.
+3. accuracy: Dice per structure on the test cases (full truth in labelsTs) of UniSeg trained on all tasks vs plain
+   nnU-Nets trained per task on that task's cases, with the same TOTAL number of iterations (each plain net
+   gets 1/T of them). Each model is scored on the structures it segments.
+
+Uses the phantom and helpers of benchmarks/bench_dodnet.py (same workdir: the prepared data is shared).
+Prints a machine line and the tables; writes <workdir>/bench_uniseg.json. Copy them into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dodnet import (  # noqa: E402 (the sibling script's helpers)
+    DATASET_ID,
+    TASK_IDS,
+    machine,
+    make_trainer,
+    predictor_for,
+    prepare,
+    train_and_score,
+)
+
+TRAINER = "nnUNetTrainerUniSeg"
+
+
+def part_speed(pre: Path, args) -> dict:
+    from nnunet_ext.bench import format_report, run_benchmark
+
+    r = run_benchmark(
+        pre / "nnUNetPlans.json", "3d_tiny", TRAINER, device=args.device, iterations=args.speed_iterations,
+        warmup=2, cases=2, no_mirroring=True, rounds=args.rounds,
+    )  # fmt: skip
+    print(format_report(r), flush=True)
+    return r
+
+
+def part_infer(pre: Path, raw: Path, device: torch.device, repeats: int) -> dict:
+    import SimpleITK as sitk
+
+    from nnunet_ext.universal import restrict_tasks
+
+    images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[:2]
+    t = make_trainer(pre, TRAINER, device)
+    t.initialize()
+    p = predictor_for(t, device)
+    net = t.network
+    data = [
+        torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(f)))[None].astype(np.float32))
+        for f in images
+    ]
+    times = {}
+    for mode, selections in (
+        ("all tasks (1 call)", [None]),
+        ("one task", [[0]]),
+        ("each task separately", [[i] for i in range(net.num_tasks)]),
+    ):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for x in data:
+                for sel in selections:
+                    p.network = restrict_tasks(net, sel)
+                    p.predict_sliding_window_return_logits(x)
+            best = min(best, (time.perf_counter() - start) / len(data))
+        times[mode] = best
+    p.network = net
+    print(TRAINER, {k: f"{v:.2f} s/case" for k, v in times.items()}, flush=True)
+    return times
+
+
+def part_accuracy(pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int) -> dict:
+    import SimpleITK as sitk
+
+    from nnunet_ext.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
+
+    test_images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
+    truths = [
+        sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / f.name.replace("_0000", ""))))
+        for f in test_images
+    ]
+    per_iter = max(1, total_iterations // epochs)
+    results = {}
+    ident = {v: v for v in PARTIAL_LABELS.values() if v}
+    results[TRAINER], secs = train_and_score(
+        pre, TRAINER, device, epochs, per_iter, test_images, truths, ident
+    )
+    print(TRAINER, results[TRAINER], f"{secs:.0f} s", flush=True)
+    plain = {}
+    for task, tid in TASK_IDS.items():
+        tpre = prepare(workdir, tid, raw, task)
+        names = PARTIAL_TASKS[task]["labels"]
+        label_map = {i + 1: PARTIAL_LABELS[n] for i, n in enumerate(names)}
+        d, secs = train_and_score(
+            tpre,
+            "nnUNetTrainer",
+            device,
+            epochs,
+            max(1, per_iter // len(TASK_IDS)),
+            test_images,
+            truths,
+            label_map,
+        )
+        print(f"nnUNetTrainer ({task} only)", d, f"{secs:.0f} s", flush=True)
+        plain.update(d)
+    results["nnUNetTrainer per task"] = plain
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", default="benchmark_workdir")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--parts", nargs="+", default=["speed", "infer", "accuracy"], choices=["speed", "infer", "accuracy"]
+    )
+    parser.add_argument("--speed-iterations", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (0: skip)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--iterations", type=int, default=150, help="total training iterations (accuracy part)"
+    )
+    parser.add_argument("--epochs", type=int, default=5)
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    workdir = Path(args.workdir).resolve()
+    os.environ.setdefault("nnUNet_compile", "f")
+    from nnunet_ext.training import ext_trainer_env
+
+    os.environ["nnUNet_extTrainer"] = ext_trainer_env()["nnUNet_extTrainer"]
+    pre = prepare(workdir, DATASET_ID)
+    raw = next((workdir / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*"))
+    print(f"machine: {machine()}", flush=True)
+    report = {"machine": machine()}
+    if "speed" in args.parts:
+        report["speed"] = part_speed(pre, args)
+    if "infer" in args.parts:
+        report["inference"] = part_infer(pre, raw, device, args.repeats)
+    if "accuracy" in args.parts:
+        report["accuracy"] = part_accuracy(pre, raw, workdir, device, args.iterations, args.epochs)
+    from nnunet_ext.io import atomic_write_json
+
+    atomic_write_json(workdir / "bench_uniseg.json", report)
+    print(f"wrote {workdir / 'bench_uniseg.json'}")
+
+
+if __name__ == "__main__":
+    main()
