@@ -67,9 +67,8 @@ def fake_kipa(root: Path) -> Path:
 
 def fake_amos(root: Path) -> Path:
     src = root / "amos22"
-    labels = {str(i): n for i, n in enumerate(["background", *get_challenge("amos22-task1").labels][1:])}
     labels = {"0": "background", **{str(v): k for k, v in get_challenge("amos22-task1").labels.items() if v}}
-    (src).mkdir(parents=True)
+    src.mkdir(parents=True)
     (src / "dataset.json").write_text(json.dumps({"labels": labels}))
     for n in (1, 2, 507):  # 507: MRI
         write(src / "imagesTr" / f"amos_{n:04d}.nii.gz", ct(n))
@@ -167,7 +166,7 @@ def test_amos22_task1_keeps_ct_task2_keeps_all(tmp_path):
     raw = tmp_path / "raw"
     r1 = convert(get_challenge("amos22-task1"), src, 218, out=raw, progress=False)
     assert r1.converted == {"Tr": ["amos_0001", "amos_0002", "amos_0005"], "Ts": ["amos_0010"]}
-    assert {what for what, why in r1.skipped if "MRI case" in why} == {
+    assert {what for what, why in r1.skipped if "MRI case (AMOS22 task 1 (CT): CT only)" in why} == {
         "imagesTr/amos_0507.nii.gz",
         "imagesTs/amos_0540.nii.gz",
     }
@@ -186,6 +185,9 @@ def test_amos22_task1_keeps_ct_task2_keeps_all(tmp_path):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
     verify_dataset_integrity(str(r2.folder), num_processes=1)  # nnU-Net reads it with NibabelIOWithReorient
+
+    r3 = convert(get_challenge("amos22-mri"), src, 221, out=raw, progress=False)
+    assert r3.converted == {"Tr": ["amos_0507"], "Ts": ["amos_0540"]}
 
     (src / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver"}}))
     with pytest.raises(UserError, match="AMOS22 has 0..15"):

@@ -8,7 +8,7 @@ up with an error that lists the valid names. See docs/challenges/README.md.
 
 from __future__ import annotations
 
-from nnunet_ext.challenges.amos22 import AMOS22, AMOS22Task2
+from nnunet_ext.challenges.amos22 import AMOS22, AMOS22MRI, AMOS22Task2
 from nnunet_ext.challenges.base import Challenge, EvalClass, MetricRules, convert
 from nnunet_ext.challenges.cosmos22 import COSMOS22
 from nnunet_ext.challenges.kipa22 import KiPA22
@@ -20,7 +20,16 @@ __all__ = ["CHALLENGES", "Challenge", "EvalClass", "MetricRules", "convert", "ge
 
 CHALLENGES: dict[str, Challenge] = {
     c.name: c
-    for c in (KiPA22(), AMOS22(), AMOS22Task2(), KiTS21(), COSMOS22(), MOTS(), *MOTS_SOURCES.values())
+    for c in (
+        KiPA22(),
+        AMOS22(),
+        AMOS22Task2(),
+        AMOS22MRI(),
+        KiTS21(),
+        COSMOS22(),
+        MOTS(),
+        *MOTS_SOURCES.values(),
+    )
 }
 
 

@@ -9,7 +9,8 @@ Dataset218/219 converters read it):
     SOURCE/dataset.json                                                  optional; its "labels" are checked
 
 Case numbers up to 500 are CT, above 500 MRI. Task 1 (``amos22-task1``) keeps the CT cases only (MRI cases are
-reported as skipped), task 2 (``amos22-task2``) keeps all. As nnU-Net does, validation cases become training
+reported as skipped), task 2 (``amos22-task2``) keeps all, ``amos22-mri`` the MRI cases only (for an MR-only
+model, as BA-Net's MRI entry ensembled). As nnU-Net does, validation cases become training
 cases (nnU-Net's 5-fold cross-validation replaces the fixed split). Some AMOS files have direction cosines
 SimpleITK refuses, so the dataset uses nnU-Net's ``NibabelIOWithReorient`` (as nnU-Net's converter).
 Metrics: Dice and normalised surface Dice (NSD) per organ.
@@ -93,7 +94,12 @@ class AMOS22(Challenge):
                 modality = "MRI" if number >= MRI_FROM else "CT"
                 label = labels.pop(stem, None)
                 if modality not in self.modalities:
-                    skipped.append((f"{sub_img}/{image.name}", f"{modality} case ({self.title} is CT only)"))
+                    skipped.append(
+                        (
+                            f"{sub_img}/{image.name}",
+                            f"{modality} case ({self.title}: {'+'.join(self.modalities)} only)",
+                        )
+                    )
                     continue
                 if split == "Tr" and label is None:
                     skipped.append((f"{sub_img}/{image.name}", f"no label in {sub_lab}"))
@@ -109,3 +115,13 @@ class AMOS22Task2(AMOS22):
     dataset_name = "AMOS22task2"
     channel_names = {"0": "either_CT_or_MR"}  # nnU-Net's choice: z-score per image for both modalities
     modalities = ("CT", "MRI")
+
+
+class AMOS22MRI(AMOS22):
+    """The MRI cases only: the MR-only nnU-Net that BA-Net's AMOS MRI entry was ensembled with."""
+
+    name = "amos22-mri"
+    title = "AMOS22 MRI cases"
+    dataset_name = "AMOS22MRI"
+    channel_names = {"0": "MRI"}
+    modalities = ("MRI",)
