@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.challenges import get_challenge
-from nnunet_ext.challenges.base import ALL_METRICS, DISTANCE_METRICS, Challenge, image_files, strip_suffix
+from nnunet_ext.challenges.base import (
+    ALL_METRICS,
+    DISTANCE_METRICS,
+    Challenge,
+    image_files,
+    read_label_pair,
+    strip_suffix,
+)
 from nnunet_ext.errors import UserError
 from nnunet_ext.io import atomic_write_json, refuse_existing
 
@@ -62,13 +69,6 @@ def class_metrics(
     return out
 
 
-def _read(path: Path):
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(path))
-    return sitk.GetArrayFromImage(image), image
-
-
 def evaluate_case(
     challenge: Challenge,
     case_id: str,
@@ -77,22 +77,20 @@ def evaluate_case(
     metrics: tuple[str, ...],
     tolerance: float | None = None,
 ) -> dict[str, dict[str, float]]:
-    pred, pred_img = _read(pred_path)
-    gt, gt_img = _read(gt_path)
+    pred_vol, gt_vol = read_label_pair(pred_path, gt_path)
+    pred, gt = pred_vol.array, gt_vol.array
     if pred.shape != gt.shape:
         raise UserError(
             f"{case_id}: prediction shape {pred.shape} differs from the reference's {gt.shape}; predict the same "
             f"images the reference belongs to."
         )
-    if not np.allclose(pred_img.GetSpacing(), gt_img.GetSpacing(), rtol=1e-4, atol=1e-4):
+    if not np.allclose(pred_vol.spacing, gt_vol.spacing, rtol=1e-4, atol=1e-4):
         raise UserError(
-            f"{case_id}: prediction spacing {pred_img.GetSpacing()} differs from the reference's "
-            f"{gt_img.GetSpacing()}; predictions must be in the reference's geometry."
+            f"{case_id}: prediction spacing {pred_vol.spacing} (z, y, x) differs from the reference's "
+            f"{gt_vol.spacing}; predictions must be in the reference's geometry."
         )
     rules = challenge.rules
-    spacing = (
-        (1.0,) * gt.ndim if rules.unit_spacing else tuple(float(s) for s in reversed(gt_img.GetSpacing()))
-    )
+    spacing = (1.0,) * gt.ndim if rules.unit_spacing else gt_vol.spacing
     valid = None if rules.ignore_label is None else gt != rules.ignore_label
     result = {}
     for cls in challenge.eval_classes(case_id):

@@ -174,3 +174,24 @@ def test_cosmos22_leaves_out_unannotated_slices(tmp_path):
     res = evaluate_folders("cosmos22", tmp_path / "pred", tmp_path / "gt")["cases"]["c1_L"]
     assert res["lumen"]["Dice"] == 1.0 and res["wall"]["Dice"] == 1.0
     assert res["normal_wall"]["Dice"] == 0.0 and res["atherosclerotic_wall"]["Dice"] == 0.0
+
+
+def write_sheared(path: Path, array_xyz: np.ndarray) -> None:
+    """A NIfTI with non-orthonormal direction cosines (as some AMOS files): SimpleITK refuses to read it."""
+    import nibabel
+
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    affine[0, 1] = 0.5
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(nibabel.Nifti1Image(array_xyz.astype(np.uint8), affine), str(path))
+
+
+def test_files_simpleitk_refuses_are_read_with_nibabel(tmp_path):
+    gt = box((10, 10, 12), (3, 3, 3), (7, 7, 7), 6)  # nibabel order (x, y, z); 6 = liver
+    write_sheared(tmp_path / "gt" / "amos_0001.nii.gz", gt)
+    write_sheared(tmp_path / "pred" / "amos_0001.nii.gz", np.roll(gt, 2, axis=2))  # 2 slices of 2.5 mm
+    with pytest.raises(RuntimeError):
+        sitk.ReadImage(str(tmp_path / "gt" / "amos_0001.nii.gz"))
+    res = evaluate_folders("amos22-task1", tmp_path / "pred", tmp_path / "gt", metrics=["Dice", "HD"])
+    liver = res["cases"]["amos_0001"]["liver"]
+    assert liver["HD"] == 5.0 and liver["Dice"] == 0.5

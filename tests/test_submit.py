@@ -123,3 +123,24 @@ def test_mots_merged_predictions_back_to_each_source(tmp_path):
     assert pancreas[2, 2, 2] == 2 and pancreas.sum() == 2  # MSD pancreas: 2 = tumour
     with pytest.raises(UserError, match="not a merged dataset"):
         submit("mots", pred, tmp_path / "sub2", next(raw.glob("Dataset701_*")))
+
+
+def test_amos22_sheared_files_keep_their_affine(tmp_path):
+    import nibabel
+
+    from tests.test_convert import fake_amos
+    from tests.test_evaluate import write_sheared
+
+    src = fake_amos(tmp_path)
+    lab = np.zeros((8, 8, 6), np.uint8)
+    lab[2:4, 2:4, 1:3] = 6
+    write_sheared(src / "imagesTr" / "amos_0003.nii.gz", np.zeros((8, 8, 6)))
+    write_sheared(src / "labelsTr" / "amos_0003.nii.gz", lab)  # checked through nibabel's affines
+    result = convert(get_challenge("amos22-task1"), src, 218, out=tmp_path / "raw", progress=False)
+    assert "amos_0003" in result.converted["Tr"]
+    write_sheared(tmp_path / "pred" / "amos_0010.nii.gz", lab)
+    out, written = submit("amos22-task1", tmp_path / "pred", tmp_path / "sub", result.folder)
+    assert written == ["amos_0010.nii.gz"]
+    image = nibabel.load(str(out / "amos_0010.nii.gz"))
+    np.testing.assert_array_equal(np.asanyarray(image.dataobj), lab)
+    assert np.allclose(image.affine, nibabel.load(str(tmp_path / "pred" / "amos_0010.nii.gz")).affine)

@@ -156,13 +156,11 @@ class Challenge:
     def write_submission(self, predictions: dict[str, Path], meta: dict, out: Path) -> list[str]:
         """Write the predictions of every expected case (``predictions``: case id -> file) into ``out``;
         return the written file names (relative to ``out``)."""
-        import SimpleITK as sitk
-
         allowed = self.allowed_label_values()
         written = []
         for case_id, path in sorted(predictions.items()):
-            image = sitk.ReadImage(str(path))
-            array = sitk.GetArrayFromImage(image)
+            volume = read_label_volume(path)
+            array = volume.array
             bad = sorted(set(np.unique(array).tolist()) - allowed)
             if bad:
                 raise UserError(
@@ -170,7 +168,7 @@ class Challenge:
                     f"({self.labels}); predict with a model trained on the converted dataset."
                 )
             name = self.submission_name(case_id, meta["cases"].get(case_id, {}))
-            write_label_like(out / name, array, image)
+            volume.write_like(out / name, array)
             written.append(name)
         return written
 
@@ -278,6 +276,63 @@ def check_case(case: SourceCase, allowed: set[int]) -> list[str]:
         if diff:
             problems.append(f"geometry of {image.name} differs from {reference.name}: {diff}")
     return problems
+
+
+@dataclass
+class LabelVolume:
+    """A label map as a (z, y, x) array with its spacing (z, y, x), and what is needed to write one like it."""
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    reference: object  # SimpleITK image, or nibabel image when SimpleITK cannot read the file
+    reader: str  # "sitk" or "nibabel"
+
+    def write_like(self, path: Path, array: np.ndarray) -> None:
+        """Write ``array`` ((z, y, x), uint8) with this volume's geometry."""
+        if self.reader == "sitk":
+            write_label_like(path, array, self.reference)
+            return
+        import nibabel
+
+        ref = self.reference
+        header = ref.header.copy()
+        header.set_data_dtype(np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nibabel.save(
+            nibabel.Nifti1Image(np.asarray(array).transpose(2, 1, 0).astype(np.uint8), ref.affine, header),
+            str(path),
+        )
+
+
+def read_label_volume(path: Path, reader: str | None = None) -> LabelVolume:
+    """SimpleITK, or nibabel for files SimpleITK refuses (non-orthonormal direction cosines, as in AMOS);
+    ``reader`` forces one."""
+    if reader in (None, "sitk"):
+        try:
+            image = _sitk().ReadImage(str(path))
+            spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+            return LabelVolume(_sitk().GetArrayFromImage(image), spacing, image, "sitk")
+        except RuntimeError:
+            if reader == "sitk":
+                raise
+    import nibabel
+
+    image = nibabel.load(str(path))
+    array = np.asanyarray(image.dataobj)
+    if array.ndim != 3:
+        raise UserError(f"{path} is not a 3D image (shape {array.shape}).")
+    spacing = tuple(float(z) for z in reversed(image.header.get_zooms()[:3]))
+    return LabelVolume(array.transpose(2, 1, 0), spacing, image, "nibabel")
+
+
+def read_label_pair(a: Path, b: Path) -> tuple[LabelVolume, LabelVolume]:
+    """Both files with the same reader (nibabel for both if SimpleITK refuses either)."""
+    first = read_label_volume(a)
+    try:
+        second = read_label_volume(b, first.reader)
+    except RuntimeError:
+        return read_label_volume(a, "nibabel"), read_label_volume(b, "nibabel")
+    return first, second
 
 
 def write_label_like(path: Path, array: np.ndarray, reference) -> None:
