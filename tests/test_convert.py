@@ -315,9 +315,15 @@ def test_cosmos22_sparse_slices_with_ignore_label_consumed_by_labelprop(tmp_path
     np.testing.assert_array_equal(filled[[1, 3]], left[[1, 3]])
     assert set(np.unique(filled[[0, 4, 5]])) == {4}
 
+    # one side without contours: that half is reported, not converted
+    (src / "c02" / "CASCADE-ICAR" / "E1S101_R.QVS").unlink()
+    one = convert(get_challenge("cosmos22"), src, 44, out=raw, progress=False)
+    assert one.converted["Tr"] == ["c01_L", "c01_R", "c02_L"]
+    assert dict(one.skipped) == {"c02_R": "no contour file for this side: half not converted"}
+
     # whole volumes on request
     whole = convert(get_challenge("cosmos22"), src, 42, out=raw, progress=False, no_split_sides=True)
-    lab = read(whole.folder / "labelsTr" / "c02.nii.gz")
+    lab = read(whole.folder / "labelsTr" / "c01.nii.gz")
     assert lab.shape == COSMOS_SHAPE and sorted(np.flatnonzero((lab != 4).all(axis=(1, 2)))) == [1, 3, 4]
 
 
@@ -422,3 +428,7 @@ def test_mots_reports_missing_sources(tmp_path):
 
     with pytest.raises(UserError, match=r"no folder for lung \(5Lung or Task06_Lung\)"):
         convert_mots(src, 720, out=tmp_path / "raw", progress=False)
+    # a label value the source does not define (MSD spleen: 0/1 only)
+    write(src / "6Spleen" / "labelsTr" / "spleen_002.nii.gz", organ_label((1, 2), (4, 6, 6)))
+    with pytest.raises(UserError, match=r"spleen_002.nii.gz: label values \[2\]"):
+        convert(get_challenge("mots-spleen"), src / "6Spleen", 730, out=tmp_path / "raw", progress=False)

@@ -194,6 +194,13 @@ class COSMOS22(Challenge):
                 skipped.append((folder.name, "no DICOM series or image file in the case folder"))
                 continue
             split = "Tr" if contours else "Ts"
+            if contours and not no_split_sides:
+                sides = {_side_of(p) for p in contours}
+                skipped += [
+                    (f"{folder.name}_{side}", "no contour file for this side: half not converted")
+                    for side in ("L", "R")
+                    if side not in sides and None not in sides
+                ]
             cases.append(SourceCase(folder.name, [folder], None, split, folder.name, {"contours": contours}))
         return cases, skipped
 
