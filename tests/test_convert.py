@@ -432,3 +432,19 @@ def test_mots_reports_missing_sources(tmp_path):
     write(src / "6Spleen" / "labelsTr" / "spleen_002.nii.gz", organ_label((1, 2), (4, 6, 6)))
     with pytest.raises(UserError, match=r"spleen_002.nii.gz: label values \[2\]"):
         convert(get_challenge("mots-spleen"), src / "6Spleen", 730, out=tmp_path / "raw", progress=False)
+
+
+def test_cosmos22_side_from_file_or_folder_name(tmp_path):
+    from nnunet_ext.challenges.cosmos22 import _side_of
+
+    assert _side_of(Path("c01/CASCADE-ICAR/E1S101.QVS")) == "R"
+    assert _side_of(Path("c01/E1S101_L.xml")) == "L"
+    assert _side_of(Path("c01/contours.xml")) is None
+    src = fake_cosmos(tmp_path)
+    (src / "c01" / "CASCADE-ICAL" / "E1S101_L.QVS").rename(src / "c01" / "contours.QVS")
+    with pytest.raises(UserError, match="contour files without side.*contours.QVS.*--no-split-sides"):
+        convert(get_challenge("cosmos22"), src, 45, out=tmp_path / "raw", progress=False)
+    whole = convert(
+        get_challenge("cosmos22"), src, 45, out=tmp_path / "raw", progress=False, no_split_sides=True
+    )
+    assert whole.converted["Tr"] == ["c01", "c02"]

@@ -59,10 +59,10 @@ TRUE_WORDS = ("1", "yes", "true", "atherosclerotic", "y")
 
 
 def _side_of(path: Path) -> str | None:
-    stem = path.name.rsplit(".", 1)[0].upper()
-    if stem.endswith("_L") or any("ICAL" in part.upper() for part in path.parts[-3:-1]):
+    stem, parent = path.name.rsplit(".", 1)[0].upper(), path.parent.name.upper()
+    if stem.endswith("_L") or "ICAL" in parent:
         return "L"
-    if stem.endswith("_R") or any("ICAR" in part.upper() for part in path.parts[-3:-1]):
+    if stem.endswith("_R") or "ICAR" in parent:
         return "R"
     return None
 
