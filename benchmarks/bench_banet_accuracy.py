@@ -26,7 +26,7 @@ from nnunet_ext.io import atomic_write_json
 from nnunet_ext.metrics import per_structure
 from nnunet_ext.phantoms import write_phantom_dataset
 from nnunet_ext.plans import load_plans, save_plans, tiny_configuration
-from nnunet_ext.training import ext_trainer_env, nnunet_command, run_logged
+from nnunet_ext.training import ext_trainer_env, nnunet_command, predict_command, run_logged, train_command
 
 
 def evaluate(dataset: Path, predictions: Path) -> dict:
@@ -90,51 +90,14 @@ def run_seed(
         model = res / dataset.name / f"{trainer}__nnUNetPlans__{configuration}"
         seconds = None
         if not (model / "fold_0" / "checkpoint_final.pth").is_file():
-            seconds = run_logged(
-                [
-                    nnunet_command("nnUNetv2_train"),
-                    str(dataset_id),
-                    configuration,
-                    "0",
-                    "-tr",
-                    trainer,
-                    "-device",
-                    device,
-                ],
-                env,
-                log,
-                quiet=True,
-            )
+            cmd = train_command(dataset_id, configuration, 0, trainer, device)
+            seconds = run_logged(cmd, env, log, quiet=True)
         out = workdir / "predictions" / f"seed{seed}" / trainer
         if not out.is_dir() or len(list(out.glob("*.nii.gz"))) < len(
             list((dataset / "labelsTs").glob("*.nii.gz"))
         ):
-            run_logged(
-                [
-                    nnunet_command("nnUNetv2_predict"),
-                    "-i",
-                    str(dataset / "imagesTs"),
-                    "-o",
-                    str(out),
-                    "-d",
-                    str(dataset_id),
-                    "-c",
-                    configuration,
-                    "-f",
-                    "0",
-                    "-tr",
-                    trainer,
-                    "-device",
-                    device,
-                    "-npp",
-                    "1",
-                    "-nps",
-                    "1",
-                ],
-                env,
-                log,
-                quiet=True,
-            )
+            cmd = predict_command(dataset / "imagesTs", out, dataset_id, configuration, 0, trainer, device)
+            run_logged(cmd, env, log, quiet=True)
         results[trainer] = {**evaluate(dataset, out), "train_seconds": seconds}
         print(
             f"seed {seed} {trainer}: "

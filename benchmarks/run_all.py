@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (0: skip)")
     parser.add_argument("--steps-per-round", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (1 on a shared machine: read CPU-time rows)"
+    )
     parser.add_argument("--trainers", nargs="+", default=[t.__name__ for t in ours.METHOD_TRAINERS])
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
@@ -84,6 +87,7 @@ def main() -> None:
             cases=args.cases,
             rounds=args.rounds,
             steps_per_round=args.steps_per_round,
+            threads=args.threads,
         )
         r["machine"] = machine()
         print(format_report(r))

@@ -102,17 +102,25 @@ def training_memory_estimate(trainer, batch) -> dict:
     }
 
 
-def _timed_steps(trainer, batches, device) -> float:
+def _timed_steps(trainer, batches, device) -> tuple[float, float]:
+    """Mean wall-clock and process CPU seconds per train step (CPU time: the whole process, all threads)."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for batch in batches:
         trainer.train_step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / len(batches)
+    return (time.perf_counter() - start) / len(batches), (time.process_time() - cpu_start) / len(batches)
+
+
+def _set_threads(options: dict) -> None:
+    if options.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(options["threads"]))
 
 
 def measure_interleaved(options: dict) -> dict:
@@ -126,6 +134,7 @@ def measure_interleaved(options: dict) -> dict:
     import torch
 
     torch.manual_seed(options.get("seed", 0))
+    _set_threads(options)
     device = torch.device(options["device"])
     names = [options["baseline"], options["trainer"]]
     trainers = {n: _make_trainer(options, n) for n in names}
@@ -135,19 +144,33 @@ def measure_interleaved(options: dict) -> dict:
         for batch in batches[n][:warmup]:
             t.train_step(batch)
     times = {n: [] for n in names}
+    cpu_times = {n: [] for n in names}
     for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
-            times[n].append(_timed_steps(trainers[n], batches[n][warmup:], device))
+            wall, cpu = _timed_steps(trainers[n], batches[n][warmup:], device)
+            times[n].append(wall)
+            cpu_times[n].append(cpu)
     ratios = [t / b for b, t in zip(times[names[0]], times[names[1]], strict=True)]
+    cpu_ratios = [t / b for b, t in zip(cpu_times[names[0]], cpu_times[names[1]], strict=True)]
     return {
         "baseline_step_s": statistics.median(times[names[0]]),
         "trainer_step_s": statistics.median(times[names[1]]),
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "baseline_step_cpu_s": statistics.median(cpu_times[names[0]]),
+        "trainer_step_cpu_s": statistics.median(cpu_times[names[1]]),
+        "cpu_ratio_median": statistics.median(cpu_ratios),
+        "threads": _threads(),
         "rounds": rounds,
         "steps_per_round": k,
     }
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def measure(options: dict) -> dict:
@@ -158,6 +181,7 @@ def measure(options: dict) -> dict:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     torch.manual_seed(options.get("seed", 0))
+    _set_threads(options)
     device = torch.device(options["device"])
     trainer = _make_trainer(options, options["trainer"])
     cls = type(trainer)
@@ -171,7 +195,7 @@ def measure(options: dict) -> dict:
         base_mem = torch.cuda.memory_allocated(device) / 2**20
     rss_before = _rss_mb()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    step_time = _timed_steps(trainer, batches[n_warmup:-1], device)
+    step_time, step_cpu_time = _timed_steps(trainer, batches[n_warmup:-1], device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         memory = {
@@ -225,6 +249,8 @@ def measure(options: dict) -> dict:
     return {
         "trainer": cls.__name__,
         "train_step_s": step_time,
+        "train_step_cpu_s": step_cpu_time,
+        "threads": _threads(),
         **memory,
         "inference_s_per_case": sum(times) / len(times) if times else None,
         "inference_cases": keys,
@@ -249,6 +275,7 @@ def run_benchmark(
     no_mirroring: bool = False,
     rounds: int = 10,
     steps_per_round: int = 2,
+    threads: int | None = None,
 ) -> dict:
     """Measure ``baseline`` and ``trainer`` in fresh processes, one after the other, then both interleaved in
     one process (``rounds`` x ``steps_per_round`` steps each; 0 rounds skips it); return all and ratios."""
@@ -277,6 +304,7 @@ def run_benchmark(
             "device": device,
             "warmup": warmup,
             "fold": fold,
+            "threads": threads,
         }
 
         def worker(label: str, options: dict) -> dict:
@@ -315,8 +343,12 @@ def run_benchmark(
     for key in ("train_step_s", "peak_memory_mb", "memory_estimate_mb", "inference_s_per_case", "parameters"):
         if b.get(key) and t.get(key) is not None:
             ratios[key] = t[key] / b[key]
+    if b.get("train_step_cpu_s") and device == "cpu":
+        ratios["train_step_cpu_s"] = t["train_step_cpu_s"] / b["train_step_cpu_s"]
     if interleaved:
         ratios["train_step_interleaved_s"] = interleaved["ratio_median"]
+        if device == "cpu":
+            ratios["train_step_interleaved_cpu_s"] = interleaved["cpu_ratio_median"]
     return {
         "configuration": configuration,
         "plans_file": str(plans_file),
@@ -332,11 +364,21 @@ def format_report(r: dict) -> str:
     b, t = r["baseline"], r["trainer"]
     inter = r.get("interleaved")
     if inter:  # the load-robust train-step measurement (see the module docstring)
-        b = {**b, "train_step_interleaved_s": inter["baseline_step_s"]}
-        t = {**t, "train_step_interleaved_s": inter["trainer_step_s"]}
+        b = {
+            **b,
+            "train_step_interleaved_s": inter["baseline_step_s"],
+            "train_step_interleaved_cpu_s": inter.get("baseline_step_cpu_s"),
+        }
+        t = {
+            **t,
+            "train_step_interleaved_s": inter["trainer_step_s"],
+            "train_step_interleaved_cpu_s": inter.get("trainer_step_cpu_s"),
+        }
     rows = [
         ("train step [s]", "train_step_s", "{:.3f}"),
         ("  interleaved [s]", "train_step_interleaved_s", "{:.3f}"),
+        ("  CPU time [s]", "train_step_cpu_s", "{:.3f}"),
+        ("  interl. CPU time [s]", "train_step_interleaved_cpu_s", "{:.3f}"),
         ("peak memory [MiB]", "peak_memory_mb", "{:.0f}"),
         ("memory estimate [MiB]", "memory_estimate_mb", "{:.0f}"),
         ("inference / case [s]", "inference_s_per_case", "{:.2f}"),
@@ -344,7 +386,8 @@ def format_report(r: dict) -> str:
     ]
     width = max(len(b["trainer"]), len(t["trainer"]), 12)
     lines = [
-        f"configuration {r['configuration']} on {r['device']}, batch {t['batch_size']}, patch {t['patch_size']}",
+        f"configuration {r['configuration']} on {r['device']} ({t.get('threads')} threads), batch "
+        f"{t['batch_size']}, patch {t['patch_size']}",
         f"{'':<22}{b['trainer']:>{width}}{t['trainer']:>{width + 2}}{'ratio':>10}",
     ]
     for label, key, fmt in rows:
@@ -353,6 +396,8 @@ def format_report(r: dict) -> str:
         def cell(v, fmt=fmt, scale=scale):
             return fmt.format(v * scale) if v is not None else "n/a"
 
+        if "cpu" in key and r["device"] != "cpu":
+            continue  # host CPU time says nothing about GPU work
         ratio = f"{r['ratios'][key]:.2f}x" if key in r["ratios"] else "n/a"
         lines.append(f"{label:<22}{cell(b.get(key)):>{width}}{cell(t.get(key)):>{width + 2}}{ratio:>10}")
     lines.append(f"peak memory: {t['memory_kind']}")
@@ -387,6 +432,7 @@ def _cmd_bench(args):
         args.no_mirroring,
         args.rounds,
         args.steps_per_round,
+        args.threads,
     )
     print(format_report(r))
     if args.json:
@@ -423,6 +469,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--steps-per-round", type=int, default=2, help="train steps per trainer and round (default 2)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads in the workers (default: torch's). On a shared machine use 1 and read the CPU-time "
+        "rows: process CPU time per step does not grow with other jobs' load the way wall time does",
     )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_bench)

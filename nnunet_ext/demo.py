@@ -43,8 +43,20 @@ def run_demo(
 
     from nnunet_ext.phantoms import write_phantom_dataset
     from nnunet_ext.plans import load_plans, save_plans, tiny_configuration
-    from nnunet_ext.training import ext_trainer_env, find_trainer, nnunet_command, run_logged
+    from nnunet_ext.training import (
+        ext_trainer_env,
+        find_trainer,
+        nnunet_command,
+        predict_command,
+        run_logged,
+        train_command,
+    )
 
+    if num_train < 5 or num_test < 1:
+        raise UserError(
+            f"--num-train {num_train} --num-test {num_test}: nnU-Net's 5-fold split needs at least 5 training "
+            "cases, and the evaluation at least 1 test case."
+        )
     trainers = trainers or default_trainers()
     for t in trainers:
         find_trainer(t)
@@ -126,18 +138,8 @@ def run_demo(
         if (model / "checkpoint_final.pth").is_file():
             print("  done before")
         else:
-            cmd = [
-                nnunet_command("nnUNetv2_train"),
-                str(DATASET_ID),
-                CONFIGURATION,
-                "0",
-                "-tr",
-                trainer,
-                "-device",
-                device,
-            ]
-            if (model / "checkpoint_latest.pth").is_file():
-                cmd.append("--c")
+            resume = ["--c"] if (model / "checkpoint_latest.pth").is_file() else []
+            cmd = train_command(DATASET_ID, CONFIGURATION, 0, trainer, device, *resume)
             timings[f"train {trainer}"] = run_logged(cmd, env, log, quiet)
         announce(f"nnUNetv2_predict -tr {trainer} on {dataset_name}/imagesTs")
         out = workdir / "predictions" / trainer
@@ -146,32 +148,10 @@ def run_demo(
         ):
             print("  done before")
         else:
-            timings[f"predict {trainer}"] = run_logged(
-                [
-                    nnunet_command("nnUNetv2_predict"),
-                    "-i",
-                    str(dataset_folder / "imagesTs"),
-                    "-o",
-                    str(out),
-                    "-d",
-                    str(DATASET_ID),
-                    "-c",
-                    CONFIGURATION,
-                    "-f",
-                    "0",
-                    "-tr",
-                    trainer,
-                    "-device",
-                    device,
-                    "-npp",
-                    "1",
-                    "-nps",
-                    "1",
-                ],
-                env,
-                log,
-                quiet,
+            cmd = predict_command(
+                dataset_folder / "imagesTs", out, DATASET_ID, CONFIGURATION, 0, trainer, device
             )
+            timings[f"predict {trainer}"] = run_logged(cmd, env, log, quiet)
         predictions[trainer] = out
 
     announce("evaluate on the test cases (nnU-Net's Dice)")

@@ -56,6 +56,50 @@ def nnunet_command(name: str) -> str:
     return found
 
 
+def train_command(dataset, configuration: str, fold, trainer: str, device: str, *extra: str) -> list[str]:
+    """The stock ``nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -device DEVICE [extra]`` command."""
+    return [
+        nnunet_command("nnUNetv2_train"),
+        str(dataset),
+        configuration,
+        str(fold),
+        "-tr",
+        trainer,
+        "-device",
+        device,
+        *extra,
+    ]
+
+
+def predict_command(
+    images: Path, out: Path, dataset, configuration: str, fold, trainer: str, device: str, *extra: str
+) -> list[str]:
+    """The stock ``nnUNetv2_predict`` of one fold's model on a folder of images, one worker per stage
+    (``-npp 1 -nps 1``: what small CPU machines and CI runners can afford)."""
+    return [
+        nnunet_command("nnUNetv2_predict"),
+        "-i",
+        str(images),
+        "-o",
+        str(out),
+        "-d",
+        str(dataset),
+        "-c",
+        configuration,
+        "-f",
+        str(fold),
+        "-tr",
+        trainer,
+        "-device",
+        device,
+        "-npp",
+        "1",
+        "-nps",
+        "1",
+        *extra,
+    ]
+
+
 def run_logged(cmd: list[str], env: dict, log: Path, quiet: bool = False) -> float:
     """Run a stock nnU-Net command, streaming its output (and appending it to ``log``); return seconds."""
     print(f"$ {' '.join([Path(cmd[0]).name, *cmd[1:]])}", flush=True)

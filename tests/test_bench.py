@@ -35,6 +35,8 @@ def test_bench_reports_both_trainers_and_ratios(phantom_workspace, monkeypatch, 
             "2",
             "--steps-per-round",
             "1",
+            "--threads",
+            "1",
             "--json",
             str(out),
         ]
@@ -59,6 +61,10 @@ def test_bench_reports_both_trainers_and_ratios(phantom_workspace, monkeypatch, 
     assert inter["rounds"] == 2 and inter["baseline_step_s"] > 0 and inter["trainer_step_s"] > 0
     assert inter["ratio_min"] <= inter["ratio_median"] <= inter["ratio_max"]
     assert r["ratios"]["train_step_interleaved_s"] == inter["ratio_median"]
+    # on CPU, process CPU time per step (one torch thread) is reported next to wall time
+    assert inter["threads"] == 1 and r["trainer"]["threads"] == 1
+    assert r["trainer"]["train_step_cpu_s"] > 0 and inter["trainer_step_cpu_s"] > 0
+    assert r["ratios"]["train_step_interleaved_cpu_s"] == inter["cpu_ratio_median"]
     assert "interleaved" in text and "memory estimate" in text
     # the user's results folder is untouched: trainer outputs went to a temporary folder
     assert not list((phantom_workspace.root / "results").glob("*/nnUNetTrainerBANet__*"))
