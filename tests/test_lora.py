@@ -1,0 +1,244 @@
+"""LoRA on nnU-Net networks (nnunet_ext.lora): injection through the alias trap, gradients, exact merge,
+strict loading of merged weights into the stock network; nnUNetTrainerLoRA (pretrained -> adapters ->
+merged checkpoint, resume). Tiny networks on CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from torch import nn
+
+from nnunet_ext import lora
+
+torch.set_num_threads(2)
+
+
+def arch_kwargs(style: str, dim: int = 3, features=(4, 8, 16)) -> dict:
+    n = len(features)
+    kw = dict(
+        n_stages=n,
+        features_per_stage=list(features),
+        conv_op=nn.Conv3d if dim == 3 else nn.Conv2d,
+        kernel_sizes=[[3] * dim] * n,
+        strides=[[1] * dim] + [[2] * dim] * (n - 1),
+        n_conv_per_stage_decoder=[1] * (n - 1),
+        conv_bias=True,
+        norm_op=nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+    )
+    kw["n_conv_per_stage" if style == "plain" else "n_blocks_per_stage"] = [1] * n
+    return kw
+
+
+def make_net(style: str, dim: int = 3, seed: int = 0, features=(4, 8, 16)) -> nn.Module:
+    torch.manual_seed(seed)
+    cls = PlainConvUNet if style == "plain" else ResidualEncoderUNet
+    net = cls(input_channels=1, num_classes=3, deep_supervision=True, **arch_kwargs(style, dim, features))
+    net.apply(net.initialize)
+    # a "pretrained" network: ResidualEncoderUNet zero-initialises the last norm of each residual block,
+    # which would block every gradient into that block; trained weights are not zero
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.InstanceNorm3d, nn.InstanceNorm2d)):
+                m.weight.uniform_(0.5, 1.5)
+    return net
+
+
+def randomise_adapters(net: nn.Module, std: float = 0.2) -> None:
+    torch.manual_seed(1)
+    for _, layer in lora.lora_layers(net):
+        nn.init.normal_(layer.lora_B["default"].weight, std=std)
+
+
+@pytest.mark.parametrize("style", ["plain", "resenc"])
+def test_adapters_change_outputs_and_receive_gradients(style):
+    net = make_net(style)
+    x = torch.randn(2, 1, 8, 16, 16)
+    before = net(x)[0].detach()
+    names = lora.inject_lora(net, lora.LoRAConfig(rank=2, alpha=4))
+    lora.mark_trainable(net)
+    # every conv and transposed conv except the heads, each adapted once, aliases included
+    convs = [n for n, m in make_net(style).named_modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    assert sorted(names) == sorted(n for n in convs if "seg_layers" not in n)
+    assert any("transpconvs" in n for n in names)
+    for name, module in net.named_modules(remove_duplicate=False):
+        if name.endswith(".all_modules.0"):
+            assert lora._is_lora_layer(module)  # the path the forward pass uses is adapted
+    torch.testing.assert_close(net(x)[0], before)  # B = 0: unchanged until trained
+    randomise_adapters(net)
+    out = net(x)[0]
+    assert (out - before).abs().max() > 1e-3
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in net.named_parameters():
+        if ".lora_" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        elif "seg_layers" not in name:
+            assert not p.requires_grad and p.grad is None, name
+
+
+def test_by_name_replacement_alone_changes_nothing():
+    """The trap the identity replacement avoids: swapping only `.conv` leaves `.all_modules.0` in use."""
+    net = make_net("plain")
+    x = torch.randn(1, 1, 8, 16, 16)
+    before = net(x)[0].detach()
+    block = net.encoder.stages[0][0].convs[0]
+    block.conv = nn.Conv3d(block.conv.in_channels, block.conv.out_channels, 3, padding=1)
+    torch.testing.assert_close(net(x)[0], before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("style,dim", [("plain", 3), ("resenc", 3), ("plain", 2)])
+def test_merge_is_exact_and_loads_strictly_into_stock_network(style, dim):
+    net = make_net(style, dim)
+    stock_keys = list(net.state_dict())
+    lora.inject_lora(net, lora.LoRAConfig(rank=3, alpha=6))
+    randomise_adapters(net)
+    if style == "resenc":  # 1x1x1 skip projections are adapted (peft 0.21.2's own merge crashes on them)
+        assert any(m.base_layer.kernel_size == (1, 1, 1) for _, m in lora.lora_layers(net))
+    x = torch.randn(2, 1, *([8, 16, 16] if dim == 3 else [16, 16]))
+    net.eval()
+    with torch.no_grad():
+        adapted = net(x)[0]
+    merged_sd = lora.merged_state_dict(net)
+    assert list(merged_sd) == stock_keys  # stock names, alias keys included
+    fresh = make_net(style, dim, seed=5)
+    fresh.load_state_dict(merged_sd, strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)[0], adapted, rtol=1e-4, atol=1e-5)
+    assert lora.lora_layers(net)  # merged_state_dict left the adapted network alone
+    lora.merge_lora(net)
+    assert not lora.lora_layers(net) and list(net.state_dict()) == stock_keys
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[0], adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_strip_returns_the_network_before_adaptation():
+    net = make_net("plain")
+    reference = copy.deepcopy(net)
+    lora.inject_lora(net, lora.LoRAConfig(rank=2))
+    randomise_adapters(net)
+    stripped = lora.strip_lora(copy.deepcopy(net))
+    for (k, v), (k2, v2) in zip(stripped.state_dict().items(), reference.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_layer_patterns_and_errors():
+    net = make_net("plain")
+    names = lora.inject_lora(net, lora.LoRAConfig(rank=2, target=(r"^encoder\.",)))
+    assert names and all(n.startswith("encoder.") for n in names)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lora.inject_lora(net, lora.LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match="no convolution matches"):
+        lora.inject_lora(make_net("plain"), lora.LoRAConfig(target=(r"^nothing",)))
+    with pytest.raises(ValueError, match="rank"):
+        lora.LoRAConfig(rank=0)
+    assert lora.LoRAConfig.from_dict(lora.LoRAConfig(rank=3).to_dict()) == lora.LoRAConfig(rank=3)
+
+
+def test_trainable_parameters_of_the_default_network_stay_under_5_percent():
+    """nnUNetTrainerLoRA's defaults on nnU-Net's default 3d_fullres network (32..320 features, 6 stages)."""
+    from nnunet_ext.trainers import nnUNetTrainerLoRA as T
+
+    net = make_net("plain", features=(32, 64, 128, 256, 320, 320))
+    config = lora.LoRAConfig(
+        rank=T.lora_rank, alpha=T.lora_alpha, target=T.lora_target, exclude=T.lora_exclude
+    )
+    lora.inject_lora(net, config)
+    lora.mark_trainable(net, T.lora_train_also)
+    report = lora.report(net)
+    assert 0 < report.trainable_fraction <= 0.05, str(report)
+    assert "adapted layers" in str(report)
+
+
+# ------------------------------------------------------------------------------------ trainer
+
+
+def _setenv(monkeypatch, workspace):
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, workspace.env[k])
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    monkeypatch.setenv("nnUNet_compile", "f")
+
+
+def make_trainer(name: str, dataset: str, fold: int = 0):
+    from nnunet_ext.medseqft_run import _trainer
+
+    return _trainer(name, dataset, "3d_tiny", fold, "nnUNetPlans", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(phantom_workspace, tmp_path_factory):
+    """A plain nnU-Net checkpoint (nnUNetTrainer_smoke on the full phantom) to fine-tune from."""
+    mp = pytest.MonkeyPatch()
+    _setenv(mp, phantom_workspace)
+    dataset = phantom_workspace.dataset(501).name
+    mp.setenv("nnUNet_results", str(tmp_path_factory.mktemp("pretrain")))
+    trainer = make_trainer("nnUNetTrainer_smoke", dataset)
+    trainer.num_iterations_per_epoch = 1
+    trainer.run_training()
+    mp.undo()
+    return dataset, trainer.output_folder + "/checkpoint_final.pth"
+
+
+@pytest.mark.slow
+def test_lora_trainer_pretrained_merged_checkpoint_and_resume(
+    phantom_workspace, pretrained, monkeypatch, tmp_path
+):
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    _setenv(monkeypatch, phantom_workspace)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    dataset, ckpt = pretrained
+
+    # without -pretrained_weights: refused with the fix
+    trainer = make_trainer("nnUNetTrainerLoRA_smoke", dataset)
+    trainer.initialize()
+    with pytest.raises(RuntimeError, match="-pretrained_weights"):
+        trainer.inject_adapters()
+
+    trainer = make_trainer("nnUNetTrainerLoRA_smoke", dataset)
+    trainer.num_iterations_per_epoch = 2
+    maybe_load_checkpoint(trainer, False, False, ckpt)  # exactly nnUNetv2_train's -pretrained_weights path
+    base = torch.load(ckpt, weights_only=False)["network_weights"]
+    trainer.run_training()
+    final = torch.load(trainer.output_folder + "/checkpoint_final.pth", weights_only=False)
+    assert {"lora_state", "lora_config"} <= set(final)
+    assert lora.has_lora_keys(final["lora_state"]) and not lora.has_lora_keys(final["network_weights"])
+    # frozen base: the adapters' base layers still hold the pretrained weights
+    k = "encoder.stages.1.0.convs.0.conv.weight"
+    assert torch.equal(final["lora_state"][k.replace(".weight", ".base_layer.weight")], base[k])
+    assert not torch.equal(final["network_weights"][k], base[k])  # merged = base + trained adapter
+
+    # merged checkpoint: strict load into the stock network; same predictions as the trained network
+    stock = nnUNetTrainer.build_network_architecture(
+        trainer.plans_manager,
+        trainer.configuration_manager,
+        1,
+        trainer.label_manager.num_segmentation_heads,
+        False,
+    )
+    stock.load_state_dict(final["network_weights"], strict=True)
+    stock.eval()
+    trainer.network.eval()  # after training: the merged network
+    trainer.set_deep_supervision_enabled(False)
+    x = torch.randn(1, 1, *trainer.configuration_manager.patch_size)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x), trainer.network(x), rtol=1e-4, atol=1e-5)
+
+    # and -pretrained_weights of a next training accepts it
+    nxt = make_trainer("nnUNetTrainerLoRA_smoke", dataset, fold=1)
+    maybe_load_checkpoint(nxt, False, False, trainer.output_folder + "/checkpoint_final.pth")
+
+    # resume (--c): adapters re-injected, unmerged state and optimizer restored
+    resumed = make_trainer("nnUNetTrainerLoRA_smoke", dataset)
+    resumed.load_checkpoint(trainer.output_folder + "/checkpoint_final.pth")
+    assert resumed.lora_injected and resumed.current_epoch == 1
+    sd = resumed.base_network().state_dict()
+    for key, value in final["lora_state"].items():
+        assert torch.equal(sd[key], value), key
