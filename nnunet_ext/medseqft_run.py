@@ -106,6 +106,8 @@ def train(
     plans_identifier: str,
     pretrained: str,
     device,
+    epochs: int | None = None,
+    iterations: int | None = None,
 ) -> Path:
     """Train (unless finished) and return the checkpoint_final.pth of this training."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
@@ -117,6 +119,13 @@ def train(
         return final
     with _results_root(strategy_root):
         trainer = _trainer(trainer_name, dataset, configuration, fold, plans_identifier, device)
+        if epochs:  # same override for every strategy: a shorter schedule than the trainer's
+            trainer.num_epochs = trainer.save_every = int(epochs)
+        if iterations:
+            trainer.num_iterations_per_epoch = int(iterations)
+            trainer.num_val_iterations_per_epoch = max(
+                1, min(trainer.num_val_iterations_per_epoch, iterations // 5)
+            )
         maybe_load_checkpoint(trainer, False, False, str(pretrained))
         trainer.run_training()
     if not final.is_file():
@@ -231,6 +240,8 @@ def run_sequence(
     device: str = "cpu",
     overwrite: bool = False,
     max_test_cases: int | None = None,
+    epochs: int | None = None,
+    iterations: int | None = None,
 ) -> dict:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -271,6 +282,8 @@ def run_sequence(
         "plans": plans_identifier,
         "fold": fold,
         "schedule": schedule,
+        "epochs": epochs,
+        "iterations": iterations,
     }
     state_file = out / "medseqft_run.json"
     if state_file.is_file():
@@ -279,6 +292,11 @@ def run_sequence(
             raise UserError(
                 f"{out} holds a run with other settings ({old}); pass --overwrite or another --output folder"
             )
+        if old != settings:  # --overwrite: the old run's models must not be taken as finished trainings
+            import shutil
+
+            for s in STRATEGIES:
+                shutil.rmtree(out / s, ignore_errors=True)
     atomic_write_json(state_file, {"settings": settings})
     dev = torch.device(device)
     suffix = SUFFIX[schedule]
@@ -319,7 +337,18 @@ def run_sequence(
                     continue
             print(f"[{strategy}] {trainer} on {name} from {init}", flush=True)
             models[strategy].append(
-                train(root, trainer, name, configuration, fold, plans_identifier, str(init), dev)
+                train(
+                    root,
+                    trainer,
+                    name,
+                    configuration,
+                    fold,
+                    plans_identifier,
+                    str(init),
+                    dev,
+                    epochs,
+                    iterations,
+                )
             )
             times[strategy] += time.perf_counter() - start
 
@@ -368,6 +397,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         max_test_cases=args.max_test_cases,
+        epochs=args.epochs,
+        iterations=args.iterations,
     )
     return 0
 
@@ -387,6 +418,8 @@ def add_run_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="run folder (models, forgetting matrices)")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument("--schedule", choices=list(SUFFIX), default="full", help="training length (default full)")
+    p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (all strategies)")
+    p.add_argument("--iterations", type=int, default=None, help="override iterations per epoch")
     p.add_argument("-f", "--fold", type=int, default=0)
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-k", type=int, default=None, help="MDS buffer size (default --fraction of the cases)")

@@ -171,18 +171,26 @@ def make_trainer(name: str, dataset: str, fold: int = 0):
     return _trainer(name, dataset, "3d_tiny", fold, "nnUNetPlans", torch.device("cpu"))
 
 
-@pytest.fixture(scope="module")
-def pretrained(phantom_workspace, tmp_path_factory):
-    """A plain nnU-Net checkpoint (nnUNetTrainer_smoke on the full phantom) to fine-tune from."""
-    mp = pytest.MonkeyPatch()
-    _setenv(mp, phantom_workspace)
-    dataset = phantom_workspace.dataset(501).name
-    mp.setenv("nnUNet_results", str(tmp_path_factory.mktemp("pretrain")))
-    trainer = make_trainer("nnUNetTrainer_smoke", dataset)
-    trainer.num_iterations_per_epoch = 1
-    trainer.run_training()
-    mp.undo()
-    return dataset, trainer.output_folder + "/checkpoint_final.pth"
+def foundation_checkpoint(workspace) -> tuple[str, str]:
+    """A plain nnU-Net checkpoint to fine-tune from: nnUNetTrainer_smoke (1 iteration) on the full phantom
+    501; trained once per session (cached in the session workspace, shared with test_medseqft)."""
+    dataset = workspace.dataset(501).name
+    root = workspace.root / "foundation"
+    ckpt = root / dataset / "nnUNetTrainer_smoke__nnUNetPlans__3d_tiny" / "fold_0" / "checkpoint_final.pth"
+    if not ckpt.is_file():
+        mp = pytest.MonkeyPatch()
+        _setenv(mp, workspace)
+        mp.setenv("nnUNet_results", str(root))
+        trainer = make_trainer("nnUNetTrainer_smoke", dataset)
+        trainer.num_iterations_per_epoch = 1
+        trainer.run_training()
+        mp.undo()
+    return dataset, str(ckpt)
+
+
+@pytest.fixture
+def pretrained(phantom_workspace):
+    return foundation_checkpoint(phantom_workspace)
 
 
 @pytest.mark.slow

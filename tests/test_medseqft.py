@@ -1,0 +1,191 @@
+"""MedSeqFT: feature taps, MDS selection (deterministic for a seed), K&G RFT trainer, and a 3-task
+sequence on phantoms end to end (MedSeqFT vs sequential vs parallel fine-tuning, forgetting matrices)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from nnunet_ext.cli import main as cli
+from tests.conftest import run
+from tests.test_lora import foundation_checkpoint, make_net
+
+torch.set_num_threads(2)
+
+TASK_IDS = (611, 612, 613)
+
+
+@pytest.mark.parametrize("style", ["plain", "resenc"])
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_unet_features_reproduce_the_forward_pass(style, deep_supervision):
+    from nnunet_ext.medseqft import FeatureTap, unet_features
+
+    net = make_net(style).eval()
+    net.decoder.deep_supervision = deep_supervision
+    x = torch.randn(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+        out, feats = unet_features(net, x)
+        tapped = FeatureTap(net)
+        plain_call = tapped(x)
+    ref_list = ref if deep_supervision else [ref]
+    out_list = out if deep_supervision else [out]
+    for a, b in zip(ref_list, out_list):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(plain_call[0] if deep_supervision else plain_call, ref_list[0])
+    assert len(feats) == 3 + 2  # every encoder stage, every decoder stage
+    assert tapped.decoder is net.decoder
+
+
+def test_feature_tap_rejects_networks_without_unet_decoder():
+    from nnunet_ext.errors import UserError
+    from nnunet_ext.medseqft import FeatureTap
+
+    with pytest.raises(UserError, match="UNetDecoder"):
+        FeatureTap(nn.Conv3d(1, 1, 1))
+
+
+def test_cli_errors_name_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    code = cli(["medseqft", "select", "999", "3d_fullres", "--checkpoint", str(tmp_path / "none.pth")])
+    assert code == 1 and "nnUNetv2_plan_and_preprocess" in capsys.readouterr().err
+    code = cli(
+        ["medseqft", "run", "--pretrained", str(tmp_path / "none.pth"), "-d", "1", "-c", "x", "-o", "o"]
+    )
+    assert code == 1 and "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ on phantoms
+
+
+def _env(monkeypatch, workspace, results: Path | None = None):
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, workspace.env[k])
+    if results is not None:
+        monkeypatch.setenv("nnUNet_results", str(results))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    monkeypatch.setenv("nnUNet_compile", "f")
+
+
+@pytest.mark.slow
+def test_mds_selection_is_deterministic_for_a_seed(phantom_workspace, monkeypatch, tmp_path):
+    from nnunet_ext.errors import UserError
+    from nnunet_ext.medseqft import select_buffer, write_buffer
+
+    dataset, ckpt = foundation_checkpoint(phantom_workspace)
+    _env(monkeypatch, phantom_workspace)
+    kw = dict(k=2, views=2, progress=False)
+    a = select_buffer(ckpt, dataset, "3d_tiny", seed=3, **kw)
+    b = select_buffer(ckpt, dataset, "3d_tiny", seed=3, **kw)
+    c = select_buffer(ckpt, dataset, "3d_tiny", seed=4, **kw)
+    assert a["score"] == "objective"  # nnU-Net checkpoints carry their objective's head
+    assert a == b
+    assert a["scores"] != c["scores"]  # other random views
+    assert len(a["scores"]) == 6 and len(a["buffer"]) == 2
+    assert a["buffer"] == sorted(a["scores"], key=a["scores"].get)[:2]
+    assert all(math.isfinite(v) and v >= 0 for v in a["scores"].values())
+    f1 = select_buffer(ckpt, dataset, "3d_tiny", seed=3, score="features", **kw)
+    assert f1["score"] == "features" and f1 == select_buffer(
+        ckpt, dataset, "3d_tiny", seed=3, score="features", **kw
+    )
+    # written atomically; other settings are not silently replaced
+    path = tmp_path / "buffer.json"
+    write_buffer(a, path, overwrite=False)
+    write_buffer(a, path, overwrite=False)  # same settings: fine
+    with pytest.raises(UserError, match="--overwrite"):
+        write_buffer(c, path, overwrite=False)
+    write_buffer(c, path, overwrite=True)
+    assert json.loads(path.read_text())["seed"] == 4
+
+
+@pytest.fixture
+def task_sequence(phantom_workspace, monkeypatch):
+    """Three binary phantom tasks (liver, kidney, spleen) planned like the other phantoms, with 3d_tiny."""
+    from nnunet_ext.medseqft import write_task_phantoms
+
+    root = phantom_workspace.root
+    _env(monkeypatch, phantom_workspace)
+    if not (root / "preprocessed" / "Dataset613_PhantomTaskSpleen").is_dir():
+        write_task_phantoms(
+            root / "raw", TASK_IDS[0], num_train=4, num_test=1, shape=(24, 48, 48), force=True
+        )
+        ids = [str(i) for i in TASK_IDS]
+        run(
+            ["nnUNetv2_plan_and_preprocess", "-d", *ids, "-c", "3d_fullres", "-np", "1"],
+            phantom_workspace.env,
+        )
+        for i in ids:  # in this process: the env's nnUNet_preprocessed is the workspace's (set by the test)
+            assert cli(["plans", "tiny", i]) == 0
+    return [f"Dataset{i}_PhantomTask{t}" for i, t in zip(TASK_IDS, ("Liver", "Kidney", "Spleen"))]
+
+
+@pytest.mark.slow
+def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkeypatch, tmp_path):
+    """M_0 -> liver -> kidney -> spleen with MedSeqFT, sequential and parallel fine-tuning (smoke schedule)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_ext.medseqft_run import run_sequence
+
+    _, ckpt = foundation_checkpoint(phantom_workspace)
+    _env(monkeypatch, phantom_workspace)
+    out = tmp_path / "run"
+    result = run_sequence(
+        ckpt,
+        list(TASK_IDS),
+        "3d_tiny",
+        out,
+        schedule="smoke",
+        k=1,
+        views=1,
+        device="cpu",
+        max_test_cases=1,
+        iterations=1,
+    )
+    strategies = result["strategies"]
+    assert set(strategies) == {"medseqft", "sequential", "parallel"}
+    for name, entry in strategies.items():
+        matrix = entry["matrix"]
+        assert [len(row) for row in matrix] == [1, 2, 3], name  # M_t on tasks 1..t
+        assert all(math.isnan(v) or 0.0 <= v <= 1.0 for row in matrix for v in row)
+        assert len(entry["models"]) == 3 and all(Path(m).is_file() for m in entry["models"])
+    assert strategies["parallel"]["models"][0] == strategies["sequential"]["models"][0]
+    assert "medseqft" in strategies["medseqft"]["models"][2]
+    assert (out / "forgetting.md").read_text().count("| M_3 |") == 3
+    for name in task_sequence:  # one MDS buffer per task, in nnU-Net's preprocessed folder
+        record = json.loads(
+            (Path(phantom_workspace.env["nnUNet_preprocessed"]) / name / "medseqft_buffer.json").read_text()
+        )
+        assert len(record["buffer"]) == 1 and record["checkpoint"] == str(Path(ckpt).resolve())
+
+    # every M_t of MedSeqFT is a stock nnU-Net checkpoint of its task (LoRA merged)
+    last = torch.load(strategies["medseqft"]["models"][2], weights_only=False)
+    model = Path(strategies["medseqft"]["models"][2]).parent.parent
+    pm = PlansManager(json.loads((model / "plans.json").read_text()))
+    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_tiny"), 1, 2, False)
+    net.load_state_dict(last["network_weights"], strict=True)
+    assert last["trainer_name"] == "nnUNetTrainerMedSeqFT_smoke"
+
+    # resumable: finished trainings are not repeated
+    stamp = Path(strategies["medseqft"]["models"][0]).stat().st_mtime
+    again = run_sequence(
+        ckpt,
+        list(TASK_IDS),
+        "3d_tiny",
+        out,
+        strategies=("medseqft",),
+        schedule="smoke",
+        k=1,
+        views=1,
+        device="cpu",
+        max_test_cases=1,
+        iterations=1,
+    )
+    assert Path(strategies["medseqft"]["models"][0]).stat().st_mtime == stamp
+    assert again["strategies"]["medseqft"]["matrix"] == strategies["medseqft"]["matrix"]
