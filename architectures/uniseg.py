@@ -308,11 +308,14 @@ class UniSeg(AbstractDynamicNetworkArchitectures):
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None):
         """Local logits of each sample's task (``task_ids`` (B,) long), or - in eval mode, without task ids -
-        nnU-Net logits over the global label space from all tasks (see the module docstring)."""
+        nnU-Net logits over the global label space from all tasks (see the module docstring). In training mode
+        without task ids (only shape / cost checks do that) every sample uses task 0."""
         if task_ids is None:
-            if self.training:
-                raise ValueError("UniSeg needs task_ids in training mode: network(x, task_ids)")
-            return self.forward_global(x)
+            if not self.training:
+                return self.forward_global(x)
+            # training mode without tasks (e.g. `nnunet-ext plans check`: shapes and cost): the first task.
+            # The trainer always passes each batch's tasks.
+            task_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         x = self._pad_channels(x)
         task_ids = task_ids.to(x.device, torch.long).reshape(-1)
         if task_ids.numel() == 1 and x.shape[0] > 1:

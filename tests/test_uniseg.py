@@ -204,8 +204,7 @@ def test_task_ids_route_each_sample_and_reach_prompt_and_fusion():
     assert not torch.allclose(net(x[:1], torch.tensor([0]))[0], net(x[:1], torch.tensor([1]))[0])
     out[0].sum().backward()
     assert net.prompt.grad.abs().sum() > 0 and net.fusion[0].conv.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="task_ids"):
-        net(x)  # training mode needs the task
+    torch.testing.assert_close(net(x)[0], net(x, torch.zeros(3, dtype=torch.long))[0])  # shape checks: task 0
 
 
 def test_all_task_pass_equals_single_task_passes_and_merges_into_global_labels():
@@ -344,6 +343,7 @@ def test_trainer_predictor_task_prediction_and_fine_tuning(uniseg_env, tmp_path)
     trainer.initialize()
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
     trainer.on_train_epoch_start()
+    trainer.dataloader_train.data_loader.task_order = []  # start a fresh round (nnU-Net drew one batch already)
     tasks_seen = []
     before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
     for _ in range(3):
@@ -351,7 +351,9 @@ def test_trainer_predictor_task_prediction_and_fine_tuning(uniseg_env, tmp_path)
         tasks_seen.append({k.split("_")[0] for k in batch["keys"]})
         assert np.isfinite(trainer.train_step(batch)["loss"])
     assert all(len(t) == 1 for t in tasks_seen)  # single-task batches ...
-    assert set().union(*tasks_seen) == {"liver", "kidney", "spleen"}  # ... each task once in the first round
+    present = {["liver", "kidney", "spleen"][t] for t in trainer.dataloader_train.data_loader.cases_by_task}
+    assert len(present) >= 2  # the 5-fold split of 6 cases keeps at least two tasks in training
+    assert set().union(*tasks_seen[: len(present)]) == present  # ... each task once per round
     after = trainer.network.state_dict()
     for key in (
         "prompt",
@@ -380,6 +382,8 @@ def test_trainer_predictor_task_prediction_and_fine_tuning(uniseg_env, tmp_path)
     )
     predictor.initialize_from_trained_model_folder(out_base, (0,), "checkpoint_final.pth")
     assert isinstance(predictor.network, UniSeg)
+    logits = predictor.predict_logits_from_preprocessed_data(torch.randn(1, 24, 48, 48))  # sets eval mode
+    assert logits.shape == (6, 24, 48, 48) and torch.isfinite(logits).all()
     trainer.network.eval()
     trainer.set_deep_supervision_enabled(False)
     x = torch.randn(1, 1, 24, 48, 48)
@@ -514,16 +518,16 @@ def test_mixed_modality_merge_trains_and_predicts(tmp_path):
         trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
         trainer.on_train_epoch_start()
         stem = net.encoder.stages[0][0].convs[0].conv.weight
-        for _ in range(2):  # one batch of each task (a round)
-            w = stem.detach().clone()
+        trainer.dataloader_train.data_loader.task_order = []  # a fresh round: one batch of each task
+        for _ in range(2):
             batch = next(trainer.dataloader_train)
             task = {k.split("_")[0] for k in batch["keys"]}
             assert len(task) == 1
             assert np.isfinite(trainer.train_step(batch)["loss"])
-            changed = (stem.detach() - w).abs().flatten(2).amax((0, 2))  # per input slot
+            grad = stem.grad.abs().flatten(2).amax((0, 2))  # per input slot of the first conv
             own = [0] if task == {"organs"} else [1, 2]
-            assert all(changed[i] > 0 for i in own)
-            assert all(changed[i] == 0 for i in range(3) if i not in own), (task, changed)
+            assert all(grad[i] > 0 for i in own), (task, grad)
+            assert all(grad[i] == 0 for i in range(3) if i not in own), (task, grad)  # other group's kernels
         out_base = trainer.output_folder_base
         os.makedirs(os.path.join(out_base, "fold_0"), exist_ok=True)
         json.dump(trainer.plans_manager.plans, open(os.path.join(out_base, "plans.json"), "w"))
