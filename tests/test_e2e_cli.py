@@ -29,14 +29,54 @@ def dataset_id_for(trainer: str) -> int:
     return 501 if folds == 5 else 500 + folds * 10
 
 
+def needs_pretrained_weights(trainer: str) -> bool:
+    # fine-tuning trainers (LoRA, MedSeqFT) start from -pretrained_weights: nnUNetTrainer_smoke's checkpoint
+    return getattr(getattr(ours, trainer), "needs_pretrained_weights", False)
+
+
+def pretrained_checkpoint(workspace, dataset_id: int):
+    """fold 0 checkpoint_final.pth of nnUNetTrainer_smoke on ``dataset_id`` (trained here if not yet)."""
+    dataset = workspace.dataset(dataset_id)
+    model = workspace.root / "results" / dataset.name / "nnUNetTrainer_smoke__nnUNetPlans__3d_tiny"
+    ckpt = model / "fold_0" / "checkpoint_final.pth"
+    if not ckpt.is_file():
+        cmd = [
+            "nnUNetv2_train",
+            str(dataset_id),
+            "3d_tiny",
+            "0",
+            "-tr",
+            "nnUNetTrainer_smoke",
+            "-device",
+            "cpu",
+        ]
+        run(cmd, training_env(workspace.env))
+    return ckpt
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_train_predict_evaluate_with_stock_cli(phantom_workspace, trainer):
     dataset_id = dataset_id_for(trainer)
     dataset = phantom_workspace.dataset(dataset_id, "partial" if partially_labelled(trainer) else "full")
     root, env = phantom_workspace.root, phantom_workspace.env
+    extra = []
+    if needs_pretrained_weights(trainer):
+        ckpt = pretrained_checkpoint(phantom_workspace, dataset_id)
+        extra = ["-pretrained_weights", str(ckpt)]
+        if getattr(getattr(ours, trainer), "needs_mds_buffer", False):  # MedSeqFT: MDS buffer first
+            select = [
+                "nnunet-ext",
+                "medseqft",
+                "select",
+                str(dataset_id),
+                "3d_tiny",
+                "--checkpoint",
+                str(ckpt),
+            ]
+            run([*select, "-k", "2", "--views", "2", "--device", "cpu", "--overwrite"], env)
     run(
-        ["nnUNetv2_train", str(dataset_id), "3d_tiny", "0", "-tr", trainer, "-device", "cpu"],
+        ["nnUNetv2_train", str(dataset_id), "3d_tiny", "0", "-tr", trainer, "-device", "cpu", *extra],
         training_env(env),
     )
     model = root / "results" / dataset.name / f"{trainer}__nnUNetPlans__3d_tiny"

@@ -15,6 +15,8 @@ from nnunet_ext.trainers.nnUNetTrainerBANet_4fold import nnUNetTrainerBANet_4fol
 from nnunet_ext.trainers.nnUNetTrainerDoDNet import nnUNetTrainerDoDNet
 from nnunet_ext.trainers.nnUNetTrainerLabelPropA import nnUNetTrainerLabelPropA
 from nnunet_ext.trainers.nnUNetTrainerLabelPropB import nnUNetTrainerLabelPropB
+from nnunet_ext.trainers.nnUNetTrainerLoRA import nnUNetTrainerLoRA
+from nnunet_ext.trainers.nnUNetTrainerMedSeqFT import nnUNetTrainerMedSeqFT
 from nnunet_ext.trainers.nnUNetTrainerTransDoDNet import nnUNetTrainerTransDoDNet
 from nnunet_ext.trainers.nnUNetTrainerUniSeg import nnUNetTrainerUniSeg
 from nnunet_ext.trainers.nnUNetTrainerUniSegFT import nnUNetTrainerUniSegFT
@@ -34,6 +36,9 @@ TRAINERS: list[type] = [
     nnUNetTrainerLabelPropA,
     nnUNetTrainerLabelPropB,
     nnUNetTrainerUniSegFT,
+    # fine-tune a pretrained checkpoint (-pretrained_weights), so not compared from scratch in demo/benchmarks
+    nnUNetTrainerLoRA,
+    nnUNetTrainerMedSeqFT,
 ]
 
 __all__ = [t.__name__ for t in TRAINERS]
