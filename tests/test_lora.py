@@ -250,3 +250,28 @@ def test_lora_trainer_pretrained_merged_checkpoint_and_resume(
     sd = resumed.base_network().state_dict()
     for key, value in final["lora_state"].items():
         assert torch.equal(sd[key], value), key
+
+
+@pytest.mark.slow  # dynamo tracing takes ~10 s on CPU
+def test_adapted_network_under_torch_compile_and_autocast():
+    """What nnUNetTrainerLoRA / MedSeqFT train: compiled (the aot_eager backend traces exactly what inductor
+    would compile, without needing a C++ compiler) and under autocast; same outputs, adapters get gradients."""
+    from nnunet_ext.medseqft import FeatureTap
+
+    net = make_net("plain")
+    lora.inject_lora(net, lora.LoRAConfig(rank=2))
+    lora.mark_trainable(net)
+    randomise_adapters(net)
+    tap = FeatureTap(net)
+    x = torch.randn(2, 1, 8, 16, 16)
+    eager_out, eager_feats = tap(x, features=True)
+    compiled = torch.compile(tap, backend="aot_eager")
+    out, feats = compiled(x, features=True)
+    for a, b in zip([*eager_out, *eager_feats], [*out, *feats]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    (out[0].square().mean() + feats[-1].square().mean()).backward()
+    assert all(p.grad is not None for n, p in net.named_parameters() if ".lora_" in n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = tap(x)
+    assert mixed[0].dtype == torch.bfloat16
+    torch.testing.assert_close(mixed[0].float(), eager_out[0].detach(), rtol=0.1, atol=0.1)
