@@ -102,6 +102,17 @@ def training_memory_estimate(trainer, batch) -> dict:
     }
 
 
+def train_step_flops(trainer, batch) -> float:
+    """Floating-point operations of one ``train_step`` (forward, loss, backward), counted by
+    ``torch.utils.flop_counter`` (matrix multiplies and convolutions, the work that dominates a step); a
+    device- and load-independent measure of compute. Runs one real step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(batch)
+    return float(counter.get_total_flops())
+
+
 def _timed_steps(trainer, batches, device) -> tuple[float, float]:
     """Mean wall-clock and process CPU seconds per train step (CPU time: the whole process, all threads)."""
     import torch
@@ -186,7 +197,7 @@ def measure(options: dict) -> dict:
     trainer = _make_trainer(options, options["trainer"])
     cls = type(trainer)
     n_warmup, n_steps = options["warmup"], options["iterations"]
-    batches = _fetch_batches(trainer, n_warmup + n_steps + 1)
+    batches = _fetch_batches(trainer, n_warmup + n_steps + 2)
     for batch in batches[:n_warmup]:
         trainer.train_step(batch)
     if device.type == "cuda":
@@ -195,7 +206,7 @@ def measure(options: dict) -> dict:
         base_mem = torch.cuda.memory_allocated(device) / 2**20
     rss_before = _rss_mb()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    step_time, step_cpu_time = _timed_steps(trainer, batches[n_warmup:-1], device)
+    step_time, step_cpu_time = _timed_steps(trainer, batches[n_warmup:-2], device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         memory = {
@@ -210,7 +221,8 @@ def measure(options: dict) -> dict:
             "memory_kind": "CPU peak RSS growth during the timed steps",
         }
     if type(trainer.network).__name__ != "OptimizedModule":  # saved-tensor hooks and inductor don't mix
-        memory.update(training_memory_estimate(trainer, batches[-1]))
+        memory.update(training_memory_estimate(trainer, batches[-2]))
+        memory["train_step_gflop"] = train_step_flops(trainer, batches[-1]) / 1e9
 
     # sliding-window inference on validation cases, exactly nnU-Net's predictor
     trainer.set_deep_supervision_enabled(False)
@@ -340,7 +352,10 @@ def run_benchmark(
             )
     b, t = results[baseline], results[trainer]
     ratios = {}
-    for key in ("train_step_s", "peak_memory_mb", "memory_estimate_mb", "inference_s_per_case", "parameters"):
+    keys = ("train_step_s", "train_step_gflop", "peak_memory_mb", "memory_estimate_mb")
+    for key in (*keys, "inference_s_per_case", "parameters"):
+        if key == "peak_memory_mb" and device == "cpu":
+            continue  # RSS growth on CPU is allocator caching, no ratio worth printing (see the estimate)
         if b.get(key) and t.get(key) is not None:
             ratios[key] = t[key] / b[key]
     if b.get("train_step_cpu_s") and device == "cpu":
@@ -379,6 +394,7 @@ def format_report(r: dict) -> str:
         ("  interleaved [s]", "train_step_interleaved_s", "{:.3f}"),
         ("  CPU time [s]", "train_step_cpu_s", "{:.3f}"),
         ("  interl. CPU time [s]", "train_step_interleaved_cpu_s", "{:.3f}"),
+        ("train step [GFLOP]", "train_step_gflop", "{:.1f}"),
         ("peak memory [MiB]", "peak_memory_mb", "{:.0f}"),
         ("memory estimate [MiB]", "memory_estimate_mb", "{:.0f}"),
         ("inference / case [s]", "inference_s_per_case", "{:.2f}"),

@@ -56,6 +56,8 @@ def test_bench_reports_both_trainers_and_ratios(phantom_workspace, monkeypatch, 
         assert r[side]["activation_memory_mb"] > 0
     # ... and the second decoder's activations and weights make BA-Net's estimate larger
     assert r["ratios"]["memory_estimate_mb"] > 1.1
+    # ... and the second decoder's convolutions its FLOPs (counted, device-independent)
+    assert r["ratios"]["train_step_gflop"] > 1.2 and r["baseline"]["train_step_gflop"] > 0
     # interleaved timing: both trainers in one process, the ratio is the median over the rounds
     inter = r["interleaved"]
     assert inter["rounds"] == 2 and inter["baseline_step_s"] > 0 and inter["trainer_step_s"] > 0
