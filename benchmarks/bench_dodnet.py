@@ -145,7 +145,7 @@ def part_speed(pre: Path, args) -> dict:
     for trainer in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet"):
         r = run_benchmark(
             pre / "nnUNetPlans.json", "3d_tiny", trainer, device=args.device, iterations=args.speed_iterations,
-            warmup=2, cases=2, no_mirroring=True,
+            warmup=2, cases=2, no_mirroring=True, rounds=args.rounds, threads=args.threads,
         )  # fmt: skip
         print(format_report(r), flush=True)
         out[trainer] = r
@@ -263,6 +263,12 @@ def main() -> None:
         "--parts", nargs="+", default=["speed", "infer", "accuracy"], choices=["speed", "infer", "accuracy"]
     )
     parser.add_argument("--speed-iterations", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="interleaved timing rounds (speed part; 0: skip)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (1 on a shared machine: read CPU-time rows)"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--iterations", type=int, default=150, help="total training iterations (accuracy part)"

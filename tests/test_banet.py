@@ -137,6 +137,31 @@ def test_modulation_is_applied_before_skip_concatenation():
     assert (out_random_heads - out_zero_heads).abs().max() > 1e-3
 
 
+def test_modulated_concat_matches_the_plain_formula_and_its_gradients():
+    """The memory-lean ModulatedConcat (saves its output instead of the upsampled features) computes
+    cat(up * (1 + gate), skip) with exact gradients: gradcheck in float64, and equal to autograd of the formula."""
+    from nnunet_ext.architectures.banet import ModulatedConcat, boundary_gate
+
+    torch.manual_seed(0)
+    up = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(2, 2, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda u, lg, sk: ModulatedConcat.apply(u, boundary_gate(lg), sk), (up, logits, skip)
+    )
+
+    gate = boundary_gate(logits)
+    torch.testing.assert_close(gate, torch.softmax(logits, 1)[:, 1:2])
+    weight = torch.randn(2, 6, 4, 5, 3, dtype=torch.float64)
+    (ModulatedConcat.apply(up, gate, skip) * weight).sum().backward()
+    lean = [t.grad.clone() for t in (up, logits, skip)]
+    for t in (up, logits, skip):
+        t.grad = None
+    (torch.cat((up * (1 + torch.softmax(logits, 1)[:, 1:2]), skip), 1) * weight).sum().backward()
+    for a, b in zip(lean, (up.grad, logits.grad, skip.grad)):
+        torch.testing.assert_close(a, b)
+
+
 def _banet_loss(ignore_label=None, n_outputs=2):
     def dc_ce():
         return DC_and_CE_loss(
