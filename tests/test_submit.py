@@ -144,3 +144,69 @@ def test_amos22_sheared_files_keep_their_affine(tmp_path):
     image = nibabel.load(str(out / "amos_0010.nii.gz"))
     np.testing.assert_array_equal(np.asanyarray(image.dataobj), lab)
     assert np.allclose(image.affine, nibabel.load(str(tmp_path / "pred" / "amos_0010.nii.gz")).affine)
+
+
+def kipa_like(seed: int, shape=(24, 48, 48)) -> tuple[np.ndarray, np.ndarray]:
+    """A CTA-like volume: 4 blobs (vein, kidney, artery, tumour) with distinct intensities, random positions."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(shape, np.uint8)
+    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    for value, radius in ((2, 9), (1, 4), (3, 4), (4, 5)):
+        c = [rng.integers(r, s - r) for r, s in zip((radius // 2 + 2, radius + 2, radius + 2), shape)]
+        lab[((zz - c[0]) * 2) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < radius**2] = value
+    image = np.array([0, 200, 160, 300, 90], np.float32)[lab] + rng.normal(0, 10, shape).astype(np.float32)
+    return image, lab
+
+
+@pytest.mark.slow
+def test_kipa22_download_to_submission_with_the_stock_commands(tmp_path):
+    """convert -> nnUNetv2_plan_and_preprocess -> nnUNetv2_train (smoke schedule) -> predict -> submit, evaluate.
+
+    The plain trainer keeps this test short; every trainer of ours runs the same stock commands in
+    tests/test_e2e_cli.py (BA-Net, the KiPA recipe's, included)."""
+    from tests.conftest import nnunet_env, run, training_env
+    from tests.test_convert import write
+
+    src = tmp_path / "KiPA22"
+    for i in range(1, 6):
+        image, lab = kipa_like(i)
+        write(src / "train" / "image" / f"{i}.nii.gz", image, spacing=(0.8, 0.8, 1.0))
+        write(src / "train" / "label" / f"{i}.nii.gz", lab, spacing=(0.8, 0.8, 1.0))
+    for i in (71,):
+        image, lab = kipa_like(i)
+        write(src / "open" / "image" / f"{i}.nii.gz", image, spacing=(0.8, 0.8, 1.0))
+        write(src / "open" / "label" / f"{i}.nii.gz", lab, spacing=(0.8, 0.8, 1.0))
+    env = nnunet_env(tmp_path)
+    for sub in ("raw", "preprocessed", "results"):
+        (tmp_path / sub).mkdir()
+    run(["nnunet-ext", "convert", "kipa22", str(src), "--id", "220", "--quiet"], env)
+    dataset = tmp_path / "raw" / "Dataset220_KiPA22"
+    run(["nnUNetv2_plan_and_preprocess", "-d", "220", "-c", "3d_fullres", "-np", "1"], env)
+    run(["nnunet-ext", "plans", "tiny", "220"], env)
+    trainer = "nnUNetTrainer_smoke"
+    run(["nnUNetv2_train", "220", "3d_tiny", "0", "-tr", trainer, "-device", "cpu"], training_env(env))
+    pred = tmp_path / "pred"
+    predict = [
+        "nnUNetv2_predict",
+        "-i",
+        str(dataset / "imagesTs"),
+        "-o",
+        str(pred),
+        "-d",
+        "220",
+        "-c",
+        "3d_tiny",
+    ]
+    run([*predict, "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    proc = run(["nnunet-ext", "submit", "kipa22", str(pred), str(tmp_path / "submission"), "-d", "220"], env)
+    assert "wrote 1 files" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "submission").iterdir()) == ["71.nii.gz"]
+    run(
+        ["nnunet-ext", "evaluate", str(pred), str(dataset / "labelsTs"), "--challenge", "kipa22", "--quiet"],
+        env,
+    )
+    import json
+
+    res = json.loads((pred / "kipa22_metrics.json").read_text())
+    assert set(res["mean"]) == {"vein", "kidney", "artery", "tumour"} and list(res["cases"]) == ["KiPA_71"]
+    assert all(0.0 <= v["Dice"] <= 1.0 for v in res["mean"].values())
