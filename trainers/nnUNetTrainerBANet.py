@@ -6,11 +6,8 @@ ResidualEncoderUNet kwargs, 2d or 3d). See docs/banet.md.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
@@ -19,6 +16,7 @@ from nnunet_ext.architectures.banet import BANet
 from nnunet_ext.boundary import boundary_targets_for_deep_supervision
 from nnunet_ext.errors import UserError
 from nnunet_ext.losses import BoundaryAwareLoss
+from nnunet_ext.networks import method_network_from_plans
 
 BANET_CLASS_NAME = "nnunet_ext.architectures.banet.BANet"
 
@@ -70,32 +68,14 @@ class nnUNetTrainerBANet(nnUNetTrainer):
     ) -> nn.Module:
         """BANet from the configuration's architecture kwargs (PlainConvUNet-, ResidualEncoderUNet- or
         BANet-style plans). Called at training AND inference (nnUNetPredictor), with nnU-Net's initialisation."""
-        arch_kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        accepted = set(inspect.signature(BANet.__init__).parameters) - {
-            "self",
-            "input_channels",
-            "num_classes",
-        }
-        unsupported = sorted(set(arch_kwargs) - accepted - {"deep_supervision"})
-        if unsupported or not ({"n_conv_per_stage", "n_blocks_per_stage"} & set(arch_kwargs)):
-            raise UserError(
-                f"BA-Net builds its network from PlainConvUNet / ResidualEncoderUNet architecture kwargs, but the "
-                f"plans' network ({configuration_manager.network_arch_class_name}) "
-                + (
-                    f"has kwargs BA-Net does not know: {unsupported}. "
-                    if unsupported
-                    else "has neither n_conv_per_stage nor n_blocks_per_stage. "
-                )
-                + "Use plans made by nnU-Net's default or ResEnc planners."
-            )
-        return get_network_from_plans(
+        return method_network_from_plans(
+            "nnUNetTrainerBANet",
             BANET_CLASS_NAME,
-            arch_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import,
+            (BANet,),
+            configuration_manager,
             num_input_channels,
             num_output_channels,
-            allow_init=True,
-            deep_supervision=enable_deep_supervision,
+            enable_deep_supervision,
         )
 
     # --------------------------------------------------------------------------------------------------- loss

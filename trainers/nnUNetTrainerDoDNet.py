@@ -9,14 +9,12 @@ universal label map. See docs/dodnet.md.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
@@ -24,6 +22,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_ext.architectures.dodnet import DoDNet
 from nnunet_ext.errors import UserError
+from nnunet_ext.networks import method_network_from_plans
 from nnunet_ext.partial import (
     LAYOUT_KEY,
     DeepSupervisionPartialLoss,
@@ -113,43 +112,21 @@ class nnUNetTrainerDoDNet(nnUNetTrainer):
     ) -> nn.Module:
         """The method's network from the configuration's PlainConvUNet / ResidualEncoderUNet kwargs and the
         task layout (see :func:`layout_from_plans`); called at training AND inference."""
-        arch_kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        accepted = set(inspect.signature(DoDNet.__init__).parameters) | set(
-            inspect.signature(cls.network_class.__init__).parameters
-        )
-        accepted -= {"args", "kwargs"} | {
-            "self",
-            "input_channels",
-            "num_classes",
-        }
-        own = {"task_labels", "head_channels", "head_layers", "num_structures"} | set(
-            cls.network_extra_kwargs()
-        )
-        unsupported = sorted(set(arch_kwargs) - accepted - {"deep_supervision"})
-        if unsupported or not ({"n_conv_per_stage", "n_blocks_per_stage"} & set(arch_kwargs)):
-            raise UserError(
-                f"{cls.__name__} builds its network from PlainConvUNet / ResidualEncoderUNet architecture kwargs, "
-                f"but the plans' network ({configuration_manager.network_arch_class_name}) "
-                + (
-                    f"has kwargs it does not know: {unsupported}. "
-                    if unsupported
-                    else "has neither n_conv_per_stage nor n_blocks_per_stage. "
-                )
-                + "Use plans made by nnU-Net's default or ResEnc planners."
-            )
-        for k in own:
-            arch_kwargs.pop(k, None)
         layout = layout_from_plans(plans_manager, num_output_channels)
-        arch_kwargs["task_labels"] = [list(v) for v in layout.labels]
-        arch_kwargs.update(cls.network_extra_kwargs())
-        return get_network_from_plans(
+        return method_network_from_plans(
+            cls.__name__,
             cls.network_class_name,
-            arch_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import,
+            (DoDNet, cls.network_class),
+            configuration_manager,
             num_input_channels,
             num_output_channels,
-            allow_init=True,
-            deep_supervision=enable_deep_supervision,
+            enable_deep_supervision,
+            # num_structures is derived from the task labels: never taken from the plans
+            {
+                "task_labels": [list(v) for v in layout.labels],
+                "num_structures": None,
+                **cls.network_extra_kwargs(),
+            },
         )
 
     def unwrapped_network(self) -> DoDNet:
