@@ -8,7 +8,6 @@ prediction merged into the global label map. See docs/uniseg.md.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 
@@ -20,7 +19,6 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
@@ -28,6 +26,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_ext.architectures.uniseg import UniSeg
 from nnunet_ext.errors import UserError
+from nnunet_ext.networks import method_network_from_plans
 from nnunet_ext.partial import LAYOUT_KEY, TaskLayout, foreground_labels
 from nnunet_ext.tasks import TASKS_KEY, case_ids_in_folder, load_task_registry
 from nnunet_ext.trainers.nnUNetTrainerDoDNet import layout_from_plans, task_aware_summary
@@ -109,42 +108,23 @@ class nnUNetTrainerUniSeg(nnUNetTrainer):
     ) -> nn.Module:
         """UniSeg from the configuration's PlainConvUNet / ResidualEncoderUNet kwargs, the patch size (prompt
         shape) and the task layout in the plans; called at training AND inference."""
-        arch_kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        accepted = set(inspect.signature(UniSeg.__init__).parameters) - {
-            "self",
-            "input_channels",
-            "num_classes",
-        }
-        unsupported = sorted(set(arch_kwargs) - accepted - {"deep_supervision"})
-        if unsupported or not ({"n_conv_per_stage", "n_blocks_per_stage"} & set(arch_kwargs)):
-            raise UserError(
-                f"{cls.__name__} builds its network from PlainConvUNet / ResidualEncoderUNet architecture kwargs, but "
-                f"the plans' network ({configuration_manager.network_arch_class_name}) "
-                + (
-                    f"has kwargs it does not know: {unsupported}. "
-                    if unsupported
-                    else "has neither n_conv_per_stage nor n_blocks_per_stage. "
-                )
-                + "Use plans made by nnU-Net's default or ResEnc planners."
-            )
-        for k in ("task_labels", "patch_size", "task_channels"):
-            arch_kwargs.pop(k, None)
         layout = layout_from_plans(plans_manager, num_output_channels)
-        stored = plans_manager.plans.get(UNISEG_KEY) or {}
-        channels = stored.get("task_channels")
+        channels = (plans_manager.plans.get(UNISEG_KEY) or {}).get("task_channels")
         if channels is not None and len(channels) != layout.num_tasks:
             channels = None
-        arch_kwargs["task_labels"] = [list(v) for v in layout.labels]
-        arch_kwargs["patch_size"] = [int(p) for p in configuration_manager.patch_size]
-        arch_kwargs["task_channels"] = channels
-        return get_network_from_plans(
+        return method_network_from_plans(
+            cls.__name__,
             cls.network_class_name,
-            arch_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import,
+            (UniSeg,),
+            configuration_manager,
             num_input_channels,
             num_output_channels,
-            allow_init=True,
-            deep_supervision=enable_deep_supervision,
+            enable_deep_supervision,
+            {
+                "task_labels": [list(v) for v in layout.labels],
+                "patch_size": [int(p) for p in configuration_manager.patch_size],
+                "task_channels": channels,
+            },
         )
 
     def unwrapped_network(self) -> UniSeg:
