@@ -37,10 +37,40 @@ from bench_dodnet import (  # noqa: E402 (the sibling script's helpers)
     make_trainer,
     predictor_for,
     prepare,
-    train_and_score,
 )
 
 TRAINER = "nnUNetTrainerUniSeg"
+
+
+def train_and_score(
+    pre: Path, trainer: str, device, epochs: int, iterations: int, test_images, truths, label_map
+):
+    """Train in-process (nnU-Net's loop; its final validation pass is skipped to save time), predict the test
+    images with the trained weights, Dice per unified label in ``label_map`` (model label -> unified)."""
+    import SimpleITK as sitk
+
+    torch.manual_seed(0)
+    t = make_trainer(pre, trainer, device, epochs, iterations)
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    t.perform_actual_validation = lambda *a, **k: None  # benchmark only: the test cases are scored below
+    start = time.perf_counter()
+    t.run_training()
+    train_s = time.perf_counter() - start
+    p = predictor_for(t, device)
+    p.list_of_parameters = [{k: v.detach().clone() for k, v in t.network.state_dict().items()}]
+    dice = {u: [] for u in label_map.values()}
+    for img, truth in zip(test_images, truths):
+        image = sitk.ReadImage(str(img))
+        seg = p.predict_single_npy_array(
+            sitk.GetArrayFromImage(image)[None].astype(np.float32),
+            {"spacing": list(image.GetSpacing())[::-1]},
+            None, None, False,
+        )  # fmt: skip
+        for m, u in label_map.items():
+            a, b = seg == m, truth == u
+            if a.sum() + b.sum():
+                dice[u].append(2 * (a & b).sum() / (a.sum() + b.sum()))
+    return {str(u): float(np.mean(v)) if v else float("nan") for u, v in dice.items()}, train_s
 
 
 def part_speed(pre: Path, args) -> dict:
