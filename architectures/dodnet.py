@@ -311,19 +311,29 @@ class DoDNet(AbstractDynamicNetworkArchitectures):
         """(B, T, P) dynamic head parameters of every task for every sample."""
         return self.task_heads.seg_layers(skips)
 
-    def forward_tasks(self, x: torch.Tensor):
+    def forward_tasks(self, x: torch.Tensor, task_ids: torch.Tensor | None = None):
         """Task-major per-structure logits (B, T*K, *spatial) of every task; a list (full resolution first)
-        with deep supervision. What ``forward`` returns in training mode, in any mode."""
+        with deep supervision. What ``forward`` returns in training mode, in any mode.
+
+        With ``task_ids`` (B,) only each sample's OWN task head runs (as in DoDNet, where a sample's one-hot task
+        code generates its single head): (B, K, *spatial). Training needs nothing else, and the head work does
+        not grow with the number of tasks."""
         skips = self.encoder(x)
         features = self.decoder(skips)
-        params = self.head_parameters(skips)
+        params = self.head_parameters(skips)  # (B, T, P)
+        if task_ids is not None:
+            index = task_ids.to(params.device, torch.long).view(-1, 1, 1).expand(-1, 1, params.shape[2])
+            params = torch.gather(params, 1, index)  # (B, 1, P)
         if isinstance(features, (list, tuple)):
             return [apply_dynamic_heads(f, params, self.head_layers) for f in features]
         return apply_dynamic_heads(features, params, self.head_layers)
 
-    def forward(self, x: torch.Tensor):
-        out = self.forward_tasks(x)
-        if self.training:
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None):
+        """Training mode: per-structure logits (of every task, or with ``task_ids`` of each sample's own task,
+        see :meth:`forward_tasks`). Eval mode without ``task_ids``: universal logits over the unified label
+        space (what nnU-Net's predictor expects)."""
+        out = self.forward_tasks(x, task_ids)
+        if self.training or task_ids is not None:
             return out
         if isinstance(out, list):
             return [self.universal_logits(o) for o in out]

@@ -142,7 +142,8 @@ class PartialLabelLoss(nn.Module):
     """Sigmoid soft Dice + BCE over the structures each sample's task annotates (DoDNet's loss).
 
     ``forward(logits, target, task_ids)``: ``logits`` (B, T*K, *spatial) task-major per-structure logits of
-    every task (a network's training output), ``target`` (B, 1, *spatial) nnU-Net label map, ``task_ids``
+    every task, or (B, K, *spatial) of each sample's own task (the network's training output with
+    ``task_ids``), ``target`` (B, 1, *spatial) nnU-Net label map, ``task_ids``
     (B,) long task index per sample. Only channels ``task_ids[b] * K + j`` with ``j < |labels_t|`` enter the
     loss, against ``target == labels_t[j]``. Returns the mean over those (sample, structure) pairs of
     ``weight_dice * (1 - Dice) + weight_bce * BCE``.
@@ -166,8 +167,12 @@ class PartialLabelLoss(nn.Module):
         self.register_buffer("label_table", layout.label_table(), persistent=False)
 
     def select(self, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """(B, K, *spatial): each sample's own task channels out of (B, T*K, *spatial)."""
+        """(B, K, *spatial): each sample's own task channels out of (B, T*K, *spatial). Logits with K channels
+        are already each sample's own task's (a network called with ``task_ids``) and are returned as they are
+        (with T = 1 both readings agree)."""
         b, k = logits.shape[0], self.num_structures
+        if logits.shape[1] == k:
+            return logits
         if logits.shape[1] != self.num_tasks * k:
             raise ValueError(
                 f"expected {self.num_tasks} tasks x {k} channels = {self.num_tasks * k} channels, "

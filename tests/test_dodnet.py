@@ -290,12 +290,44 @@ def test_universal_prediction_is_union_of_single_task_predictions():
     assert torch.equal(kidney_only[(full == 3) | (full == 4)], full[(full == 3) | (full == 4)])
 
 
+@pytest.mark.parametrize("kind", ["dodnet", "transdodnet"])
+def test_own_task_heads_equal_the_own_task_channels_of_all_heads(kind):
+    """Training passes task ids: only each sample's own head runs. Outputs, loss and gradients equal those of
+    running every task's head and selecting each sample's channels."""
+    net = (make_dodnet(ds=True) if kind == "dodnet" else make_transdodnet(max_tokens_per_level=64)).train()
+    x = torch.randn(3, 1, 16, 16, 16)
+    task_ids = torch.tensor([2, 0, 1])
+    loss_fn = DeepSupervisionPartialLoss(PartialLabelLoss(LAYOUT), [0.7, 0.3])
+    targets = [phantom_target(3, (16, 16, 16)), phantom_target(3, (8, 8, 8))]
+
+    all_tasks = net(x)
+    own = net(x, task_ids)
+    assert [o.shape[1] for o in all_tasks] == [3 * 2] * 2 and [o.shape[1] for o in own] == [2] * 2
+    for a, o in zip(all_tasks, own):
+        torch.testing.assert_close(loss_fn.loss.select(a, task_ids), o)
+    loss_fn(all_tasks, targets, task_ids).backward()
+    grads_all = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad()
+    loss_fn(own, targets, task_ids).backward()
+    grads_own = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    assert grads_all.keys() == grads_own.keys()
+    for n in grads_all:
+        torch.testing.assert_close(grads_own[n], grads_all[n], rtol=1e-4, atol=1e-6)
+
+    net.eval()  # in eval mode task ids still give own-task logits; without them the universal logits
+    with torch.no_grad():
+        assert net(x, task_ids)[0].shape[1] == 2 and net(x)[0].shape[1] == LAYOUT.num_classes
+
+
 def test_dynamo_traces_forward_without_side_channels():
     net = make_dodnet(ds=True)
     compiled = torch.compile(net, backend="eager", fullgraph=True)
     x = torch.randn(1, 1, 16, 16, 16)
     net.train()
     for a, b in zip(net(x), compiled(x)):
+        torch.testing.assert_close(a, b)
+    task_ids = torch.tensor([1])
+    for a, b in zip(net(x, task_ids), compiled(x, task_ids)):
         torch.testing.assert_close(a, b)
     net.eval()
     with torch.no_grad():

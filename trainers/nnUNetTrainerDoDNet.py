@@ -172,7 +172,9 @@ class nnUNetTrainerDoDNet(nnUNetTrainer):
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data)  # training mode: (B, T*K, ...) logits of every task
+            output = self.network(
+                data, task_ids
+            )  # training mode: (B, K, ...) logits of each sample's own task
             del data
             loss = self.loss(output, target, task_ids)
 
@@ -200,7 +202,7 @@ class nnUNetTrainerDoDNet(nnUNetTrainer):
         task_ids = self.task_ids(batch["keys"])
         net = self.unwrapped_network()  # the per-task outputs (eval mode returns universal logits)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = net.forward_tasks(data)
+            output = net.forward_tasks(data, task_ids)  # (B, K, ...): each sample's own task
             del data
             loss = self.loss(output, target, task_ids)
         if isinstance(output, list):
@@ -260,7 +262,8 @@ def single_task_segmentation(
     output: torch.Tensor, task_ids: torch.Tensor, loss: PartialLabelLoss
 ) -> torch.Tensor:
     """Label map of every sample from its own task's channels: threshold 0.5, the later structure of the task
-    wins (the single-task decoding of :meth:`DoDNet.universal_logits`). ``output`` (B, T*K, *spatial)."""
+    wins (the single-task decoding of :meth:`DoDNet.universal_logits`). ``output`` (B, T*K, *spatial), or
+    (B, K, *spatial) of each sample's own task."""
     sel = torch.sigmoid(loss.select(output, task_ids).float())  # (B, K, ...)
     labels = loss.label_table.to(output.device)[task_ids]  # (B, K)
     shape = (*labels.shape, *([1] * (output.ndim - 2)))
