@@ -278,6 +278,10 @@ def main() -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(
+            args.threads
+        )  # the in-process parts (infer, accuracy); speed passes it to its workers
     workdir = Path(args.workdir).resolve()
     os.environ.setdefault("nnUNet_compile", "f")
     pre = prepare(workdir, DATASET_ID)
