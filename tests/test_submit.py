@@ -164,8 +164,25 @@ def test_kipa22_download_to_submission_with_the_stock_commands(tmp_path):
 
     The plain trainer keeps this test short; every trainer of ours runs the same stock commands in
     tests/test_e2e_cli.py (BA-Net, the KiPA recipe's, included)."""
-    from tests.conftest import nnunet_env, run, training_env
+    from tests.conftest import BIN, nnunet_env, training_env
     from tests.test_convert import write
+
+    def run(cmd, env):  # as conftest.run, but decoding nnU-Net's progress bars as UTF-8 whatever the locale
+        import subprocess
+
+        proc = subprocess.run(
+            [str(BIN / cmd[0]), *cmd[1:]],
+            env=env,
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=900,
+        )
+        if proc.returncode != 0:
+            pytest.fail(
+                f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            )
+        return proc
 
     src = tmp_path / "KiPA22"
     for i in range(1, 6):
