@@ -39,7 +39,15 @@ def training_env(env: dict) -> dict:
 def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a console script of this environment; fail the test with its output if it fails."""
     exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
-    proc = subprocess.run([exe, *cmd[1:]], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [exe, *cmd[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         pytest.fail(
             f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
