@@ -66,9 +66,10 @@ class nnUNetTrainerDoDNet(nnUNetTrainer):
 
     * the task of a training case comes from its identifier through the task registry (``batch['keys']``),
       so batches may mix tasks; without a registry every case is one task annotating every label;
-    * the network computes the heads of all tasks in one pass; ``train_step`` / ``validation_step`` pick each
-      sample's task channels for the loss; in eval mode the network returns universal logits, so nnU-Net's
-      validation, ``--val`` and ``nnUNetv2_predict`` run unchanged.
+    * ``train_step`` / ``validation_step`` pass the batch's task ids to the network, which runs only each
+      sample's own task head (``forward(x, task_ids)``: (B, K, ...) logits for the partial-label loss); called
+      with the image only (nnU-Net's predictor) it runs every task's head in one pass and, in eval mode, returns
+      universal logits, so nnU-Net's validation, ``--val`` and ``nnUNetv2_predict`` run unchanged.
     """
 
     network_class_name = "nnunet_ext.architectures.dodnet.DoDNet"
