@@ -131,8 +131,10 @@ def predictor_for(trainer, device):
         verbose_preprocessing=False,
         allow_tqdm=False,
     )
+    # the trained weights as the predictor's one parameter set (predict_single_npy_array loads each set)
+    weights = [{k: v.detach().clone() for k, v in trainer.network.state_dict().items()}]
     p.manual_initialization(
-        trainer.network, trainer.plans_manager, trainer.configuration_manager, None, trainer.dataset_json,
+        trainer.network, trainer.plans_manager, trainer.configuration_manager, weights, trainer.dataset_json,
         type(trainer).__name__, trainer.inference_allowed_mirroring_axes,
     )  # fmt: skip
     return p
