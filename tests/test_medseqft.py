@@ -113,7 +113,7 @@ def task_sequence(phantom_workspace, monkeypatch):
     _env(monkeypatch, phantom_workspace)
     if not (root / "preprocessed" / "Dataset613_PhantomTaskSpleen").is_dir():
         write_task_phantoms(
-            root / "raw", TASK_IDS[0], num_train=4, num_test=1, shape=(24, 48, 48), force=True
+            root / "raw", TASK_IDS[0], num_train=5, num_test=1, shape=(24, 48, 48), force=True
         )
         ids = [str(i) for i in TASK_IDS]
         run(
