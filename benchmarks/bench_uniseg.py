@@ -137,6 +137,7 @@ def part_accuracy(pre: Path, raw: Path, workdir: Path, device, total_iterations:
     print(TRAINER, results[TRAINER], f"{secs:.0f} s", flush=True)
     plain = {}
     for task, tid in TASK_IDS.items():
+        os.environ.pop("nnUNet_n_proc_DA", None)  # set for training; nnU-Net's planning crashes with 0
         tpre = prepare(workdir, tid, raw, task)
         names = PARTIAL_TASKS[task]["labels"]
         label_map = {i + 1: PARTIAL_LABELS[n] for i, n in enumerate(names)}
