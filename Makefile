@@ -22,7 +22,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra --durations=20
 
 format: setup
 	$(BIN)/ruff check --fix .
