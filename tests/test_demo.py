@@ -46,6 +46,8 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
         env=env,
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
     )
     assert bad.returncode == 1 and "--num-train 4" in bad.stderr and "at least 5" in bad.stderr
     assert not (tmp_path / "other").exists()

@@ -53,6 +53,8 @@ def test_console_script_trainer_dir():
         [str(Path(sys.executable).parent / "nnunet-ext"), "trainer-dir"],
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
         check=True,
     ).stdout.strip()
     assert out == nnunet_ext.trainer_dir() and os.path.isdir(out)
@@ -117,7 +119,15 @@ def test_plain_install_resolves_trainers_and_networks(wheel, tmp_path):
         "  'archs': all(pydoc.locate(s.network_class_name) is not None for s in A.values())}))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(target))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["file"].startswith(str(target)), result

@@ -305,6 +305,8 @@ def test_cli_interpolate_and_qc(tmp_path):
         env=env,
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
     )
     assert proc.returncode == 1 and "already exists" in proc.stderr and "--force" in proc.stderr
 
@@ -405,4 +407,6 @@ def subprocess_run(cmd, env):
     import sys
 
     exe = str(Path(sys.executable).parent / cmd[0])
-    return subprocess.run([exe, *cmd[1:]], env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [exe, *cmd[1:]], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace"
+    )
