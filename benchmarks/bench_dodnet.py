@@ -43,7 +43,12 @@ def machine() -> str:
 def _run(cmd: list[str]) -> None:
     exe = Path(sys.executable).parent / cmd[0]
     subprocess.run(
-        [str(exe) if exe.exists() else cmd[0], *cmd[1:]], check=True, capture_output=True, text=True
+        [str(exe) if exe.exists() else cmd[0], *cmd[1:]],
+        check=True,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
     )
 
 

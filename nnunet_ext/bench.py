@@ -326,6 +326,8 @@ def run_benchmark(
                 env=env,
                 capture_output=True,
                 text=True,
+                encoding="utf-8",
+                errors="replace",
             )
             if proc.returncode != 0 or not out.is_file():
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])

@@ -104,7 +104,7 @@ def run_logged(cmd: list[str], env: dict, log: Path, quiet: bool = False) -> flo
     """Run a stock nnU-Net command, streaming its output (and appending it to ``log``); return seconds."""
     print(f"$ {' '.join([Path(cmd[0]).name, *cmd[1:]])}", flush=True)
     start = time.perf_counter()
-    with open(log, "a") as logf:
+    with open(log, "a", encoding="utf-8") as logf:
         logf.write(f"\n$ {' '.join(cmd)}\n")
         # unbuffered: nnU-Net's progress lines arrive as they are printed, not in blocks
         proc = subprocess.Popen(
@@ -113,6 +113,8 @@ def run_logged(cmd: list[str], env: dict, log: Path, quiet: bool = False) -> flo
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            encoding="utf-8",
+            errors="replace",
         )
         for line in proc.stdout:
             logf.write(line)
