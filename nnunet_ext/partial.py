@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.tasks import TASKS_KEY, TaskRegistry, load_task_registry
+from nnunet_ext.tasks import TASKS_KEY, TaskRegistry, case_ids_in_folder, load_task_registry
 
 __all__ = [
     "LAYOUT_KEY",
@@ -230,3 +230,31 @@ class DeepSupervisionPartialLoss(nn.Module):
             term = w * self.loss(o, t, task_ids)
             total = term if total is None else total + term
         return total
+
+
+class TaskRegistryTrainerMixin:
+    """What every multi-task trainer (DoDNet, TransDoDNet, UniSeg) needs from the task registry, mixed in before
+    ``nnUNetTrainer``: the subclass sets ``self.task_registry`` (a :class:`TaskRegistry` or None) in ``__init__``."""
+
+    task_registry: TaskRegistry | None
+
+    def unwrapped_network(self) -> nn.Module:
+        """The method's network behind DDP / torch.compile."""
+        from torch._dynamo import OptimizedModule
+
+        mod = self.network.module if self.is_ddp else self.network
+        if isinstance(mod, OptimizedModule):
+            mod = mod._orig_mod
+        return mod
+
+    def task_ids(self, keys) -> torch.Tensor:
+        """Task index of every case of a batch (from its identifier through the registry)."""
+        if self.task_registry is None:
+            return torch.zeros(len(keys), dtype=torch.long, device=self.device)
+        return torch.tensor(self.task_registry.task_ids_for_keys(keys), dtype=torch.long, device=self.device)
+
+    def on_train_start(self):
+        if self.task_registry is not None:  # every training case must belong to a task (clear error up front)
+            case_ids = case_ids_in_folder(self.preprocessed_dataset_folder_base, self.dataset_json)
+            load_task_registry(self.dataset_json, case_ids)
+        super().on_train_start()

@@ -18,7 +18,6 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
-from torch._dynamo import OptimizedModule
 
 from nnunet_ext.architectures.dodnet import DoDNet
 from nnunet_ext.errors import UserError
@@ -28,9 +27,10 @@ from nnunet_ext.partial import (
     DeepSupervisionPartialLoss,
     PartialLabelLoss,
     TaskLayout,
+    TaskRegistryTrainerMixin,
     foreground_labels,
 )
-from nnunet_ext.tasks import case_ids_in_folder, load_task_registry
+from nnunet_ext.tasks import load_task_registry
 
 
 def layout_from_plans(plans_manager: PlansManager, num_output_channels: int) -> TaskLayout:
@@ -59,7 +59,7 @@ def layout_from_plans(plans_manager: PlansManager, num_output_channels: int) -> 
     return layout
 
 
-class nnUNetTrainerDoDNet(nnUNetTrainer):
+class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
     """nnU-Net's trainer with DoDNet's network (:class:`nnunet_ext.architectures.dodnet.DoDNet`) and the
     partial-label loss (:class:`nnunet_ext.partial.PartialLabelLoss`); data, augmentation, schedule, SGD,
     checkpoints and inference are nnU-Net's.
@@ -129,26 +129,6 @@ class nnUNetTrainerDoDNet(nnUNetTrainer):
                 **cls.network_extra_kwargs(),
             },
         )
-
-    def unwrapped_network(self) -> DoDNet:
-        """The DoDNet module behind DDP / torch.compile."""
-        mod = self.network.module if self.is_ddp else self.network
-        if isinstance(mod, OptimizedModule):
-            mod = mod._orig_mod
-        return mod
-
-    # ------------------------------------------------------------------------------------------------- tasks
-    def task_ids(self, keys) -> torch.Tensor:
-        """Task index of every case of a batch (from its identifier through the registry)."""
-        if self.task_registry is None:
-            return torch.zeros(len(keys), dtype=torch.long, device=self.device)
-        return torch.tensor(self.task_registry.task_ids_for_keys(keys), dtype=torch.long, device=self.device)
-
-    def on_train_start(self):
-        if self.task_registry is not None:  # every training case must belong to a task (clear error up front)
-            case_ids = case_ids_in_folder(self.preprocessed_dataset_folder_base, self.dataset_json)
-            load_task_registry(self.dataset_json, case_ids)
-        super().on_train_start()
 
     # --------------------------------------------------------------------------------------------------- loss
     def _build_loss(self):

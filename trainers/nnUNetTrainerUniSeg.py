@@ -22,13 +22,12 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
-from torch._dynamo import OptimizedModule
 
 from nnunet_ext.architectures.uniseg import UniSeg
 from nnunet_ext.errors import UserError
 from nnunet_ext.networks import method_network_from_plans
-from nnunet_ext.partial import LAYOUT_KEY, TaskLayout, foreground_labels
-from nnunet_ext.tasks import TASKS_KEY, case_ids_in_folder, load_task_registry
+from nnunet_ext.partial import LAYOUT_KEY, TaskLayout, TaskRegistryTrainerMixin, foreground_labels
+from nnunet_ext.tasks import TASKS_KEY
 from nnunet_ext.trainers.nnUNetTrainerDoDNet import layout_from_plans, task_aware_summary
 from nnunet_ext.uniseg_training import (
     DeepSupervisionTaskLoss,
@@ -59,7 +58,7 @@ def task_channels_from_dataset_json(dataset_json: dict, layout: TaskLayout) -> l
     return out
 
 
-class nnUNetTrainerUniSeg(nnUNetTrainer):
+class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
     """nnU-Net's trainer with UniSeg's network (:class:`nnunet_ext.architectures.uniseg.UniSeg`): learned
     universal prompt + fusion, the task's prompt channel concatenated to the bottleneck, per-task label spaces
     (logits sliced to the task's classes for Dice+CE with deep supervision) and single-task batches with
@@ -126,25 +125,6 @@ class nnUNetTrainerUniSeg(nnUNetTrainer):
                 "task_channels": channels,
             },
         )
-
-    def unwrapped_network(self) -> UniSeg:
-        mod = self.network.module if self.is_ddp else self.network
-        if isinstance(mod, OptimizedModule):
-            mod = mod._orig_mod
-        return mod
-
-    # ------------------------------------------------------------------------------------------------- tasks
-    def task_ids(self, keys) -> torch.Tensor:
-        """Task index of every case of a batch (from its identifier through the registry)."""
-        if self.task_registry is None:
-            return torch.zeros(len(keys), dtype=torch.long, device=self.device)
-        return torch.tensor(self.task_registry.task_ids_for_keys(keys), dtype=torch.long, device=self.device)
-
-    def on_train_start(self):
-        if self.task_registry is not None:  # every training case must belong to a task (clear error up front)
-            case_ids = case_ids_in_folder(self.preprocessed_dataset_folder_base, self.dataset_json)
-            load_task_registry(self.dataset_json, case_ids)
-        super().on_train_start()
 
     def get_dataloaders(self):
         """nnU-Net's loaders; the training loader draws single-task batches with balanced task sampling."""
