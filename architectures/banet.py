@@ -38,9 +38,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
-from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import (
     InitWeights_He,
@@ -48,9 +46,8 @@ from dynamic_network_architectures.initialization.weight_init import (
 )
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch.nn.modules.dropout import _DropoutNd
 
-from nnunet_ext.architectures.encoders import build_nnunet_encoder
+from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork
 
 IntOrSeq = Union[int, list, tuple]
 
@@ -117,7 +114,7 @@ def boundary_gate(boundary_logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(boundary_logits[:, 1:2] - boundary_logits[:, 0:1])
 
 
-class BANet(AbstractDynamicNetworkArchitectures):
+class BANet(NNUNetEncoderNetwork):
     """BA-Net on nnU-Net's encoders; plans: ``network_class_name = "nnunet_ext.architectures.banet.BANet"``.
 
     Accepts the architecture kwargs of either nnU-Net network:
@@ -139,52 +136,21 @@ class BANet(AbstractDynamicNetworkArchitectures):
         strides: IntOrSeq,
         num_classes: int,
         n_conv_per_stage_decoder: IntOrSeq,
-        n_conv_per_stage: IntOrSeq | None = None,
-        n_blocks_per_stage: IntOrSeq | None = None,
-        conv_bias: bool = False,
-        norm_op: type[nn.Module] | None = None,
-        norm_op_kwargs: dict | None = None,
-        dropout_op: type[_DropoutNd] | None = None,
-        dropout_op_kwargs: dict | None = None,
-        nonlin: type[nn.Module] | None = None,
-        nonlin_kwargs: dict | None = None,
         deep_supervision: bool = False,
         nonlin_first: bool = False,
-        block: type[BasicBlockD] | type[BottleneckD] = BasicBlockD,
-        bottleneck_channels: IntOrSeq | None = None,
-        stem_channels: int | None = None,
+        **encoder_kwargs,
     ):
         super().__init__()
-        if isinstance(n_conv_per_stage_decoder, int):
-            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
-        if len(n_conv_per_stage_decoder) != n_stages - 1:
-            raise ValueError(
-                f"n_conv_per_stage_decoder needs n_stages - 1 = {n_stages - 1} entries, "
-                f"got {n_conv_per_stage_decoder}."
-            )
-        common = dict(
-            conv_bias=conv_bias,
-            norm_op=norm_op,
-            norm_op_kwargs=norm_op_kwargs,
-            dropout_op=dropout_op,
-            dropout_op_kwargs=dropout_op_kwargs,
-            nonlin=nonlin,
-            nonlin_kwargs=nonlin_kwargs,
-        )
-        self.encoder, self.key_to_encoder, self.key_to_stem, self.keys_to_in_proj = build_nnunet_encoder(
+        n_conv_per_stage_decoder = self._build_encoder(
             input_channels,
             n_stages,
             features_per_stage,
             conv_op,
             kernel_sizes,
             strides,
-            n_conv_per_stage,
-            n_blocks_per_stage,
+            n_conv_per_stage_decoder,
             nonlin_first,
-            block,
-            bottleneck_channels,
-            stem_channels,
-            **common,
+            encoder_kwargs,
         )
         # Segmentation decoder: exactly the decoder PlainConvUNet / ResidualEncoderUNet build (same key names).
         self.decoder = UNetDecoder(

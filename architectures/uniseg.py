@@ -47,12 +47,10 @@ from typing import Union
 
 import numpy as np
 import torch
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from dynamic_network_architectures.building_blocks.helper import (
     convert_conv_op_to_dim,
     get_matching_convtransp,
 )
-from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import (
@@ -61,9 +59,8 @@ from dynamic_network_architectures.initialization.weight_init import (
 )
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch.nn.modules.dropout import _DropoutNd
 
-from nnunet_ext.architectures.encoders import build_nnunet_encoder
+from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork
 
 IntOrSeq = Union[int, list, tuple]
 
@@ -95,7 +92,7 @@ def modality_groups(task_channels: Sequence[int]) -> tuple[list[int], list[int],
     return counts, group_of, offsets
 
 
-class UniSeg(AbstractDynamicNetworkArchitectures):
+class UniSeg(NNUNetEncoderNetwork):
     """UniSeg on nnU-Net's encoders; see the module docstring.
 
     ``num_classes``: nnU-Net's number of output channels of the dataset (global label space), the eval output
@@ -114,23 +111,12 @@ class UniSeg(AbstractDynamicNetworkArchitectures):
         strides: IntOrSeq,
         num_classes: int,
         n_conv_per_stage_decoder: IntOrSeq,
-        n_conv_per_stage: IntOrSeq | None = None,
-        n_blocks_per_stage: IntOrSeq | None = None,
-        conv_bias: bool = False,
-        norm_op: type[nn.Module] | None = None,
-        norm_op_kwargs: dict | None = None,
-        dropout_op: type[_DropoutNd] | None = None,
-        dropout_op_kwargs: dict | None = None,
-        nonlin: type[nn.Module] | None = None,
-        nonlin_kwargs: dict | None = None,
         deep_supervision: bool = False,
         nonlin_first: bool = False,
-        block: type[BasicBlockD] | type[BottleneckD] = BasicBlockD,
-        bottleneck_channels: IntOrSeq | None = None,
-        stem_channels: int | None = None,
         task_labels: Sequence[Sequence[int]] | None = None,
         patch_size: Sequence[int] | None = None,
         task_channels: Sequence[int] | None = None,
+        **encoder_kwargs,
     ):
         super().__init__()
         if task_labels is None:
@@ -164,35 +150,16 @@ class UniSeg(AbstractDynamicNetworkArchitectures):
         self.task_channels = [int(c) for c in task_channels]
         self.group_channels, self.task_group, self.group_offsets = modality_groups(self.task_channels)
         stem_inputs = sum(self.group_channels)
-        if isinstance(n_conv_per_stage_decoder, int):
-            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
-        if len(n_conv_per_stage_decoder) != n_stages - 1:
-            raise ValueError(
-                f"n_conv_per_stage_decoder needs n_stages - 1 = {n_stages - 1} entries, got {n_conv_per_stage_decoder}."
-            )
-        common = dict(
-            conv_bias=conv_bias,
-            norm_op=norm_op,
-            norm_op_kwargs=norm_op_kwargs,
-            dropout_op=dropout_op,
-            dropout_op_kwargs=dropout_op_kwargs,
-            nonlin=nonlin,
-            nonlin_kwargs=nonlin_kwargs,
-        )
-        self.encoder, self.key_to_encoder, self.key_to_stem, self.keys_to_in_proj = build_nnunet_encoder(
+        n_conv_per_stage_decoder = self._build_encoder(
             stem_inputs,
             n_stages,
             features_per_stage,
             conv_op,
             kernel_sizes,
             strides,
-            n_conv_per_stage,
-            n_blocks_per_stage,
+            n_conv_per_stage_decoder,
             nonlin_first,
-            block,
-            bottleneck_channels,
-            stem_channels,
-            **common,
+            encoder_kwargs,
         )
         self.decoder = UNetDecoder(
             self.encoder,
@@ -216,6 +183,7 @@ class UniSeg(AbstractDynamicNetworkArchitectures):
         if mid < 1:
             raise ValueError("bottleneck features + tasks must be at least 4 for the fusion blocks")
         kernel = [3] * convert_conv_op_to_dim(conv_op)
+        enc = self.encoder
         self.fusion = nn.Sequential(
             *[
                 ConvDropoutNormReLU(
@@ -224,13 +192,13 @@ class UniSeg(AbstractDynamicNetworkArchitectures):
                     cout,
                     kernel,
                     1,
-                    conv_bias,
-                    norm_op,
-                    norm_op_kwargs,
+                    enc.conv_bias,
+                    enc.norm_op,
+                    enc.norm_op_kwargs,
                     None,
                     None,
-                    nonlin,
-                    nonlin_kwargs,
+                    enc.nonlin,
+                    enc.nonlin_kwargs,
                     nonlin_first,
                 )
                 for cin, cout in ((c + t, mid), (mid, mid), (mid, t))

@@ -15,10 +15,14 @@ from nnunet_ext.errors import UserError
 
 def accepted_kwargs(*network_classes: type) -> set[str]:
     """Architecture kwargs the networks' ``__init__`` accept (beyond input channels and classes)."""
+    from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork, build_nnunet_encoder
+
     names: set[str] = set()
     for cls in network_classes:
         names |= set(inspect.signature(cls.__init__).parameters)
-    return names - {"self", "args", "kwargs", "input_channels", "num_classes"}
+        if issubclass(cls, NNUNetEncoderNetwork):  # its **encoder_kwargs go to build_nnunet_encoder
+            names |= set(inspect.signature(build_nnunet_encoder).parameters)
+    return names - {"self", "args", "kwargs", "encoder_kwargs", "input_channels", "num_classes"}
 
 
 def method_network_from_plans(
