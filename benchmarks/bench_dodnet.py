@@ -221,7 +221,12 @@ def train_and_score(
     return {str(u): float(np.mean(v)) if v else float("nan") for u, v in dice.items()}, train_s
 
 
-def part_accuracy(pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int) -> dict:
+ACCURACY_MODELS = ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet", "per-task")
+
+
+def part_accuracy(
+    pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int, models=ACCURACY_MODELS
+) -> dict:
     import SimpleITK as sitk
 
     from nnunet_ext.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
@@ -233,12 +238,14 @@ def part_accuracy(pre: Path, raw: Path, workdir: Path, device, total_iterations:
     ]
     per_iter = max(1, total_iterations // epochs)
     results = {}
-    for trainer in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet"):
+    for trainer in [m for m in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet") if m in models]:
         ident = {v: v for v in PARTIAL_LABELS.values() if v}
         results[trainer], secs = train_and_score(
             pre, trainer, device, epochs, per_iter, test_images, truths, ident
         )
         print(trainer, results[trainer], f"{secs:.0f} s", flush=True)
+    if "per-task" not in models:
+        return results
     plain = {}
     for task, tid in TASK_IDS.items():
         tpre = prepare(workdir, tid, raw, task)
@@ -281,6 +288,13 @@ def main() -> None:
         "--iterations", type=int, default=150, help="total training iterations (accuracy part)"
     )
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument(
+        "--accuracy-models",
+        nargs="+",
+        default=list(ACCURACY_MODELS),
+        choices=ACCURACY_MODELS,
+        help="which models the accuracy part trains (per-task: one plain nnUNetTrainer per task)",
+    )
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -300,7 +314,9 @@ def main() -> None:
     if "infer" in args.parts:
         report["inference"] = part_infer(pre, raw, device, args.repeats)
     if "accuracy" in args.parts:
-        report["accuracy"] = part_accuracy(pre, raw, workdir, device, args.iterations, args.epochs)
+        report["accuracy"] = part_accuracy(
+            pre, raw, workdir, device, args.iterations, args.epochs, args.accuracy_models
+        )
     from nnunet_ext.io import atomic_write_json
 
     atomic_write_json(workdir / "bench_dodnet.json", report)
