@@ -42,8 +42,11 @@ def machine() -> str:
 
 def _run(cmd: list[str]) -> None:
     exe = Path(sys.executable).parent / cmd[0]
+    # training in this process sets nnUNet_n_proc_DA=0, with which nnU-Net's planning crashes
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
     subprocess.run(
         [str(exe) if exe.exists() else cmd[0], *cmd[1:]],
+        env=env,
         check=True,
         capture_output=True,
         text=True,
