@@ -200,21 +200,25 @@ def part_infer(pre: Path, raw: Path, device: torch.device, repeats: int) -> dict
 def train_and_score(
     pre: Path, trainer: str, device, epochs: int, iterations: int, test_images, truths, label_map
 ):
-    """Train in-process, predict the test images, Dice per unified label in ``label_map`` (model label -> unified)."""
+    """Train in-process (nnU-Net's loop; its final validation pass is skipped: the test cases are scored here),
+    predict the test images with the trained weights, Dice per unified label in ``label_map`` (model label ->
+    unified label)."""
     import SimpleITK as sitk
 
     torch.manual_seed(0)
     t = make_trainer(pre, trainer, device, epochs, iterations)
     os.environ["nnUNet_n_proc_DA"] = "0"
+    t.perform_actual_validation = lambda *a, **k: None  # benchmark only
     start = time.perf_counter()
     t.run_training()
     train_s = time.perf_counter() - start
     p = predictor_for(t, device)
     dice = {u: [] for u in label_map.values()}
     for img, truth in zip(test_images, truths):
+        image = sitk.ReadImage(str(img))
         seg = p.predict_single_npy_array(
-            sitk.GetArrayFromImage(sitk.ReadImage(str(img)))[None].astype(np.float32),
-            {"spacing": list(sitk.ReadImage(str(img)).GetSpacing())[::-1]},
+            sitk.GetArrayFromImage(image)[None].astype(np.float32),
+            {"spacing": list(image.GetSpacing())[::-1]},
             None, None, False,
         )  # fmt: skip
         for m, u in label_map.items():
@@ -224,31 +228,25 @@ def train_and_score(
     return {str(u): float(np.mean(v)) if v else float("nan") for u, v in dice.items()}, train_s
 
 
-ACCURACY_MODELS = ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet", "per-task")
-
-
-def part_accuracy(
-    pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int, models=ACCURACY_MODELS
-) -> dict:
+def test_set(raw: Path) -> tuple[list[Path], list[np.ndarray]]:
+    """The phantom's test images and their full truth (every structure labelled)."""
     import SimpleITK as sitk
 
-    from nnunet_ext.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
-
-    test_images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
+    images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
     truths = [
         sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / f.name.replace("_0000", ""))))
-        for f in test_images
+        for f in images
     ]
-    per_iter = max(1, total_iterations // epochs)
-    results = {}
-    for trainer in [m for m in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet") if m in models]:
-        ident = {v: v for v in PARTIAL_LABELS.values() if v}
-        results[trainer], secs = train_and_score(
-            pre, trainer, device, epochs, per_iter, test_images, truths, ident
-        )
-        print(trainer, results[trainer], f"{secs:.0f} s", flush=True)
-    if "per-task" not in models:
-        return results
+    return images, truths
+
+
+def per_task_baselines(
+    workdir: Path, raw: Path, device, epochs: int, total_per_epoch: int, test_images, truths
+) -> dict:
+    """One plain nnUNetTrainer per task, trained on that task's cases only with 1/T of the iterations per epoch
+    (so the T of them train as many iterations in total as one all-task model); Dice per unified label."""
+    from nnunet_ext.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
+
     plain = {}
     for task, tid in TASK_IDS.items():
         tpre = prepare(workdir, tid, raw, task)
@@ -259,14 +257,37 @@ def part_accuracy(
             "nnUNetTrainer",
             device,
             epochs,
-            max(1, per_iter // len(TASK_IDS)),
+            max(1, total_per_epoch // len(TASK_IDS)),
             test_images,
             truths,
             label_map,
         )
         print(f"nnUNetTrainer ({task} only)", d, f"{secs:.0f} s", flush=True)
         plain.update(d)
-    results["nnUNetTrainer per task"] = plain
+    return plain
+
+
+ACCURACY_MODELS = ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet", "per-task")
+
+
+def part_accuracy(
+    pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int, models=ACCURACY_MODELS
+) -> dict:
+    from nnunet_ext.phantoms import PARTIAL_LABELS
+
+    test_images, truths = test_set(raw)
+    per_iter = max(1, total_iterations // epochs)
+    results = {}
+    for trainer in [m for m in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet") if m in models]:
+        ident = {v: v for v in PARTIAL_LABELS.values() if v}
+        results[trainer], secs = train_and_score(
+            pre, trainer, device, epochs, per_iter, test_images, truths, ident
+        )
+        print(trainer, results[trainer], f"{secs:.0f} s", flush=True)
+    if "per-task" in models:
+        results["nnUNetTrainer per task"] = per_task_baselines(
+            workdir, raw, device, epochs, per_iter, test_images, truths
+        )
     return results
 
 

@@ -32,45 +32,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dodnet import (  # noqa: E402 (the sibling script's helpers)
     DATASET_ID,
-    TASK_IDS,
     machine,
     make_trainer,
+    per_task_baselines,
     predictor_for,
     prepare,
+    test_set,
+    train_and_score,
 )
 
 TRAINER = "nnUNetTrainerUniSeg"
-
-
-def train_and_score(
-    pre: Path, trainer: str, device, epochs: int, iterations: int, test_images, truths, label_map
-):
-    """Train in-process (nnU-Net's loop; its final validation pass is skipped to save time), predict the test
-    images with the trained weights, Dice per unified label in ``label_map`` (model label -> unified)."""
-    import SimpleITK as sitk
-
-    torch.manual_seed(0)
-    t = make_trainer(pre, trainer, device, epochs, iterations)
-    os.environ["nnUNet_n_proc_DA"] = "0"
-    t.perform_actual_validation = lambda *a, **k: None  # benchmark only: the test cases are scored below
-    start = time.perf_counter()
-    t.run_training()
-    train_s = time.perf_counter() - start
-    p = predictor_for(t, device)
-    p.list_of_parameters = [{k: v.detach().clone() for k, v in t.network.state_dict().items()}]
-    dice = {u: [] for u in label_map.values()}
-    for img, truth in zip(test_images, truths):
-        image = sitk.ReadImage(str(img))
-        seg = p.predict_single_npy_array(
-            sitk.GetArrayFromImage(image)[None].astype(np.float32),
-            {"spacing": list(image.GetSpacing())[::-1]},
-            None, None, False,
-        )  # fmt: skip
-        for m, u in label_map.items():
-            a, b = seg == m, truth == u
-            if a.sum() + b.sum():
-                dice[u].append(2 * (a & b).sum() / (a.sum() + b.sum()))
-    return {str(u): float(np.mean(v)) if v else float("nan") for u, v in dice.items()}, train_s
 
 
 def part_speed(pre: Path, args) -> dict:
@@ -119,15 +90,9 @@ def part_infer(pre: Path, raw: Path, device: torch.device, repeats: int) -> dict
 
 
 def part_accuracy(pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int) -> dict:
-    import SimpleITK as sitk
+    from nnunet_ext.phantoms import PARTIAL_LABELS
 
-    from nnunet_ext.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
-
-    test_images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
-    truths = [
-        sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / f.name.replace("_0000", ""))))
-        for f in test_images
-    ]
+    test_images, truths = test_set(raw)
     per_iter = max(1, total_iterations // epochs)
     results = {}
     ident = {v: v for v in PARTIAL_LABELS.values() if v}
@@ -135,25 +100,9 @@ def part_accuracy(pre: Path, raw: Path, workdir: Path, device, total_iterations:
         pre, TRAINER, device, epochs, per_iter, test_images, truths, ident
     )
     print(TRAINER, results[TRAINER], f"{secs:.0f} s", flush=True)
-    plain = {}
-    for task, tid in TASK_IDS.items():
-        os.environ.pop("nnUNet_n_proc_DA", None)  # set for training; nnU-Net's planning crashes with 0
-        tpre = prepare(workdir, tid, raw, task)
-        names = PARTIAL_TASKS[task]["labels"]
-        label_map = {i + 1: PARTIAL_LABELS[n] for i, n in enumerate(names)}
-        d, secs = train_and_score(
-            tpre,
-            "nnUNetTrainer",
-            device,
-            epochs,
-            max(1, per_iter // len(TASK_IDS)),
-            test_images,
-            truths,
-            label_map,
-        )
-        print(f"nnUNetTrainer ({task} only)", d, f"{secs:.0f} s", flush=True)
-        plain.update(d)
-    results["nnUNetTrainer per task"] = plain
+    results["nnUNetTrainer per task"] = per_task_baselines(
+        workdir, raw, device, epochs, per_iter, test_images, truths
+    )
     return results
 
 
