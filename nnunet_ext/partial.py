@@ -258,3 +258,58 @@ class TaskRegistryTrainerMixin:
             case_ids = case_ids_in_folder(self.preprocessed_dataset_folder_base, self.dataset_json)
             load_task_registry(self.dataset_json, case_ids)
         super().on_train_start()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation (all-task predictions, summary.json against the partial training labels) and, for
+        a dataset with a task registry, ``validation/summary_tasks.json``: every validation case scored only on
+        its own task's labels (an unannotated structure in a partial label is unknown, not background)."""
+        import os
+
+        super().perform_actual_validation(save_probabilities)
+        if self.task_registry is None or self.local_rank != 0:
+            return
+        folder = os.path.join(self.output_folder, "validation")
+        if os.path.isdir(folder):
+            summary = task_aware_summary(
+                folder,
+                os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
+                self.dataset_json,
+                self.plans_manager.image_reader_writer_class(),
+            )
+            if summary is not None:
+                from nnunet_ext.io import atomic_write_json
+
+                atomic_write_json(os.path.join(folder, "summary_tasks.json"), summary)
+                self.print_to_log_file(
+                    "Task-aware validation Dice (each case on its own task's labels): ",
+                    {k: round(v["Dice"], 4) for k, v in summary["mean"].items()},
+                )
+
+
+def task_aware_summary(pred_folder: str, gt_folder: str, dataset_json: dict, reader) -> dict | None:
+    """Dice per label over the cases whose task annotates it (predictions vs partial references)."""
+    import os
+
+    import numpy as np
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+
+    registry = load_task_registry(dataset_json)
+    ending = dataset_json["file_ending"]
+    cases = sorted(f[: -len(ending)] for f in os.listdir(pred_folder) if f.endswith(ending))
+    per_case = []
+    for case in cases:
+        ref = os.path.join(gt_folder, case + ending)
+        if not os.path.isfile(ref):
+            continue
+        task = registry.task_of(case)
+        labels = registry.labels_of(task)
+        m = compute_metrics(ref, os.path.join(pred_folder, case + ending), reader, labels, None)
+        per_case.append({"case": case, "task": task, "metrics": {str(k): v for k, v in m["metrics"].items()}})
+    if not per_case:
+        return None
+    mean = {}
+    for label in sorted({k for c in per_case for k in c["metrics"]}, key=int):
+        dices = [c["metrics"][label]["Dice"] for c in per_case if label in c["metrics"]]
+        finite = [d for d in dices if d == d]
+        mean[label] = {"Dice": float(np.mean(finite)) if finite else float("nan"), "cases": len(dices)}
+    return {"mean": mean, "metric_per_case": per_case}

@@ -82,6 +82,11 @@ def test_train_predict_evaluate_with_stock_cli(phantom_workspace, trainer):
     model = root / "results" / dataset.name / f"{trainer}__nnUNetPlans__3d_tiny"
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
     assert (model / "fold_0" / "validation" / "summary.json").is_file()
+    if partially_labelled(trainer):  # each validation case also scored on its own task's labels only
+        per_task = json.loads((model / "fold_0" / "validation" / "summary_tasks.json").read_text())
+        assert per_task["metric_per_case"] and per_task["mean"]
+        for case in per_task["metric_per_case"]:
+            assert case["case"].startswith(case["task"])
 
     out = root / "predictions" / trainer
     run(

@@ -9,7 +9,6 @@ prediction merged into the global label map. See docs/uniseg.md.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from nnunet_ext.errors import UserError
 from nnunet_ext.networks import method_network_from_plans
 from nnunet_ext.partial import LAYOUT_KEY, TaskLayout, TaskRegistryTrainerMixin, foreground_labels
 from nnunet_ext.tasks import TASKS_KEY
-from nnunet_ext.trainers.nnUNetTrainerDoDNet import layout_from_plans, task_aware_summary
+from nnunet_ext.trainers.nnUNetTrainerDoDNet import layout_from_plans
 from nnunet_ext.uniseg_training import (
     DeepSupervisionTaskLoss,
     SlicedDCCELoss,
@@ -293,30 +292,6 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
                 fp[lab - 1] += float((p & ~t).sum())
                 fn[lab - 1] += float((~p & t).sum())
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
-
-    # ------------------------------------------------------------------------------------------- validation
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's validation (all tasks merged, summary.json against the training labels) and, with a task
-        registry, ``validation/summary_tasks.json``: each case scored on its own task's labels only."""
-        super().perform_actual_validation(save_probabilities)
-        if self.task_registry is None or self.local_rank != 0:
-            return
-        folder = os.path.join(self.output_folder, "validation")
-        if os.path.isdir(folder):
-            summary = task_aware_summary(
-                folder,
-                os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
-                self.dataset_json,
-                self.plans_manager.image_reader_writer_class(),
-            )
-            if summary is not None:
-                from nnunet_ext.io import atomic_write_json
-
-                atomic_write_json(os.path.join(folder, "summary_tasks.json"), summary)
-                self.print_to_log_file(
-                    "Task-aware validation Dice (each case on its own task's labels): ",
-                    {k: round(v["Dice"], 4) for k, v in summary["mean"].items()},
-                )
 
 
 def uniseg_facts_from_plans(plans: dict) -> dict:
