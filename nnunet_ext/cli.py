@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "bench",
     "predict_boundaries",
     "labelprop",
+    "fingerprint",
     "universal",
     "convert",
     "evaluate",

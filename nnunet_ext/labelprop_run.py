@@ -190,7 +190,8 @@ def _run(cmd: list[str], env: dict, log) -> None:
 
 
 def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | None = None) -> None:
-    """Plan and preprocess the first dataset (``nnUNetv2_plan_and_preprocess``, + 3d_tiny when asked); later
+    """Plan and preprocess the first dataset (``nnUNetv2_extract_fingerprint``, its foreground statistics without
+    the ignore label, ``nnUNetv2_plan_and_preprocess``, + 3d_tiny when asked); later
     rounds reuse its plans unchanged (``nnUNetv2_extract_fingerprint``, ``nnUNetv2_move_plans_between_datasets``,
     ``nnUNetv2_preprocess``), so models A and B share patch size, spacing and network."""
     from nnunet_ext.training import ext_trainer_env
@@ -216,8 +217,21 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
         cmd = [_exe("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", opts.plans, "-c", cfg]
         _run([*cmd, "-np", n_proc], env, log)
         return
+    # the fingerprint first, then its foreground statistics without the ignore label (nnunet_ext.fingerprint:
+    # nnU-Net counts ignore voxels as foreground); the planner below reuses the corrected fingerprint
+    cmd = [
+        _exe("nnUNetv2_extract_fingerprint"),
+        "-d",
+        str(dataset_id),
+        "-np",
+        n_proc,
+        "--verify_dataset_integrity",
+    ]
+    _run(cmd, env, log)
+    from nnunet_ext.fingerprint import exclude_ignore_from_fingerprint
+
+    exclude_ignore_from_fingerprint(dataset_id, opts.num_processes, extract=False, log=log)
     cmd = [_exe("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", cfg, "-np", n_proc]
-    cmd += ["--verify_dataset_integrity"]
     if opts.planner:
         cmd += ["-pl", opts.planner]
     _run(cmd, env, log)

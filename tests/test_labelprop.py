@@ -377,6 +377,11 @@ def test_run_recipe_end_to_end_and_resume(phantom_workspace):
         assert np.array_equal(lab[ann], sparse[ann])  # annotated slices kept exactly
         assert lab.max() <= 5 and lab.shape == sparse.shape
     assert (interp / "labelprop.json").is_file()
+    # model A's dataset keeps the ignore label outside the annotated range: planned from a fingerprint whose
+    # foreground statistics leave it out (nnunet_ext.fingerprint)
+    assert "ignore" in json.loads((interp / "dataset.json").read_text())["labels"]
+    fingerprint = json.loads((root / "preprocessed" / interp.name / "dataset_fingerprint.json").read_text())
+    assert fingerprint["nnunet_ext_ignore_label_excluded"] is True
     qc = root / "lp_state_qc"
     assert (
         len(list((qc / interp.name).glob("*.png"))) == 2 and len(list((qc / pseudo.name).glob("*.png"))) == 2
