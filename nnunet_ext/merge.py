@@ -410,12 +410,17 @@ def _parse_pairs(values, what: str) -> dict[str, str]:
     return out
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
+def spec_and_sources_from_args(
+    args: argparse.Namespace, presets: dict | None = None
+) -> tuple[dict, dict, str]:
+    """(merge spec, {task: source dataset}, output raw folder) from ``--preset`` (if ``presets``) / ``--spec`` /
+    ``--map`` + ``--source`` / ``--out``: the arguments ``tasks merge`` and ``uniseg merge`` share."""
     sources = _parse_pairs(args.source, "--source")
-    if args.preset and args.spec:
+    preset = getattr(args, "preset", None) if presets else None
+    if preset and args.spec:
         raise UserError("give either --preset or --spec, not both.")
-    if args.preset:
-        spec = json.loads(json.dumps(PRESETS[args.preset]))
+    if preset:
+        spec = json.loads(json.dumps(presets[preset]))
     elif args.spec:
         try:
             spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
@@ -424,8 +429,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     else:
         if not args.map:
             raise UserError(
-                "say how labels map: --preset mots, --spec FILE, or --map TASK:SRC=UNIFIED[,SRC=UNIFIED] per task "
-                "together with --source TASK=DATASET."
+                "say how labels map: "
+                + ("--preset mots, " if presets else "")
+                + "--spec FILE, or --map TASK:SRC=UNIFIED[,SRC=UNIFIED] per task together with --source TASK=DATASET."
             )
         spec = {"tasks": {}}
         for item in args.map:
@@ -445,6 +451,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     out = args.out or os.environ.get("nnUNet_raw")
     if not out:
         raise UserError("no output folder: set nnUNet_raw or pass --out DIR.")
+    return spec, sources, out
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    spec, sources, out = spec_and_sources_from_args(args, PRESETS)
     target, plan = merge_datasets(
         spec,
         out,

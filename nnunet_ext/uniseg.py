@@ -289,34 +289,9 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from nnunet_ext.merge import _parse_pairs
+    from nnunet_ext.merge import spec_and_sources_from_args
 
-    sources = _parse_pairs(args.source, "--source")
-    if args.spec:
-        try:
-            spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read the merge spec {args.spec}: {e}") from e
-    else:
-        if not args.map:
-            raise UserError(
-                "say how labels map: --spec FILE, or --map TASK:SRC=UNIFIED[,...] with --source TASK=DATASET."
-            )
-        spec = {"tasks": {}}
-        for item in args.map:
-            if ":" not in item:
-                raise UserError(f"--map expects TASK:SRC=UNIFIED[,SRC=UNIFIED], got {item!r}.")
-            task, pairs = item.split(":", 1)
-            labels = {}
-            for pair in pairs.split(","):
-                if "=" not in pair:
-                    raise UserError(f"--map {item!r}: {pair!r} is not SRC=UNIFIED.")
-                s, u = pair.split("=", 1)
-                labels[s.strip()] = None if u.strip().lower() in ("", "none", "null", "-") else u.strip()
-            spec["tasks"][task.strip()] = {"labels": labels}
-    out = args.out or os.environ.get("nnUNet_raw")
-    if not out:
-        raise UserError("no output folder: set nnUNet_raw or pass --out DIR.")
+    spec, sources, out = spec_and_sources_from_args(args)
     target = merge_mixed_modalities(spec, out, args.id, args.name, sources, args.force)
     dj = json.loads((target / "dataset.json").read_text(encoding="utf-8"))
     print(f"wrote {target}")
