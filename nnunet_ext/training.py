@@ -124,3 +124,21 @@ def run_logged(cmd: list[str], env: dict, log: Path, quiet: bool = False) -> flo
     if code != 0:
         raise UserError(f"`{Path(cmd[0]).name}` failed with exit code {code}; see the log {log}")
     return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------- inside train_step
+def backward_and_step(trainer, loss, max_norm: float = 12.0) -> None:
+    """The end of nnU-Net's ``train_step``, for our trainers that compute their own loss: backward (through the
+    AMP grad scaler when there is one), gradient clipping to ``max_norm``, optimizer step."""
+    import torch
+
+    if trainer.grad_scaler is not None:
+        trainer.grad_scaler.scale(loss).backward()
+        trainer.grad_scaler.unscale_(trainer.optimizer)
+        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), max_norm)
+        trainer.grad_scaler.step(trainer.optimizer)
+        trainer.grad_scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), max_norm)
+        trainer.optimizer.step()

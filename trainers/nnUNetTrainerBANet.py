@@ -17,6 +17,7 @@ from nnunet_ext.boundary import boundary_targets_for_deep_supervision
 from nnunet_ext.errors import UserError
 from nnunet_ext.losses import BoundaryAwareLoss
 from nnunet_ext.networks import method_network_from_plans
+from nnunet_ext.training import backward_and_step
 
 BANET_CLASS_NAME = "nnunet_ext.architectures.banet.BANet"
 
@@ -118,16 +119,7 @@ class nnUNetTrainerBANet(nnUNetTrainer):
             del data
             loss = self.banet_loss(seg_output, target, boundary_output, boundary_target)
 
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        backward_and_step(self, loss, 12)
         return {"loss": loss.detach().cpu().numpy()}
 
     # validation_step, checkpoints, --val and inference are nnU-Net's: in eval mode BANet returns the

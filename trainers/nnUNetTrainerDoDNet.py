@@ -30,6 +30,7 @@ from nnunet_ext.partial import (
     TaskRegistryTrainerMixin,
     foreground_labels,
 )
+from nnunet_ext.training import backward_and_step
 
 
 def layout_from_plans(plans_manager: PlansManager, num_output_channels: int) -> TaskLayout:
@@ -158,16 +159,7 @@ class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
             del data
             loss = self.loss(output, target, task_ids)
 
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-            self.optimizer.step()
+        backward_and_step(self, loss, self.grad_clip)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:

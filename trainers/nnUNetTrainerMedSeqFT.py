@@ -43,6 +43,7 @@ from torch import autocast, nn
 from nnunet_ext import lora
 from nnunet_ext.medseqft import FeatureTap, load_buffer, load_checkpoint_network, unet_features
 from nnunet_ext.trainers.nnUNetTrainerLoRA import nnUNetTrainerLoRA
+from nnunet_ext.training import backward_and_step
 
 
 class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
@@ -196,16 +197,7 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
             kd_loss = self.distillation_loss([f[n:] for f in feats], buffer)
             loss = seg_loss + self.kd_weight * kd_loss
 
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        backward_and_step(self, loss, 12)
         return {"loss": loss.detach().cpu().numpy()}
 
     def on_train_end(self):

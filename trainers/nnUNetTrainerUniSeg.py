@@ -28,6 +28,7 @@ from nnunet_ext.networks import method_network_from_plans
 from nnunet_ext.partial import LAYOUT_KEY, TaskLayout, TaskRegistryTrainerMixin, foreground_labels
 from nnunet_ext.tasks import TASKS_KEY
 from nnunet_ext.trainers.nnUNetTrainerDoDNet import layout_from_plans
+from nnunet_ext.training import backward_and_step
 from nnunet_ext.uniseg_training import (
     DeepSupervisionTaskLoss,
     SlicedDCCELoss,
@@ -247,16 +248,7 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
             output = self.network(data, task_ids)  # local logits of each sample's task
             del data
             loss = self.loss(output, target, task_ids)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-            self.optimizer.step()
+        backward_and_step(self, loss, self.grad_clip)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
