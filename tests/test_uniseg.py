@@ -263,9 +263,10 @@ def test_modality_groups_are_separate_first_convolutions():
 
 # ----------------------------------------------------------------------------------- fine-tuning conversion
 @pytest.mark.parametrize("style", ["plain", "resenc"])
-def test_converted_weights_load_strictly_into_a_plain_nnunet(style):
+def test_converted_weights_load_strictly_into_a_plain_nnunet_and_into_banet(style):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
+    from nnunet_ext.architectures.banet import BANet
     from nnunet_ext.partial import LAYOUT_KEY, TaskLayout
     from nnunet_ext.trainers.nnUNetTrainerUniSeg import UNISEG_KEY
     from nnunet_ext.uniseg import convert_state_dict
@@ -290,6 +291,14 @@ def test_converted_weights_load_strictly_into_a_plain_nnunet(style):
             else "encoder.stages.0.0.convs.0.conv.weight"
         )
         torch.testing.assert_close(converted[stem], net.state_dict()[stem][:, slots])
+        # the same weights fine-tune a BA-Net: its encoder and segmentation decoder carry the plain U-Net's keys;
+        # its boundary branch lives under `boundary.seg_layers.`, which nnU-Net's -pretrained_weights loader
+        # neither requires nor transfers (so it starts from scratch, like the segmentation heads)
+        banet = BANet(channels, num_classes=3, deep_supervision=True, **kw)
+        result = banet.load_state_dict(converted, strict=False)
+        assert not result.unexpected_keys
+        assert result.missing_keys and all(k.startswith("boundary.seg_layers.") for k in result.missing_keys)
+        torch.testing.assert_close(banet.decoder.transpconvs[0].weight, w[:-1])
         # the plain encoder computes exactly the UniSeg encoder of that modality group
         x = torch.randn(1, channels, 8, 16, 16)
         with torch.no_grad():
@@ -434,6 +443,16 @@ def test_trainer_predictor_task_prediction_and_fine_tuning(uniseg_env, tmp_path)
             continue
         expect = src[k][:-1] if k.endswith("transpconvs.0.weight") else src[k]
         torch.testing.assert_close(v, expect, rtol=0, atol=0)
+    # ... and into BA-Net through the same stock loader (its boundary branch is not transferred)
+    ba = _trainer(uniseg_env, 501, "full", "nnUNetTrainerBANet")
+    ba.initialize()
+    maybe_load_checkpoint(
+        ba, continue_training=False, validation_only=False, pretrained_weights_file=str(converted)
+    )
+    for k, v in ba.network.state_dict().items():
+        if ".seg_layers." not in k:
+            expect = src[k][:-1] if k.endswith("transpconvs.0.weight") else src[k]
+            torch.testing.assert_close(v, expect, rtol=0, atol=0)
 
 
 @pytest.mark.slow  # writes, merges, plans and preprocesses two tiny phantoms (~1 min)
