@@ -284,6 +284,7 @@ def _cmd_convert(args) -> int:
     print(f"wrote {dst}")
     print(
         f"next: nnUNetv2_train DATASET CONFIGURATION FOLD -tr nnUNetTrainerUniSegFT -pretrained_weights {dst}"
+        " (or -tr nnUNetTrainerBANet: encoder and segmentation decoder transfer, the boundary decoder starts new)"
     )
     return 0
 
