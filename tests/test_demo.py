@@ -20,9 +20,9 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     env.update(nnUNet_compile="f", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"), nnUNet_n_proc_DA="1")
     workdir = tmp_path / "demo"
     cmd = ["nnunet-ext", "demo", "--workdir", str(workdir), "--device", "cpu", "--quiet"]
+    # one trainer (the method) keeps this test short; the loop over several trainers is the same code path
     cmd += [
         "--trainers",
-        "nnUNetTrainer_smoke",
         "nnUNetTrainerBANet_smoke",
         "--num-train",
         "5",
@@ -31,7 +31,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     ]
     first = run(cmd, env)
     result = json.loads((workdir / "results.json").read_text())
-    assert set(result["scores"]) == {"nnUNetTrainer_smoke", "nnUNetTrainerBANet_smoke"}
+    assert set(result["scores"]) == {"nnUNetTrainerBANet_smoke"}
     for scores in result["scores"].values():
         assert {"liver", "kidney", "spleen"} <= set(scores)
         assert all(v != v or 0.0 <= v <= 1.0 for v in scores.values())  # Dice, NaN if absent in truth
@@ -54,4 +54,4 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
 
     # a second call resumes: nothing is trained or predicted again
     again = run(cmd, env)
-    assert again.stdout.count("done before") >= 4
+    assert again.stdout.count("done before") >= 3  # preprocessing, training, prediction
