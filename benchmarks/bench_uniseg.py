@@ -12,7 +12,10 @@
    calls.
 3. accuracy: Dice per structure on the test cases (full truth in labelsTs) of UniSeg trained on all tasks vs plain
    nnU-Nets trained per task on that task's cases, with the same TOTAL number of iterations (each plain net
-   gets 1/T of them). Each model is scored on the structures it segments.
+   gets 1/T of them). UniSeg is scored twice: each task's own prediction (``nnunet-ext predict --task``) on that
+   task's labels, the comparison with the per-task nets; and the all-task merged label map (what the stock
+   ``nnUNetv2_predict`` writes). ``--accuracy-models`` picks the models, ``--reuse-trained`` scores an existing
+   UniSeg checkpoint.
 
 Uses the phantom and helpers of benchmarks/bench_dodnet.py (same workdir: the prepared data is shared).
 Prints a machine line and the tables; writes <workdir>/bench_uniseg.json. Copy them into docs/benchmarks.md.
@@ -89,20 +92,58 @@ def part_infer(pre: Path, raw: Path, device: torch.device, repeats: int) -> dict
     return times
 
 
-def part_accuracy(pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int) -> dict:
-    from nnunet_ext.phantoms import PARTIAL_LABELS
+def score_uniseg(workdir: Path, device, test_images, truths) -> tuple[dict, dict]:
+    """Dice per label of the trained UniSeg model (checkpoint_final of fold 'all'): (all tasks merged into the
+    global label map, i.e. the stock nnUNetv2_predict output; each task's OWN prediction, the model restricted to
+    that task as `nnunet-ext predict --task` does, scored on that task's labels)."""
+    import SimpleITK as sitk
 
+    from nnunet_ext.universal import load_predictor, restrict_tasks
+
+    name = next((workdir / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*")).name
+    model = workdir / "nnUNet_results" / name / f"{TRAINER}__nnUNetPlans__3d_tiny"
+    p, layout = load_predictor(model, ("all",), device=device.type, tta=False)
+    net = p.network
+    merged = {str(v): [] for labels in layout.labels for v in labels}
+    own = {k: [] for k in merged}
+    for img, truth in zip(test_images, truths):
+        image = sitk.ReadImage(str(img))
+        x = sitk.GetArrayFromImage(image)[None].astype(np.float32)
+        props = {"spacing": list(image.GetSpacing())[::-1]}
+        for t, labels in [(None, [v for labs in layout.labels for v in labs])] + list(
+            enumerate(layout.labels)
+        ):
+            p.network = net if t is None else restrict_tasks(net, [t])
+            seg = p.predict_single_npy_array(x, props, None, None, False)
+            for v in labels:
+                a, b = seg == v, truth == v
+                if a.sum() + b.sum():
+                    (merged if t is None else own)[str(v)].append(2 * (a & b).sum() / (a.sum() + b.sum()))
+    p.network = net
+    mean = lambda d: {k: float(np.mean(v)) if v else float("nan") for k, v in d.items()}  # noqa: E731
+    return mean(merged), mean(own)
+
+
+def part_accuracy(
+    pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int, models, reuse: bool
+) -> dict:
     test_images, truths = test_set(raw)
     per_iter = max(1, total_iterations // epochs)
     results = {}
-    ident = {v: v for v in PARTIAL_LABELS.values() if v}
-    results[TRAINER], secs = train_and_score(
-        pre, TRAINER, device, epochs, per_iter, test_images, truths, ident
-    )
-    print(TRAINER, results[TRAINER], f"{secs:.0f} s", flush=True)
-    results["nnUNetTrainer per task"] = per_task_baselines(
-        workdir, raw, device, epochs, per_iter, test_images, truths
-    )
+    if "uniseg" in models:
+        name = next((workdir / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*")).name
+        ckpt = workdir / "nnUNet_results" / name / f"{TRAINER}__nnUNetPlans__3d_tiny" / "fold_all"
+        if not (reuse and (ckpt / "checkpoint_final.pth").is_file()):
+            _, secs = train_and_score(pre, TRAINER, device, epochs, per_iter, test_images[:0], truths[:0], {})
+            print(f"{TRAINER} trained in {secs:.0f} s", flush=True)
+        merged, own = score_uniseg(workdir, device, test_images, truths)
+        results[f"{TRAINER} (all tasks merged)"] = merged
+        results[f"{TRAINER} (each task's own prediction)"] = own
+        print(TRAINER, "all tasks merged:", merged, "\neach task's own prediction:", own, flush=True)
+    if "per-task" in models:
+        results["nnUNetTrainer per task"] = per_task_baselines(
+            workdir, raw, device, epochs, per_iter, test_images, truths
+        )
     return results
 
 
@@ -122,6 +163,18 @@ def main() -> None:
         "--iterations", type=int, default=150, help="total training iterations (accuracy part)"
     )
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument(
+        "--accuracy-models",
+        nargs="+",
+        default=["uniseg", "per-task"],
+        choices=["uniseg", "per-task"],
+        help="accuracy part: UniSeg and/or one plain nnUNetTrainer per task",
+    )
+    parser.add_argument(
+        "--reuse-trained",
+        action="store_true",
+        help="accuracy part: score an existing UniSeg checkpoint_final instead of training again",
+    )
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,7 +193,9 @@ def main() -> None:
     if "infer" in args.parts:
         report["inference"] = part_infer(pre, raw, device, args.repeats)
     if "accuracy" in args.parts:
-        report["accuracy"] = part_accuracy(pre, raw, workdir, device, args.iterations, args.epochs)
+        report["accuracy"] = part_accuracy(
+            pre, raw, workdir, device, args.iterations, args.epochs, args.accuracy_models, args.reuse_trained
+        )
     from nnunet_ext.io import atomic_write_json
 
     atomic_write_json(workdir / "bench_uniseg.json", report)
