@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -121,11 +120,14 @@ def exclude_ignore_from_fingerprint(
             raise UserError(
                 f"{target} does not exist. Run `nnUNetv2_extract_fingerprint -d {dataset}` first."
             )
-        exe = Path(sys.executable).parent / "nnUNetv2_extract_fingerprint"
+        from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
+        from nnunet_ext.training import nnunet_command
+
         cmd = [
-            str(exe) if exe.exists() else exe.name,
+            nnunet_command("nnUNetv2_extract_fingerprint"),
             "-d",
-            raw.name.split("_")[0][7:],
+            str(convert_dataset_name_to_id(raw.name)),
             "-np",
             str(num_processes),
         ]
@@ -146,7 +148,7 @@ def exclude_ignore_from_fingerprint(
 
     atomic_write_json(target, fingerprint)
     for ch, new in fingerprint[KEY].items():
-        before = old.get(ch, old.get(int(ch), {})) if isinstance(old, dict) else {}
+        before = old.get(ch, {})  # JSON: channel keys are strings in both
         log(
             f"channel {ch}: foreground mean {before.get('mean', float('nan')):.1f} -> {new['mean']:.1f}, clip window "
             f"[{before.get('percentile_00_5', float('nan')):.1f}, {before.get('percentile_99_5', float('nan')):.1f}]"
