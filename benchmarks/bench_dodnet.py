@@ -197,26 +197,27 @@ def part_infer(pre: Path, raw: Path, device: torch.device, repeats: int) -> dict
     return out
 
 
-def train_and_score(
-    pre: Path, trainer: str, device, epochs: int, iterations: int, test_images, truths, label_map
-):
-    """Train in-process (nnU-Net's loop; its final validation pass is skipped: the test cases are scored here),
-    predict the test images with the trained weights, Dice per unified label in ``label_map`` (model label ->
-    unified label)."""
-    import SimpleITK as sitk
-
+def train(pre: Path, trainer: str, device, epochs: int, iterations: int):
+    """Train in-process with nnU-Net's loop (its final validation pass skipped: the benchmarks score the test
+    cases themselves); returns (trainer, seconds)."""
     torch.manual_seed(0)
     t = make_trainer(pre, trainer, device, epochs, iterations)
     os.environ["nnUNet_n_proc_DA"] = "0"
     t.perform_actual_validation = lambda *a, **k: None  # benchmark only
     start = time.perf_counter()
     t.run_training()
-    train_s = time.perf_counter() - start
-    p = predictor_for(t, device)
+    return t, time.perf_counter() - start
+
+
+def predict_and_score(predictor, test_images, truths, label_map) -> dict:
+    """Predict the test images, Dice per unified label in ``label_map`` (model label -> unified label), each
+    case scored on the labels present in its truth or its prediction."""
+    import SimpleITK as sitk
+
     dice = {u: [] for u in label_map.values()}
     for img, truth in zip(test_images, truths):
         image = sitk.ReadImage(str(img))
-        seg = p.predict_single_npy_array(
+        seg = predictor.predict_single_npy_array(
             sitk.GetArrayFromImage(image)[None].astype(np.float32),
             {"spacing": list(image.GetSpacing())[::-1]},
             None, None, False,
@@ -225,7 +226,15 @@ def train_and_score(
             a, b = seg == m, truth == u
             if a.sum() + b.sum():
                 dice[u].append(2 * (a & b).sum() / (a.sum() + b.sum()))
-    return {str(u): float(np.mean(v)) if v else float("nan") for u, v in dice.items()}, train_s
+    return {str(u): float(np.mean(v)) if v else float("nan") for u, v in dice.items()}
+
+
+def train_and_score(
+    pre: Path, trainer: str, device, epochs: int, iterations: int, test_images, truths, label_map
+):
+    """:func:`train`, then :func:`predict_and_score` with the trained weights; returns (Dice, seconds)."""
+    t, train_s = train(pre, trainer, device, epochs, iterations)
+    return predict_and_score(predictor_for(t, device), test_images, truths, label_map), train_s
 
 
 def test_set(raw: Path) -> tuple[list[Path], list[np.ndarray]]:

@@ -38,10 +38,11 @@ from bench_dodnet import (  # noqa: E402 (the sibling script's helpers)
     machine,
     make_trainer,
     per_task_baselines,
+    predict_and_score,
     predictor_for,
     prepare,
     test_set,
-    train_and_score,
+    train,
 )
 
 TRAINER = "nnUNetTrainerUniSeg"
@@ -92,36 +93,21 @@ def part_infer(pre: Path, raw: Path, device: torch.device, repeats: int) -> dict
     return times
 
 
-def score_uniseg(workdir: Path, device, test_images, truths) -> tuple[dict, dict]:
-    """Dice per label of the trained UniSeg model (checkpoint_final of fold 'all'): (all tasks merged into the
-    global label map, i.e. the stock nnUNetv2_predict output; each task's OWN prediction, the model restricted to
-    that task as `nnunet-ext predict --task` does, scored on that task's labels)."""
-    import SimpleITK as sitk
-
+def score_uniseg(model: Path, device, test_images, truths) -> tuple[dict, dict]:
+    """Dice per label of the trained UniSeg model (checkpoint_final of fold 'all' in ``model``): (all tasks merged
+    into the global label map, i.e. the stock nnUNetv2_predict output; each task's OWN prediction, the model
+    restricted to that task as `nnunet-ext predict --task` does, scored on that task's labels)."""
     from nnunet_ext.universal import load_predictor, restrict_tasks
 
-    name = next((workdir / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*")).name
-    model = workdir / "nnUNet_results" / name / f"{TRAINER}__nnUNetPlans__3d_tiny"
     p, layout = load_predictor(model, ("all",), device=device.type, tta=False)
     net = p.network
-    merged = {str(v): [] for labels in layout.labels for v in labels}
-    own = {k: [] for k in merged}
-    for img, truth in zip(test_images, truths):
-        image = sitk.ReadImage(str(img))
-        x = sitk.GetArrayFromImage(image)[None].astype(np.float32)
-        props = {"spacing": list(image.GetSpacing())[::-1]}
-        for t, labels in [(None, [v for labs in layout.labels for v in labs])] + list(
-            enumerate(layout.labels)
-        ):
-            p.network = net if t is None else restrict_tasks(net, [t])
-            seg = p.predict_single_npy_array(x, props, None, None, False)
-            for v in labels:
-                a, b = seg == v, truth == v
-                if a.sum() + b.sum():
-                    (merged if t is None else own)[str(v)].append(2 * (a & b).sum() / (a.sum() + b.sum()))
+    merged = predict_and_score(p, test_images, truths, {v: v for labs in layout.labels for v in labs})
+    own = {}
+    for t, labels in enumerate(layout.labels):
+        p.network = restrict_tasks(net, [t])
+        own.update(predict_and_score(p, test_images, truths, {v: v for v in labels}))
     p.network = net
-    mean = lambda d: {k: float(np.mean(v)) if v else float("nan") for k, v in d.items()}  # noqa: E731
-    return mean(merged), mean(own)
+    return merged, own
 
 
 def part_accuracy(
@@ -131,12 +117,11 @@ def part_accuracy(
     per_iter = max(1, total_iterations // epochs)
     results = {}
     if "uniseg" in models:
-        name = next((workdir / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*")).name
-        ckpt = workdir / "nnUNet_results" / name / f"{TRAINER}__nnUNetPlans__3d_tiny" / "fold_all"
-        if not (reuse and (ckpt / "checkpoint_final.pth").is_file()):
-            _, secs = train_and_score(pre, TRAINER, device, epochs, per_iter, test_images[:0], truths[:0], {})
+        model = workdir / "nnUNet_results" / pre.name / f"{TRAINER}__nnUNetPlans__3d_tiny"
+        if not (reuse and (model / "fold_all" / "checkpoint_final.pth").is_file()):
+            _, secs = train(pre, TRAINER, device, epochs, per_iter)
             print(f"{TRAINER} trained in {secs:.0f} s", flush=True)
-        merged, own = score_uniseg(workdir, device, test_images, truths)
+        merged, own = score_uniseg(model, device, test_images, truths)
         results[f"{TRAINER} (all tasks merged)"] = merged
         results[f"{TRAINER} (each task's own prediction)"] = own
         print(TRAINER, "all tasks merged:", merged, "\neach task's own prediction:", own, flush=True)
