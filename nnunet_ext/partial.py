@@ -29,9 +29,11 @@ structure the task does not annotate is unknown, not background). nnU-Net's igno
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -263,8 +265,6 @@ class TaskRegistryTrainerMixin:
         """nnU-Net's validation (all-task predictions, summary.json against the partial training labels) and, for
         a dataset with a task registry, ``validation/summary_tasks.json``: every validation case scored only on
         its own task's labels (an unannotated structure in a partial label is unknown, not background)."""
-        import os
-
         super().perform_actual_validation(save_probabilities)
         if self.task_registry is None or self.local_rank != 0:
             return
@@ -288,9 +288,6 @@ class TaskRegistryTrainerMixin:
 
 def task_aware_summary(pred_folder: str, gt_folder: str, dataset_json: dict, reader) -> dict | None:
     """Dice per label over the cases whose task annotates it (predictions vs partial references)."""
-    import os
-
-    import numpy as np
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics
 
     registry = load_task_registry(dataset_json)
