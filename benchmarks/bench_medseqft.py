@@ -258,16 +258,18 @@ def sequence(args) -> dict:
     from nnunet_ext.medseqft_run import run_sequence
 
     start = time.perf_counter()
+    run = f"run_{args.epochs}x{args.iterations}" + (f"_lora_lr{args.lora_lr:g}" if args.lora_lr else "")
     result = run_sequence(
         m0 / "checkpoint_final.pth",
         ids[1:],
         "3d_tiny",
-        work / "run",
+        work / run,
         schedule="full",
         epochs=args.epochs,
         iterations=args.iterations,
         device=args.device,
         views=args.views,
+        lora_lr=args.lora_lr,
     )
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["machine"] = machine_line()
@@ -301,6 +303,9 @@ def main() -> int:
     parser.add_argument("--m0-epochs", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--views", type=int, default=4)
+    parser.add_argument(
+        "--lora-lr", type=float, default=None, help="sequence: MedSeqFT's adapter learning rate"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.patch is None and not args.plans:

@@ -108,8 +108,10 @@ def train(
     device,
     epochs: int | None = None,
     iterations: int | None = None,
+    attributes: dict | None = None,
 ) -> Path:
-    """Train (unless finished) and return the checkpoint_final.pth of this training."""
+    """Train (unless finished) and return the checkpoint_final.pth of this training. ``attributes`` are set on
+    the trainer before it initialises (e.g. ``{"lora_lr": 0.1}``; the same in every process)."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
     model = strategy_root / dataset / f"{trainer_name}__{plans_identifier}__{configuration}" / f"fold_{fold}"
@@ -119,6 +121,10 @@ def train(
         return final
     with _results_root(strategy_root):
         trainer = _trainer(trainer_name, dataset, configuration, fold, plans_identifier, device)
+        for key, value in (attributes or {}).items():
+            if not hasattr(trainer, key):
+                raise UserError(f"{trainer_name} has no setting {key!r}")
+            setattr(trainer, key, value)
         if epochs:  # same override for every strategy: a shorter schedule than the trainer's
             trainer.num_epochs = trainer.save_every = int(epochs)
         if iterations:
@@ -242,6 +248,7 @@ def run_sequence(
     max_test_cases: int | None = None,
     epochs: int | None = None,
     iterations: int | None = None,
+    lora_lr: float | None = None,
 ) -> dict:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -261,6 +268,8 @@ def run_sequence(
         raise UserError(f"unknown strategies {bad}; choose from {', '.join(STRATEGIES)}")
     if len(datasets) < 1:
         raise UserError("pass at least one dataset (-d ID [ID ...])")
+    if lora_lr is not None and not lora_lr > 0:
+        raise UserError(f"--lora-lr must be a positive learning rate, got {lora_lr}")
     for var, value in (("nnUNet_raw", nnUNet_raw), ("nnUNet_preprocessed", nnUNet_preprocessed)):
         if not value.is_set():
             raise UserError(f"{var} is not set: export {var}=/path/to/{var}")
@@ -284,6 +293,7 @@ def run_sequence(
         "schedule": schedule,
         "epochs": epochs,
         "iterations": iterations,
+        "lora_lr": lora_lr,
     }
     state_file = out / "medseqft_run.json"
     if state_file.is_file():
@@ -348,6 +358,7 @@ def run_sequence(
                     dev,
                     epochs,
                     iterations,
+                    {"lora_lr": lora_lr} if strategy == "medseqft" and lora_lr is not None else None,
                 )
             )
             times[strategy] += time.perf_counter() - start
@@ -399,6 +410,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_test_cases=args.max_test_cases,
         epochs=args.epochs,
         iterations=args.iterations,
+        lora_lr=args.lora_lr,
     )
     return 0
 
@@ -420,6 +432,12 @@ def add_run_parser(sub) -> None:
     p.add_argument("--schedule", choices=list(SUFFIX), default="full", help="training length (default full)")
     p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (all strategies)")
     p.add_argument("--iterations", type=int, default=None, help="override iterations per epoch")
+    p.add_argument(
+        "--lora-lr",
+        type=float,
+        default=None,
+        help="learning rate of MedSeqFT's LoRA adapters (default: the trainer's lora_lr)",
+    )
     p.add_argument("-f", "--fold", type=int, default=0)
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-k", type=int, default=None, help="MDS buffer size (default --fraction of the cases)")

@@ -1,4 +1,7 @@
-"""Short training schedules as nnU-Net-style trainer variants (like nnU-Net's ``nnUNetTrainer_5epochs``).
+"""Training schedules: short trainer variants (like nnU-Net's ``nnUNetTrainer_5epochs``) and the learning-rate
+schedule of our trainers that do not use nnU-Net's.
+
+Short variants:
 
 nnU-Net picks a schedule by trainer name, so every trainer we ship also exists as
 
@@ -13,6 +16,7 @@ class attributes, so every DDP rank sees the same schedule.
 from __future__ import annotations
 
 import torch
+from torch.optim.lr_scheduler import _LRScheduler
 
 SCHEDULES: dict[str, dict[str, int]] = {
     "smoke": {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1},
@@ -60,3 +64,37 @@ def add_schedule_variants(namespace: dict, bases: list[type], module: str) -> li
             namespace[variant.__name__] = variant
             names.append(variant.__name__)
     return names
+
+
+class PolyLRScheduler(_LRScheduler):
+    """nnU-Net's poly decay per parameter group, with an optional linear warm-up.
+
+    Each group's learning rate is its own initial lr (``group["initial_lr"]``, the lr the optimizer was built
+    with) times ``(step + 1) / warmup_steps`` during warm-up, then ``(1 - (step - warmup) / (max_steps -
+    warmup)) ** exponent``. With one group and no warm-up this is exactly nnU-Net's ``PolyLRScheduler``, which
+    sets ONE lr on every group and so cannot keep e.g. LoRA adapters and a new head at different rates.
+    ``step(current_step)`` like nnU-Net's (the trainer passes the epoch).
+    """
+
+    def __init__(self, optimizer, max_steps: int, warmup_steps: int = 0, exponent: float = 0.9):
+        self.optimizer = optimizer
+        self.max_steps = max_steps
+        self.warmup_steps = warmup_steps
+        self.exponent = exponent
+        self.ctr = 0
+        super().__init__(optimizer, -1)  # stores group["initial_lr"] = group["lr"], then step()
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.max_steps - self.warmup_steps)
+        return max(0.0, 1 - (step - self.warmup_steps) / span) ** self.exponent
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        f = self.factor(current_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * f
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

@@ -386,8 +386,8 @@ def test_transdodnet_queries_generate_per_task_heads():
 
 
 def test_transdodnet_trainer_defaults_and_warmup_schedule():
+    from nnunet_ext.schedules import PolyLRScheduler
     from nnunet_ext.trainers import nnUNetTrainerTransDoDNet
-    from nnunet_ext.trainers.nnUNetTrainerTransDoDNet import WarmupPolyLRScheduler
 
     assert nnUNetTrainerTransDoDNet.grad_clip == 0.1 and nnUNetTrainerTransDoDNet.warmup_epochs == 10
     kw = nnUNetTrainerTransDoDNet.network_extra_kwargs()
@@ -399,7 +399,7 @@ def test_transdodnet_trainer_defaults_and_warmup_schedule():
         3,
     )
     opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=2e-4)
-    sched = WarmupPolyLRScheduler(opt, 2e-4, 1000, 10)
+    sched = PolyLRScheduler(opt, 1000, 10)
     lrs = []
     for epoch in (0, 4, 9, 10, 505, 999):
         sched.step(epoch)

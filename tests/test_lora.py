@@ -158,6 +158,26 @@ def test_trainable_parameters_of_the_default_network_stay_under_5_percent():
 # ------------------------------------------------------------------------------------ trainer
 
 
+def test_poly_schedule_decays_every_group_from_its_own_learning_rate():
+    from nnunet_ext.schedules import PolyLRScheduler
+
+    adapters, head = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [adapters], "lr": 0.1}, {"params": [head]}], lr=0.01, momentum=0.99)
+    sched = PolyLRScheduler(opt, 100)
+    for epoch, factor in ((0, 1.0), (50, 0.5**0.9), (99, 0.01**0.9)):
+        sched.step(epoch)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1 * factor, 0.01 * factor])
+    # one group, no warm-up: exactly nnU-Net's PolyLRScheduler
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler as Stock
+
+    ours, stock = (torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.01) for _ in range(2))
+    a, b = PolyLRScheduler(ours, 1000), Stock(stock, 0.01, 1000)
+    for epoch in (0, 1, 500, 999):
+        a.step(epoch)
+        b.step(epoch)
+        assert ours.param_groups[0]["lr"] == pytest.approx(stock.param_groups[0]["lr"], rel=1e-12)
+
+
 def _setenv(monkeypatch, workspace):
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(k, workspace.env[k])
@@ -212,11 +232,14 @@ def test_lora_trainer_pretrained_merged_checkpoint_and_resume(
 
     trainer = make_trainer("nnUNetTrainerLoRA_smoke", dataset)
     trainer.num_iterations_per_epoch = 2
+    trainer.lora_lr = 0.05  # adapters at their own learning rate, the head at nnU-Net's initial_lr
     maybe_load_checkpoint(trainer, False, False, ckpt)  # exactly nnUNetv2_train's -pretrained_weights path
     base = torch.load(ckpt, weights_only=False)["network_weights"]
     trainer.run_training()
     final = torch.load(trainer.output_folder + "/checkpoint_final.pth", weights_only=False)
     assert {"lora_state", "lora_config"} <= set(final)
+    groups = final["optimizer_state"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [0.05, trainer.initial_lr]
     assert lora.has_lora_keys(final["lora_state"]) and not lora.has_lora_keys(final["network_weights"])
     # frozen base: the adapters' base layers still hold the pretrained weights
     k = "encoder.stages.1.0.convs.0.conv.weight"
@@ -247,6 +270,10 @@ def test_lora_trainer_pretrained_merged_checkpoint_and_resume(
     resumed = make_trainer("nnUNetTrainerLoRA_smoke", dataset)
     resumed.load_checkpoint(trainer.output_folder + "/checkpoint_final.pth")
     assert resumed.lora_injected and resumed.current_epoch == 1
+    assert [g["initial_lr"] for g in resumed.optimizer.param_groups] == [0.05, trainer.initial_lr]
+    n_adapters = 2 * len(lora.lora_layers(resumed.base_network()))  # lora_A + lora_B of each layer
+    n_heads = sum(".seg_layers." in k for k in final["lora_state"])  # weight + bias of each head
+    assert [len(g["params"]) for g in groups] == [n_adapters, n_heads]
     sd = resumed.base_network().state_dict()
     for key, value in final["lora_state"].items():
         assert torch.equal(sd[key], value), key

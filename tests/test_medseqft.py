@@ -59,6 +59,10 @@ def test_cli_errors_name_the_fix(tmp_path, capsys, monkeypatch):
         ["medseqft", "run", "--pretrained", str(tmp_path / "none.pth"), "-d", "1", "-c", "x", "-o", "o"]
     )
     assert code == 1 and "does not exist" in capsys.readouterr().err
+    ckpt = tmp_path / "m0.pth"
+    ckpt.write_bytes(b"")
+    args = ["medseqft", "run", "--pretrained", str(ckpt), "-d", "1", "-c", "x", "-o", "o", "--lora-lr", "0"]
+    assert cli(args) == 1 and "--lora-lr must be a positive" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ on phantoms
@@ -147,6 +151,7 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
         device="cpu",
         max_test_cases=1,
         iterations=1,
+        lora_lr=0.05,
     )
     strategies = result["strategies"]
     assert set(strategies) == {"medseqft", "sequential", "parallel"}
@@ -171,6 +176,10 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
     net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_tiny"), 1, 2, False)
     net.load_state_dict(last["network_weights"], strict=True)
     assert last["trainer_name"] == "nnUNetTrainerMedSeqFT_smoke"
+    # --lora-lr reaches MedSeqFT's adapters only (first parameter group; the heads stay at nnU-Net's 1e-2)
+    assert [g["initial_lr"] for g in last["optimizer_state"]["param_groups"]] == [0.05, 0.01]
+    seq = torch.load(strategies["sequential"]["models"][2], weights_only=False)
+    assert [g["initial_lr"] for g in seq["optimizer_state"]["param_groups"]] == [0.01]
 
     # resumable: finished trainings are not repeated
     stamp = Path(strategies["medseqft"]["models"][0]).stat().st_mtime
@@ -186,6 +195,7 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
         device="cpu",
         max_test_cases=1,
         iterations=1,
+        lora_lr=0.05,
     )
     assert Path(strategies["medseqft"]["models"][0]).stat().st_mtime == stamp
     assert again["strategies"]["medseqft"]["matrix"] == strategies["medseqft"]["matrix"]

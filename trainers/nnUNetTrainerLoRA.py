@@ -23,12 +23,12 @@ adapters has keys such as ``...conv.base_layer.weight`` that no stock checkpoint
 from __future__ import annotations
 
 import torch
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_ext import lora
+from nnunet_ext.schedules import PolyLRScheduler
 
 
 class nnUNetTrainerLoRA(nnUNetTrainer):
@@ -42,6 +42,9 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
     lora_exclude: tuple[str, ...] = (r"seg_layers",)
     # parameters trained besides the adapters (regexes on parameter names)
     lora_train_also: tuple[str, ...] = (r"seg_layers",)
+    # learning rate of the adapters (None: nnU-Net's initial_lr, as the other trainable parameters get);
+    # both decay with nnU-Net's poly schedule
+    lora_lr: float | None = None
     # fine-tuning only makes sense from pretrained weights (-pretrained_weights FILE)
     requires_pretrained_weights: bool = True
     needs_pretrained_weights: bool = True  # read by tests/tools that drive nnUNetv2_train
@@ -81,11 +84,18 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
         self._random_init_fingerprint = self._fingerprint(self.base_network())
 
     def configure_optimizers(self):
-        params = [p for p in self.network.parameters() if p.requires_grad]
+        """nnU-Net's SGD over the trainable parameters only: the adapters at ``lora_lr`` (first group: the lr
+        nnU-Net logs), everything else trainable (the heads) at ``initial_lr``; poly decay of both."""
+        adapters, others = [], []
+        for name, p in self.network.named_parameters():
+            if p.requires_grad:
+                (adapters if (".lora_A." in f".{name}" or ".lora_B." in f".{name}") else others).append(p)
+        lora_lr = self.initial_lr if self.lora_lr is None else float(self.lora_lr)
+        groups = [g for g in ({"params": adapters, "lr": lora_lr}, {"params": others}) if g["params"]]
         optimizer = torch.optim.SGD(
-            params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
+            groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
         )
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return optimizer, PolyLRScheduler(optimizer, self.num_epochs)
 
     # ------------------------------------------------------------------ injection
     def before_injection(self, base: nn.Module) -> None:

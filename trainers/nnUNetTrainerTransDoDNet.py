@@ -8,42 +8,10 @@ generator (:class:`nnunet_ext.architectures.transdodnet.TransDoDNet`) and the pa
 from __future__ import annotations
 
 import torch
-from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_ext.architectures.transdodnet import TransDoDNet
+from nnunet_ext.schedules import PolyLRScheduler
 from nnunet_ext.trainers.nnUNetTrainerDoDNet import nnUNetTrainerDoDNet
-
-
-class WarmupPolyLRScheduler(_LRScheduler):
-    """Linear warm-up over ``warmup_steps`` (lr ``initial_lr * (step + 1) / warmup_steps``), then nnU-Net's poly
-    decay ``initial_lr * (1 - (step - warmup) / (max_steps - warmup)) ** exponent``. ``step(current_step)`` like
-    nnU-Net's PolyLRScheduler (the trainer passes the epoch)."""
-
-    def __init__(
-        self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int, exponent: float = 0.9
-    ):
-        self.optimizer = optimizer
-        self.initial_lr = initial_lr
-        self.max_steps = max_steps
-        self.warmup_steps = warmup_steps
-        self.exponent = exponent
-        self.ctr = 0
-        super().__init__(optimizer, -1)
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.initial_lr * (step + 1) / self.warmup_steps
-        span = max(1, self.max_steps - self.warmup_steps)
-        return self.initial_lr * max(0.0, 1 - (step - self.warmup_steps) / span) ** self.exponent
-
-    def step(self, current_step=None):
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        lr = self.lr_at(current_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr] * len(self.optimizer.param_groups)
 
 
 class nnUNetTrainerTransDoDNet(nnUNetTrainerDoDNet):
@@ -94,7 +62,5 @@ class nnUNetTrainerTransDoDNet(nnUNetTrainerDoDNet):
         optimizer = torch.optim.AdamW(
             self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay
         )
-        scheduler = WarmupPolyLRScheduler(
-            optimizer, self.initial_lr, self.num_epochs, self.effective_warmup_epochs()
-        )
+        scheduler = PolyLRScheduler(optimizer, self.num_epochs, self.effective_warmup_epochs())
         return optimizer, scheduler
