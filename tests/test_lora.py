@@ -302,3 +302,66 @@ def test_adapted_network_under_torch_compile_and_autocast():
         mixed = tap(x)
     assert mixed[0].dtype == torch.bfloat16
     torch.testing.assert_close(mixed[0].float(), eager_out[0].detach(), rtol=0.1, atol=0.1)
+
+
+def _ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """One DDP rank (gloo, CPU): the MedSeqFT step (LoRA network in FeatureTap, ONE forward over task + buffer
+    batch, Dice-free seg loss + feature distillation against a frozen teacher), each rank on its own data."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from nnunet_ext.medseqft import FeatureTap, unet_features
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    net = make_net("plain")  # same seed on every rank, as nnU-Net builds the network
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    teacher.decoder.deep_supervision = False
+    lora.inject_lora(net, lora.LoRAConfig(rank=2))
+    lora.mark_trainable(net)
+    model = DDP(FeatureTap(net))  # what nnUNetTrainerMedSeqFT trains (device_ids: GPUs only)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], 0.1, momentum=0.9)
+    torch.manual_seed(100 + rank)  # different data per rank
+    data, buffer = torch.randn(2, 1, 8, 16, 16), torch.randn(2, 1, 8, 16, 16)
+    target = torch.randint(0, 3, (2, 8, 16, 16))
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        out, feats = model(torch.cat((data, buffer)), features=True)
+        with torch.no_grad():
+            _, t_feats = unet_features(teacher, buffer)
+        kd = torch.stack([F.mse_loss(s[2:], t) for s, t in zip(feats, t_feats)]).mean()
+        # every head in the loss, as nnU-Net's DDP loss does (lowest deep-supervision weight 1e-6, not 0)
+        loss = F.cross_entropy(out[0][:2], target) + sum(1e-6 * o[:2].mean() for o in out[1:]) + kd
+        loss.backward()
+        opt.step()
+    trainable = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    torch.save({"trainable": trainable, "merged": lora.merged_state_dict(net)}, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes, ~15 s on CPU
+def test_lora_training_step_under_ddp(tmp_path):
+    """-num_gpus: the adapted network and MedSeqFT's one-pass step under DistributedDataParallel (gloo on CPU; the
+    NCCL path is the same module code). No unused trainable parameter (DDP would fail), gradients averaged:
+    every rank ends with the same adapters, and they moved."""
+    import torch.multiprocessing as mp
+
+    world = 2
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_ddp_rank, args=(r, world, str(tmp_path / "init"), outs[r])) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    r0, r1 = (torch.load(o, weights_only=False) for o in outs)
+    assert set(r0["trainable"]) == set(r1["trainable"]) and any(".lora_B." in n for n in r0["trainable"])
+    for name, value in r0["trainable"].items():
+        torch.testing.assert_close(value, r1["trainable"][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(v.abs().sum() > 0 for n, v in r0["trainable"].items() if ".lora_B." in n)  # adapters trained
+    base = make_net("plain").state_dict()
+    assert set(r0["merged"]) == set(base)  # stock keys after merging
