@@ -27,7 +27,7 @@ from nnunet_ext.challenges.base import (
     strip_suffix,
 )
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_json, refuse_existing
+from nnunet_ext.io import atomic_write_json, atomic_write_text, refuse_existing
 
 DEFAULT_BOTH_EMPTY = {"Dice": 1.0, "NSD": 1.0, **{m: 0.0 for m in DISTANCE_METRICS}}
 DEFAULT_ONE_EMPTY = {"Dice": 0.0, "NSD": 0.0, **{m: math.inf for m in DISTANCE_METRICS}}
@@ -235,10 +235,7 @@ def write_results(results: dict, out_dir: str | os.PathLike, overwrite: bool = F
     for p in (json_path, csv_path):
         refuse_existing(p, overwrite, "the metrics file")
     atomic_write_json(json_path, _json_value(results))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    tmp.write_text(to_csv(results), encoding="utf-8")
-    os.replace(tmp, csv_path)
+    atomic_write_text(csv_path, to_csv(results))
     return json_path, csv_path
 
 

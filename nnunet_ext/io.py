@@ -1,4 +1,4 @@
-"""Small file helpers shared by the package: atomic JSON / NIfTI writes and the ``--force`` check.
+"""Small file helpers shared by the package: atomic text / JSON / NIfTI writes and the ``--force`` check.
 
 Every write goes to a temporary file in the target's folder and is then moved into place with
 ``os.replace`` (atomic on one file system), so an interrupted run never leaves a half-written file under
@@ -18,7 +18,7 @@ import numpy as np
 
 from nnunet_ext.errors import UserError
 
-__all__ = ["atomic_write_json", "atomic_write_image", "refuse_existing", "to_jsonable"]
+__all__ = ["atomic_write_json", "atomic_write_image", "atomic_write_text", "refuse_existing", "to_jsonable"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -46,20 +46,23 @@ def _temp_path(path: Path, suffix: str) -> Path:
     return Path(name)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON (``indent=2``) to ``path`` atomically; numpy values are converted."""
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path, ".json")
+    tmp = _temp_path(path, path.suffix)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=to_jsonable)
-            f.write("\n")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON (``indent=2``) to ``path`` atomically; numpy values are converted."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=to_jsonable) + "\n")
 
 
 def _image_suffix(path: Path) -> str:

@@ -253,7 +253,7 @@ def run_sequence(
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnunet_ext.io import atomic_write_json
+    from nnunet_ext.io import atomic_write_json, atomic_write_text
     from nnunet_ext.medseqft import buffer_path, select_buffer, write_buffer
 
     pretrained = Path(pretrained).expanduser().resolve()
@@ -384,8 +384,15 @@ def run_sequence(
         }
         text.append(format_matrix(strategy, names, matrix))
         print(text[-1] + "\n", flush=True)
+    summary = ["| strategy | final mean Dice | backward transfer | train time [s] |", "|---|---|---|---|"]
+    for strategy, entry in result["strategies"].items():
+        summary.append(
+            f"| {strategy} | {entry['final']:.3f} | {entry['bwt']:+.3f} | {entry['train_seconds']:.0f} |"
+        )
+    text.insert(0, "\n".join(summary))
+    print(text[0], flush=True)
     atomic_write_json(state_file, result)
-    (out / "forgetting.md").write_text("\n\n".join(text) + "\n")
+    atomic_write_text(out / "forgetting.md", "\n\n".join(text) + "\n")
     print(f"wrote {state_file} and {out / 'forgetting.md'}")
     return result
 

@@ -162,7 +162,10 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
         assert len(entry["models"]) == 3 and all(Path(m).is_file() for m in entry["models"])
     assert strategies["parallel"]["models"][0] == strategies["sequential"]["models"][0]
     assert "medseqft" in strategies["medseqft"]["models"][2]
-    assert (out / "forgetting.md").read_text().count("| M_3 |") == 3
+    report = (out / "forgetting.md").read_text()
+    assert report.count("| M_3 |") == 3
+    for name, entry in strategies.items():  # the summary table first: one row per strategy
+        assert f"| {name} | {entry['final']:.3f} | {entry['bwt']:+.3f} |" in report.split("\n\n")[0]
     for name in task_sequence:  # one MDS buffer per task, in nnU-Net's preprocessed folder
         record = json.loads(
             (Path(phantom_workspace.env["nnUNet_preprocessed"]) / name / "medseqft_buffer.json").read_text()
