@@ -267,6 +267,7 @@ def sequence(args) -> dict:
 
     start = time.perf_counter()
     run = f"run_{args.epochs}x{args.iterations}" + (f"_lora_lr{args.lora_lr:g}" if args.lora_lr else "")
+    run += f"_{args.tag}" if args.tag else ""
     result = run_sequence(
         m0 / "checkpoint_final.pth",
         ids[1:],
