@@ -167,7 +167,7 @@ def predict_dice(dataset_id: int, src: Path, workdir: Path) -> dict:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_ext.labelprop import existing_datasets_with_id
+    from nnunet_ext.io import existing_datasets_with_id
 
     name = existing_datasets_with_id(workdir / "nnUNet_raw", dataset_id)[0].name
     model = workdir / "nnUNet_results" / name / f"{TRAINER}__nnUNetPlans__3d_tiny"

@@ -1,4 +1,5 @@
-"""Small file helpers shared by the package: atomic text / JSON / NIfTI writes and the ``--force`` check.
+"""Small file helpers shared by the package: atomic text / JSON / NIfTI writes, the ``--force`` check and
+the swap of a newly written raw dataset into place.
 
 Every write goes to a temporary file in the target's folder and is then moved into place with
 ``os.replace`` (atomic on one file system), so an interrupted run never leaves a half-written file under
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +20,15 @@ import numpy as np
 
 from nnunet_ext.errors import UserError
 
-__all__ = ["atomic_write_json", "atomic_write_image", "atomic_write_text", "refuse_existing", "to_jsonable"]
+__all__ = [
+    "atomic_write_image",
+    "atomic_write_json",
+    "atomic_write_text",
+    "existing_datasets_with_id",
+    "refuse_existing",
+    "replace_dataset",
+    "to_jsonable",
+]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -120,3 +130,27 @@ def refuse_existing(path: str | os.PathLike, force: bool, what: str) -> None:
             f"{what} already exists: {path}; pass --force to overwrite it (force=True from Python), "
             f"or choose another destination."
         )
+
+
+def existing_datasets_with_id(raw_root: str | os.PathLike, dataset_id: int) -> list[Path]:
+    """Every ``raw_root/DatasetXXX_*`` folder with this id (nnU-Net ids must be unique)."""
+    root = Path(raw_root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir())
+
+
+def replace_dataset(tmp: str | os.PathLike, target: str | os.PathLike, dataset_id: int) -> Path:
+    """Put a raw dataset written into the temp folder ``tmp`` (beside ``target``) in place: every existing
+    dataset with ``dataset_id`` is moved aside, ``tmp`` is renamed to ``target``, then the old ones are
+    deleted. Callers refuse to replace a dataset unless asked (``--force``) before they write ``tmp``."""
+    tmp, target = Path(tmp), Path(target)
+    trash = []
+    for old in existing_datasets_with_id(target.parent, dataset_id):
+        aside = Path(tempfile.mkdtemp(prefix=f".{old.name}.old-", dir=target.parent))
+        os.replace(old, aside / old.name)
+        trash.append(aside)
+    os.replace(tmp, target)
+    for aside in trash:
+        shutil.rmtree(aside, ignore_errors=True)
+    return target

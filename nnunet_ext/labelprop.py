@@ -33,7 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_image, atomic_write_json, refuse_existing
+from nnunet_ext.io import (
+    atomic_write_image,
+    atomic_write_json,
+    existing_datasets_with_id,
+    refuse_existing,
+    replace_dataset,
+)
 
 __all__ = [
     "METHODS",
@@ -287,13 +293,6 @@ class SparseDataset:
     @property
     def name(self) -> str:
         return self.folder.name
-
-
-def existing_datasets_with_id(raw_root: str | os.PathLike, dataset_id: int) -> list[Path]:
-    root = Path(raw_root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir())
 
 
 def _resolve_raw(dataset: str | os.PathLike) -> Path:
@@ -620,15 +619,7 @@ class _DatasetWriter:
     def finish(self, dataset_json: dict, metadata: dict) -> Path:
         atomic_write_json(self.tmp / "dataset.json", dataset_json)
         atomic_write_json(self.tmp / METADATA_FILE, metadata)
-        trash = []
-        for old in existing_datasets_with_id(self.raw_root, self.id):
-            aside = Path(tempfile.mkdtemp(prefix=f".{old.name}.old-", dir=self.raw_root))
-            os.replace(old, aside / old.name)
-            trash.append(aside)
-        os.replace(self.tmp, self.target)
-        for aside in trash:
-            shutil.rmtree(aside, ignore_errors=True)
-        return self.target
+        return replace_dataset(self.tmp, self.target, self.id)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

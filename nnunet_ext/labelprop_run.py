@@ -164,7 +164,7 @@ class _State:
 
 def _dataset_folder(dataset_id: int) -> Path | None:
     from nnunet_ext.environment import require_folder_var
-    from nnunet_ext.labelprop import existing_datasets_with_id
+    from nnunet_ext.io import existing_datasets_with_id
 
     found = existing_datasets_with_id(require_folder_var("nnUNet_raw"), dataset_id)
     return found[0] if found else None

@@ -436,7 +436,7 @@ def write_task_phantoms(
             )
             (folder / "dataset.json").write_text(json.dumps(dj, indent=2))
             target = raw_root / folder.name
-            from nnunet_ext.phantoms import existing_datasets_with_id
+            from nnunet_ext.io import existing_datasets_with_id
 
             existing = existing_datasets_with_id(raw_root, dataset_id)
             if existing and not force:

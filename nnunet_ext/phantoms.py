@@ -32,7 +32,13 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_image, atomic_write_json, refuse_existing
+from nnunet_ext.io import (
+    atomic_write_image,
+    atomic_write_json,
+    existing_datasets_with_id,
+    refuse_existing,
+    replace_dataset,
+)
 
 __all__ = [
     "KINDS",
@@ -486,13 +492,6 @@ def _validate(kind, dataset_id, name, num_train, num_test, shape, spacing, seed,
     return tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
 
 
-def existing_datasets_with_id(raw_root: str | os.PathLike, dataset_id: int) -> list[Path]:
-    root = Path(raw_root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir())
-
-
 def _dataset_json(kind, folder_name, num_train, num_test, shape, spacing, seed, every) -> dict:
     labels = {
         "full": FULL_LABELS,
@@ -628,15 +627,7 @@ def write_phantom_dataset(
                 atomic_write_image(labels_dir / f"{cid}{FILE_ENDING}", case.label_full, spacing)
         atomic_write_json(tmp / "dataset.json", dataset_json)
 
-        # swap in: move old datasets with this id aside, rename the new one into place, delete the old ones
-        trash = []
-        for old in existing_datasets_with_id(raw_root, int(dataset_id)):
-            aside = Path(tempfile.mkdtemp(prefix=f".{old.name}.old-", dir=raw_root))
-            os.replace(old, aside / old.name)
-            trash.append(aside)
-        os.replace(tmp, target)
-        for aside in trash:
-            shutil.rmtree(aside, ignore_errors=True)
+        replace_dataset(tmp, target, int(dataset_id))  # old datasets with this id go only now
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_json
+from nnunet_ext.io import atomic_write_json, existing_datasets_with_id, replace_dataset
 
 META_KEY = "nnunet_ext_challenge"
 FILE_ENDING = ".nii.gz"
@@ -360,7 +360,7 @@ class RawDatasetWriter:
         self.raw_root.mkdir(parents=True, exist_ok=True)
         self.id = int(dataset_id)
         self.target = self.raw_root / f"Dataset{self.id:03d}_{name}"
-        existing = self.existing()
+        existing = existing_datasets_with_id(self.raw_root, self.id)
         if existing and not force:
             raise UserError(
                 f"dataset id {self.id} already exists: {', '.join(str(p) for p in existing)}; pass --force to "
@@ -374,9 +374,6 @@ class RawDatasetWriter:
     def begin_case(self, case_id: str) -> None:
         """Files written from now on belong to source case ``case_id`` (:meth:`drop_case` removes them)."""
         self.group = case_id
-
-    def existing(self) -> list[Path]:
-        return sorted(p for p in self.raw_root.glob(f"Dataset{self.id:03d}_*") if p.is_dir())
 
     def _dst(self, case_id: str, sub: str, name: str) -> Path:
         (self.tmp / sub).mkdir(exist_ok=True)
@@ -421,15 +418,7 @@ class RawDatasetWriter:
 
     def finish(self, dataset_json: dict) -> Path:
         atomic_write_json(self.tmp / "dataset.json", dataset_json)
-        trash = []
-        for old in self.existing():
-            aside = Path(tempfile.mkdtemp(prefix=f".{old.name}.old-", dir=self.raw_root))
-            os.replace(old, aside / old.name)
-            trash.append(aside)
-        os.replace(self.tmp, self.target)
-        for aside in trash:
-            shutil.rmtree(aside, ignore_errors=True)
-        return self.target
+        return replace_dataset(self.tmp, self.target, self.id)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
