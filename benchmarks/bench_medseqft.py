@@ -315,6 +315,9 @@ def main() -> int:
     parser.add_argument(
         "--lora-lr", type=float, default=None, help="sequence: MedSeqFT's adapter learning rate"
     )
+    parser.add_argument(
+        "--tag", default="", help="sequence: suffix of the run folder (repeat a run: training is not seeded)"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.patch is None and not args.plans:
