@@ -279,6 +279,7 @@ def sequence(args) -> dict:
         device=args.device,
         views=args.views,
         lora_lr=args.lora_lr,
+        strategies=tuple(args.strategies),
     )
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["machine"] = machine_line()
@@ -314,6 +315,12 @@ def main() -> int:
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument(
         "--lora-lr", type=float, default=None, help="sequence: MedSeqFT's adapter learning rate"
+    )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=["medseqft", "sequential", "parallel"],
+        help="sequence: strategies to train and compare",
     )
     parser.add_argument(
         "--tag", default="", help="sequence: suffix of the run folder (repeat a run: training is not seeded)"
