@@ -267,6 +267,7 @@ def sequence(args) -> dict:
 
     start = time.perf_counter()
     run = f"run_{args.epochs}x{args.iterations}" + (f"_lora_lr{args.lora_lr:g}" if args.lora_lr else "")
+    run += f"_kd{args.kd_weight:g}" if args.kd_weight is not None else ""
     run += f"_{args.tag}" if args.tag else ""
     result = run_sequence(
         m0 / "checkpoint_final.pth",
@@ -279,6 +280,7 @@ def sequence(args) -> dict:
         device=args.device,
         views=args.views,
         lora_lr=args.lora_lr,
+        kd_weight=args.kd_weight,
         strategies=tuple(args.strategies),
     )
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -316,6 +318,7 @@ def main() -> int:
     parser.add_argument(
         "--lora-lr", type=float, default=None, help="sequence: MedSeqFT's adapter learning rate"
     )
+    parser.add_argument("--kd-weight", type=float, default=None, help="sequence: MedSeqFT's kd_weight")
     parser.add_argument(
         "--strategies",
         nargs="+",

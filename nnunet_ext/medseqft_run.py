@@ -249,6 +249,7 @@ def run_sequence(
     epochs: int | None = None,
     iterations: int | None = None,
     lora_lr: float | None = None,
+    kd_weight: float | None = None,
 ) -> dict:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -270,6 +271,10 @@ def run_sequence(
         raise UserError("pass at least one dataset (-d ID [ID ...])")
     if lora_lr is not None and not lora_lr > 0:
         raise UserError(f"--lora-lr must be a positive learning rate, got {lora_lr}")
+    if kd_weight is not None and not kd_weight >= 0:
+        raise UserError(f"--kd-weight must be >= 0, got {kd_weight}")
+    # MedSeqFT's trainer settings for this run (None: the trainer's default)
+    medseqft_settings = {k: v for k, v in (("lora_lr", lora_lr), ("kd_weight", kd_weight)) if v is not None}
     for var, value in (("nnUNet_raw", nnUNet_raw), ("nnUNet_preprocessed", nnUNet_preprocessed)):
         if not value.is_set():
             raise UserError(f"{var} is not set: export {var}=/path/to/{var}")
@@ -294,6 +299,7 @@ def run_sequence(
         "epochs": epochs,
         "iterations": iterations,
         "lora_lr": lora_lr,
+        "kd_weight": kd_weight,
     }
     state_file = out / "medseqft_run.json"
     if state_file.is_file():
@@ -358,7 +364,7 @@ def run_sequence(
                     dev,
                     epochs,
                     iterations,
-                    {"lora_lr": lora_lr} if strategy == "medseqft" and lora_lr is not None else None,
+                    medseqft_settings if strategy == "medseqft" else None,
                 )
             )
             times[strategy] += time.perf_counter() - start
@@ -418,6 +424,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         iterations=args.iterations,
         lora_lr=args.lora_lr,
+        kd_weight=args.kd_weight,
     )
     return 0
 
@@ -444,6 +451,12 @@ def add_run_parser(sub) -> None:
         type=float,
         default=None,
         help="learning rate of MedSeqFT's LoRA adapters (default: the trainer's lora_lr)",
+    )
+    p.add_argument(
+        "--kd-weight",
+        type=float,
+        default=None,
+        help="weight of MedSeqFT's distillation term (default: the trainer's kd_weight)",
     )
     p.add_argument("-f", "--fold", type=int, default=0)
     p.add_argument("-p", "--plans", default="nnUNetPlans")

@@ -63,6 +63,8 @@ def test_cli_errors_name_the_fix(tmp_path, capsys, monkeypatch):
     ckpt.write_bytes(b"")
     args = ["medseqft", "run", "--pretrained", str(ckpt), "-d", "1", "-c", "x", "-o", "o", "--lora-lr", "0"]
     assert cli(args) == 1 and "--lora-lr must be a positive" in capsys.readouterr().err
+    args[-2:] = ["--kd-weight", "-1"]
+    assert cli(args) == 1 and "--kd-weight must be >= 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ on phantoms
@@ -152,6 +154,7 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
         max_test_cases=1,
         iterations=1,
         lora_lr=0.05,
+        kd_weight=0.5,
     )
     strategies = result["strategies"]
     assert set(strategies) == {"medseqft", "sequential", "parallel"}
@@ -179,6 +182,9 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
     net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_tiny"), 1, 2, False)
     net.load_state_dict(last["network_weights"], strict=True)
     assert last["trainer_name"] == "nnUNetTrainerMedSeqFT_smoke"
+    log = next(Path(strategies["medseqft"]["models"][2]).parent.glob("training_log_*.txt")).read_text()
+    assert "segmentation loss" in log and "distillation loss" in log  # both terms of K&G RFT in the log
+    assert "(x kd_weight 0.5)" in log  # --kd-weight reached the trainer
     # --lora-lr reaches MedSeqFT's adapters only (first parameter group; the heads stay at nnU-Net's 1e-2)
     assert [g["initial_lr"] for g in last["optimizer_state"]["param_groups"]] == [0.05, 0.01]
     seq = torch.load(strategies["sequential"]["models"][2], weights_only=False)
@@ -199,6 +205,7 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
         max_test_cases=1,
         iterations=1,
         lora_lr=0.05,
+        kd_weight=0.5,
     )
     assert Path(strategies["medseqft"]["models"][0]).stat().st_mtime == stamp
     assert again["strategies"]["medseqft"]["matrix"] == strategies["medseqft"]["matrix"]

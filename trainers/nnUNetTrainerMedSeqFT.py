@@ -198,7 +198,20 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
             loss = seg_loss + self.kd_weight * kd_loss
 
         backward_and_step(self, loss, 12)
-        return {"loss": loss.detach().cpu().numpy()}
+        return {
+            "loss": loss.detach().cpu().numpy(),
+            "seg_loss": seg_loss.detach().cpu().numpy(),
+            "kd_loss": kd_loss.detach().cpu().numpy(),
+        }
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)  # logs the total loss (averaged over ranks)
+        seg = float(np.mean([o["seg_loss"] for o in train_outputs]))
+        kd = float(np.mean([o["kd_loss"] for o in train_outputs]))
+        # this rank's means, for reading the balance of the two terms (kd_weight) in the log
+        self.print_to_log_file(
+            f"segmentation loss {seg:.4f}, distillation loss {kd:.4g} (x kd_weight {self.kd_weight})"
+        )
 
     def on_train_end(self):
         super().on_train_end()
