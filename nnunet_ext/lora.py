@@ -262,12 +262,15 @@ def merged_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
+def is_adapter_parameter(name: str) -> bool:
+    """Whether the parameter ``name`` (from ``named_parameters()``, any wrapper prefix) belongs to an adapter."""
+    return ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+
+
 def mark_trainable(net: nn.Module, train: Sequence[str] = (r"seg_layers",)) -> None:
     """Freeze everything except the adapters and parameters whose name matches a ``train`` regex."""
     for name, p in net.named_parameters():
-        p.requires_grad_(
-            ".lora_A." in f".{name}" or ".lora_B." in f".{name}" or any(re.search(t, name) for t in train)
-        )
+        p.requires_grad_(is_adapter_parameter(name) or any(re.search(t, name) for t in train))
 
 
 def report(net: nn.Module) -> LoRAReport:
@@ -276,7 +279,7 @@ def report(net: nn.Module) -> LoRAReport:
     for name, p in net.named_parameters():  # named_parameters() de-duplicates shared parameters
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-        adapter += p.numel() if (".lora_A." in f".{name}" or ".lora_B." in f".{name}") else 0
+        adapter += p.numel() if is_adapter_parameter(name) else 0
     return LoRAReport(total, trainable, adapter, [n for n, _ in lora_layers(net)])
 
 

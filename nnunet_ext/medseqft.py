@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.io import atomic_write_json, existing_datasets_with_id, replace_dataset
 
 BUFFER_FILE = "medseqft_buffer.json"
 SCORES = ("auto", "objective", "features")
@@ -353,8 +354,6 @@ def write_buffer(record: dict, path: Path, overwrite: bool) -> Path:
     """Write the selection atomically; an existing file with other settings is kept unless ``overwrite``."""
     import json
 
-    from nnunet_ext.io import atomic_write_json
-
     if path.exists() and not overwrite:
         old = json.loads(path.read_text())
         if any(old.get(s) != record.get(s) for s in SETTINGS):
@@ -435,16 +434,10 @@ def write_task_phantoms(
                 f"MedSeqFT phantom task: {task} (binary) from the full phantom, seed {seed + i}"
             )
             (folder / "dataset.json").write_text(json.dumps(dj, indent=2))
-            target = raw_root / folder.name
-            from nnunet_ext.io import existing_datasets_with_id
-
             existing = existing_datasets_with_id(raw_root, dataset_id)
             if existing and not force:
                 raise UserError(f"{existing[0]} exists (dataset id {dataset_id}); pass --force to replace it")
-            for old in existing:
-                shutil.rmtree(old)
-            os.replace(folder, target)
-            written.append(target)
+            written.append(replace_dataset(folder, raw_root / folder.name, dataset_id))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return written

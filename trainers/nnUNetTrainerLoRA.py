@@ -89,7 +89,7 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
         adapters, others = [], []
         for name, p in self.network.named_parameters():
             if p.requires_grad:
-                (adapters if (".lora_A." in f".{name}" or ".lora_B." in f".{name}") else others).append(p)
+                (adapters if lora.is_adapter_parameter(name) else others).append(p)
         lora_lr = self.initial_lr if self.lora_lr is None else float(self.lora_lr)
         groups = [g for g in ({"params": adapters, "lr": lora_lr}, {"params": others}) if g["params"]]
         optimizer = torch.optim.SGD(
