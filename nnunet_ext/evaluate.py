@@ -20,7 +20,6 @@ import numpy as np
 from nnunet_ext.challenges import get_challenge
 from nnunet_ext.challenges.base import (
     ALL_METRICS,
-    DISTANCE_METRICS,
     Challenge,
     image_files,
     read_label_pair,
@@ -28,45 +27,6 @@ from nnunet_ext.challenges.base import (
 )
 from nnunet_ext.errors import UserError
 from nnunet_ext.io import atomic_write_json, atomic_write_text, refuse_existing
-
-DEFAULT_BOTH_EMPTY = {"Dice": 1.0, "NSD": 1.0, **{m: 0.0 for m in DISTANCE_METRICS}}
-DEFAULT_ONE_EMPTY = {"Dice": 0.0, "NSD": 0.0, **{m: math.inf for m in DISTANCE_METRICS}}
-
-
-def class_metrics(
-    pred: np.ndarray,
-    gt: np.ndarray,
-    spacing: tuple[float, ...],
-    metrics: tuple[str, ...],
-    rules,
-    tolerance: float | None,
-) -> dict[str, float]:
-    """The ``metrics`` of two boolean masks with the empty-mask conventions of ``rules``."""
-    p_empty, g_empty = not pred.any(), not gt.any()
-    out: dict[str, float] = {}
-    distances = None
-    for metric in metrics:
-        if p_empty and g_empty:
-            value = rules.both_empty.get(metric, DEFAULT_BOTH_EMPTY[metric])
-        elif p_empty or g_empty:
-            value = rules.one_empty.get(metric, DEFAULT_ONE_EMPTY[metric])
-            if value == "diagonal":
-                value = float(np.linalg.norm(np.asarray(pred.shape) * np.asarray(spacing)))
-        elif metric == "Dice":
-            inter = np.logical_and(pred, gt).sum()
-            value = 2.0 * inter / (pred.sum() + gt.sum() + rules.dice_smooth)
-        elif metric == "NSD":
-            from nnunet_ext.metrics import normalized_surface_dice
-
-            value = normalized_surface_dice(pred, gt, spacing, tolerance)
-        else:
-            if distances is None:
-                from nnunet_ext.metrics import distance_metrics
-
-                distances = distance_metrics(pred, gt, spacing)
-            value = distances[metric]
-        out[metric] = float(value)
-    return out
 
 
 def evaluate_case(
@@ -77,34 +37,20 @@ def evaluate_case(
     metrics: tuple[str, ...],
     tolerance: float | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Read one prediction / reference pair, check that they share a grid, and score it with the
+    challenge's own pipeline (:meth:`Challenge.score_case`)."""
     pred_vol, gt_vol = read_label_pair(pred_path, gt_path)
-    pred, gt = pred_vol.array, gt_vol.array
-    if pred.shape != gt.shape:
+    if pred_vol.array.shape != gt_vol.array.shape:
         raise UserError(
-            f"{case_id}: prediction shape {pred.shape} differs from the reference's {gt.shape}; predict the same "
-            f"images the reference belongs to."
+            f"{case_id}: prediction shape {pred_vol.array.shape} differs from the reference's "
+            f"{gt_vol.array.shape}; predict the same images the reference belongs to."
         )
     if not np.allclose(pred_vol.spacing, gt_vol.spacing, rtol=1e-4, atol=1e-4):
         raise UserError(
             f"{case_id}: prediction spacing {pred_vol.spacing} (z, y, x) differs from the reference's "
             f"{gt_vol.spacing}; predictions must be in the reference's geometry."
         )
-    rules = challenge.rules
-    spacing = (1.0,) * gt.ndim if rules.unit_spacing else gt_vol.spacing
-    valid = None if rules.ignore_label is None else gt != rules.ignore_label
-    result = {}
-    for cls in challenge.eval_classes(case_id):
-        p, g = np.isin(pred, cls.labels), np.isin(gt, cls.labels)
-        if valid is not None:
-            p &= valid
-            g &= valid
-        tol = tolerance if tolerance is not None else cls.tolerance
-        if tol is None:
-            tol = rules.default_tolerance
-        if "NSD" in metrics and tol is None:
-            raise UserError(f"NSD needs a tolerance for {challenge.name}; pass --tolerance MM.")
-        result[cls.name] = class_metrics(p, g, spacing, metrics, rules, tol)
-    return result
+    return challenge.score_case(pred_vol, gt_vol, case_id, metrics, tolerance)
 
 
 def _mean(values: list[float]) -> float:
@@ -149,6 +95,9 @@ def evaluate_folders(
             f"{' ...' if len(missing) > 10 else ''}; predict them (same file names as the references), or pass "
             f"--only-predicted to score only the predicted cases."
         )
+    eval_classes = {cls.name: cls for case_id in gts for cls in challenge.eval_classes(case_id)}.values()
+    if "NSD" in metrics and any(challenge.tolerance_for(cls, tolerance) is None for cls in eval_classes):
+        raise UserError(f"NSD needs a tolerance for {challenge.name}; pass --tolerance MM.")
     cases = {}
     items = sorted(gts.items())
     if progress:
@@ -165,11 +114,7 @@ def evaluate_folders(
     mean = {
         cls: {m: _mean([r[cls][m] for r in cases.values() if cls in r]) for m in metrics} for cls in classes
     }
-    tolerances = {}
-    for case_id in cases:
-        for cls in challenge.eval_classes(case_id):
-            tol = tolerance if tolerance is not None else cls.tolerance
-            tolerances[cls.name] = tol if tol is not None else challenge.rules.default_tolerance
+    tolerances = {cls.name: challenge.tolerance_for(cls, tolerance) for cls in eval_classes}
     return {
         "challenge": challenge.name,
         "prediction_folder": str(pred_dir.resolve()),

@@ -12,9 +12,10 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_ext.challenges import get_challenge
+from nnunet_ext.challenges.base import class_metrics
 from nnunet_ext.cli import main
 from nnunet_ext.errors import UserError
-from nnunet_ext.evaluate import class_metrics, evaluate_folders
+from nnunet_ext.evaluate import evaluate_folders
 from nnunet_ext.metrics import distance_metrics, normalized_surface_dice
 
 

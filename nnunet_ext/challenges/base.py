@@ -21,6 +21,7 @@ and reported.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 import sys
@@ -84,6 +85,48 @@ class MetricRules:
         }
 
 
+DEFAULT_BOTH_EMPTY = {"Dice": 1.0, "NSD": 1.0, **{m: 0.0 for m in DISTANCE_METRICS}}
+DEFAULT_ONE_EMPTY = {"Dice": 0.0, "NSD": 0.0, **{m: math.inf for m in DISTANCE_METRICS}}
+
+
+def class_metrics(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: tuple[float, ...],
+    metrics: tuple[str, ...],
+    rules: MetricRules,
+    tolerance: float | None,
+) -> dict[str, float]:
+    """The ``metrics`` of two boolean masks on one grid, with the empty-mask conventions of ``rules``."""
+    p_empty, g_empty = not pred.any(), not gt.any()
+    out: dict[str, float] = {}
+    distances = None
+    for metric in metrics:
+        if p_empty and g_empty:
+            value = rules.both_empty.get(metric, DEFAULT_BOTH_EMPTY[metric])
+        elif p_empty or g_empty:
+            value = rules.one_empty.get(metric, DEFAULT_ONE_EMPTY[metric])
+            if value == "diagonal":
+                value = float(np.linalg.norm(np.asarray(pred.shape) * np.asarray(spacing)))
+        elif metric == "Dice":
+            inter = np.logical_and(pred, gt).sum()
+            value = 2.0 * inter / (pred.sum() + gt.sum() + rules.dice_smooth)
+        elif metric == "NSD":
+            if tolerance is None:
+                raise UserError("NSD needs a tolerance; pass --tolerance MM.")
+            from nnunet_ext.metrics import normalized_surface_dice
+
+            value = normalized_surface_dice(pred, gt, spacing, tolerance)
+        else:
+            if distances is None:
+                from nnunet_ext.metrics import distance_metrics
+
+                distances = distance_metrics(pred, gt, spacing)
+            value = distances[metric]
+        out[metric] = float(value)
+    return out
+
+
 @dataclass
 class SourceCase:
     """One case found in a challenge's source folder."""
@@ -127,6 +170,40 @@ class Challenge:
 
     def expected_layout(self) -> str:
         return f"expected layout of the {self.title} source folder:\n{self.layout}"
+
+    # ---------------------------------------------------------------- scoring
+    def score_case(
+        self,
+        pred: LabelVolume,
+        gt: LabelVolume,
+        case_id: str,
+        metrics: tuple[str, ...],
+        tolerance: float | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """``{class: {metric: value}}`` for one case whose prediction and reference share a grid (checked by
+        the caller). The default scores each of :meth:`eval_classes` on the native grid with
+        :func:`class_metrics` and :attr:`rules`; a challenge whose official evaluation resamples or uses its
+        own surface definition overrides this."""
+        rules = self.rules
+        spacing = (1.0,) * gt.array.ndim if rules.unit_spacing else gt.spacing
+        valid = None if rules.ignore_label is None else gt.array != rules.ignore_label
+        result = {}
+        for cls in self.eval_classes(case_id):
+            p, g = np.isin(pred.array, cls.labels), np.isin(gt.array, cls.labels)
+            if valid is not None:
+                p &= valid
+                g &= valid
+            result[cls.name] = class_metrics(
+                p, g, spacing, metrics, rules, self.tolerance_for(cls, tolerance)
+            )
+        return result
+
+    def tolerance_for(self, cls: EvalClass, tolerance: float | None = None) -> float | None:
+        """The NSD tolerance (mm) of ``cls``: ``tolerance`` (the user's) if given, else the class's own, else
+        the challenge's default."""
+        if tolerance is not None:
+            return tolerance
+        return cls.tolerance if cls.tolerance is not None else self.rules.default_tolerance
 
     # ---------------------------------------------------------------- converter
     def find_cases(self, source: Path, **options) -> tuple[list[SourceCase], list[tuple[str, str]]]:
