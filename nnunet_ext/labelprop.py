@@ -150,8 +150,38 @@ def _pair(va, vb, half_diag: float) -> tuple:
     return value[va], value[vb]
 
 
+# margin (voxels) around the labels of a gap's two end slices; >= 1 keeps the output identical to whole slices
+SHAPE_MARGIN = 2
+
+
+def _foreground_box(sl: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1): the bounding box of the non-background (non-zero) voxels of a 2D slice, None if empty."""
+    rows = np.flatnonzero(sl.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(sl.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _box_union(a, b):
+    if a is None or b is None:
+        return a if b is None else b
+    return min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3])
+
+
+def _crop(value, box, computed_on):
+    """A slice's map (computed on the box ``computed_on``) restricted to ``box``; _FULL and None stay."""
+    if not isinstance(value, np.ndarray):
+        return value
+    y, x = computed_on[0], computed_on[2]
+    return value[box[0] - y : box[1] - y, box[2] - x : box[3] - x]
+
+
 def interpolate_shape(
-    stack: np.ndarray, annotated: Sequence[int], sampling: Sequence[float] = (1.0, 1.0)
+    stack: np.ndarray,
+    annotated: Sequence[int],
+    sampling: Sequence[float] = (1.0, 1.0),
+    crop: bool = True,
 ) -> np.ndarray:
     """Shape-based interpolation of a label stack (slice axis first) between its annotated slices.
 
@@ -162,31 +192,74 @@ def interpolate_shape(
     stay mutually exclusive and every voxel gets exactly one label (ties: the lower label value). A label
     absent on (or filling) one of the two slices vanishes (covers the slice) halfway, see :func:`_pair`. Annotated
     slices are copied unchanged; slices outside the annotated range are returned unchanged.
+
+    ``crop`` (default): each gap is computed inside the bounding box of both end slices' non-background labels
+    grown by :data:`SHAPE_MARGIN` voxels, and background (0) outside it. The output is the same as on whole
+    slices: outside the box both end slices are background, so background wins there; inside it every distance
+    is exact, because the nearest voxel of any label (background included) lies inside the box or on its
+    background border (tests/test_labelprop.py compares ``crop=False``).
     """
     ann = _check_annotated(annotated, stack.shape[0])
     out = stack.copy()
-    half_diag = 0.5 * float(np.sqrt(sum((n * s) ** 2 for n, s in zip(stack.shape[1:], sampling))))
+    shape2d = stack.shape[1:]
+    half_diag = 0.5 * float(np.sqrt(sum((n * s) ** 2 for n, s in zip(shape2d, sampling))))
+    whole = (0, int(shape2d[0]), 0, int(shape2d[1]))
+    gaps = [(int(a), int(b)) for a, b in zip(ann[:-1], ann[1:]) if b - a >= 2]
+    # the box of each gap, and per end slice the box holding all its gaps' boxes (its maps are computed once)
+    gap_box: dict[tuple[int, int], tuple | None] = {}
+    slice_box: dict[int, tuple] = {}
+    for a, b in gaps:
+        if crop:
+            box = _box_union(_foreground_box(stack[a]), _foreground_box(stack[b]))
+            if box is not None:
+                m = SHAPE_MARGIN
+                box = (
+                    max(0, box[0] - m),
+                    min(whole[1], box[1] + m),
+                    max(0, box[2] - m),
+                    min(whole[3], box[3] + m),
+                )
+        else:
+            box = whole
+        gap_box[(a, b)] = box
+        if box is not None:
+            for s_ in (a, b):
+                slice_box[s_] = _box_union(slice_box.get(s_), box)
     cache: dict[int, dict] = {}
-    for a, b in zip(ann[:-1], ann[1:]):
-        a, b = int(a), int(b)
-        if b - a < 2:
+    for a, b in gaps:
+        box = gap_box[(a, b)]
+        if box is None:  # background only on both end slices
+            out[a + 1 : b] = 0
             continue
-        labels = sorted(set(np.unique(stack[a]).tolist()) | set(np.unique(stack[b]).tolist()))
         for s_ in (a, b):
-            if s_ not in cache or any(lab not in cache[s_] for lab in labels):
-                cache[s_] = _slice_sdfs(stack[s_], labels, sampling)
-        da, db = cache[a], cache[b]
-        pairs = [(lab, *_pair(da[lab], db[lab], half_diag)) for lab in labels]
+            if s_ not in cache:
+                sb = slice_box[s_]
+                sl = stack[s_, sb[0] : sb[1], sb[2] : sb[3]]
+                cache[s_] = _slice_sdfs(sl, np.unique(sl).tolist(), sampling)
+        labels = sorted(set(cache[a]) | set(cache[b]))
+        pairs = [
+            (
+                lab,
+                *_pair(
+                    _crop(cache[a].get(lab), box, slice_box[a]),
+                    _crop(cache[b].get(lab), box, slice_box[b]),
+                    half_diag,
+                ),
+            )
+            for lab in labels
+        ]
         lab_values = np.asarray([p[0] for p in pairs], dtype=stack.dtype)
+        box_shape = (box[1] - box[0], box[3] - box[2])
         for s in range(a + 1, b):
             t = (s - a) / (b - a)
             dist = np.stack(
                 [
-                    np.broadcast_to((1 - t) * np.asarray(va) + t * np.asarray(vb), stack.shape[1:])
+                    np.broadcast_to((1 - t) * np.asarray(va) + t * np.asarray(vb), box_shape)
                     for _, va, vb in pairs
                 ]
             )
-            out[s] = lab_values[np.argmin(dist, axis=0)]
+            out[s] = 0
+            out[s, box[0] : box[1], box[2] : box[3]] = lab_values[np.argmin(dist, axis=0)]
         cache.pop(a, None)  # every slice is the lower end of one gap only
     return out
 

@@ -105,6 +105,47 @@ def test_shape_structure_absent_on_one_side_vanishes_halfway():
     assert areas[3] > 0 and areas[4] == 0 and areas[5] == 0  # gone at the midpoint (nearest drops it after 4)
 
 
+def _random_label_stack(rng, n, h, w, k):
+    """Smooth random blobs with ``k`` labels (label 0 the most frequent)."""
+    from scipy import ndimage
+
+    f = ndimage.gaussian_filter(rng.normal(size=(n, h, w)), (1, 3, 3))
+    levels = np.quantile(f, np.linspace(0.5 + 0.4 * rng.random(), 1, k + 1)[:-1])
+    return np.digitize(f, levels).astype(np.uint8)
+
+
+def test_shape_crop_gives_the_whole_slice_output(monkeypatch):
+    """Cropping each gap to the labels' bounding box (+ margin) changes nothing: labels touching the slice
+    edges, background-only and label-filled end slices, anisotropic sampling, several gap lengths."""
+    import nnunet_ext.labelprop as lp
+
+    rng = np.random.default_rng(0)
+    for trial in range(24):
+        n, h, w = int(rng.integers(6, 13)), int(rng.integers(10, 48)), int(rng.integers(10, 48))
+        stack = _random_label_stack(rng, n, h, w, int(rng.integers(1, 5)))
+        if trial % 3 == 0:
+            stack[:, : h // 3] = 0  # labels away from one edge
+        if trial % 4 == 1:
+            stack[2] = 0  # background only
+        if trial % 5 == 2:
+            stack[3] = 1  # one label fills the slice
+        ann = list(range(int(rng.integers(0, 2)), n, int(rng.integers(2, 5))))
+        sp = [(1.0, 1.0), (0.8, 0.8), (2.0, 0.7), (0.6, 1.3)][trial % 4]
+        assert np.array_equal(
+            interpolate_shape(stack, ann, sp), interpolate_shape(stack, ann, sp, crop=False)
+        )
+    # and it does crop: a small structure in a large slice gets distance maps of the structure's size only
+    shapes = []
+    real = lp._signed_distance
+    monkeypatch.setattr(lp, "_signed_distance", lambda m, s: shapes.append(m.shape) or real(m, s))
+    stack = np.zeros((5, 200, 300), np.uint8)
+    stack[0][disk((200, 300), (50, 60), 6)] = 1
+    stack[4][disk((200, 300), (54, 62), 8)] = 2
+    out = interpolate_shape(stack, [0, 4])
+    assert shapes and all(y <= 20 + 2 * lp.SHAPE_MARGIN and x <= 20 + 2 * lp.SHAPE_MARGIN for y, x in shapes)
+    assert np.array_equal(out, interpolate_shape(stack, [0, 4], crop=False))
+
+
 def test_interpolate_volume_axis_outside_and_annotated_kept():
     rng = np.random.default_rng(0)
     vol = np.full((6, 10, 12), IGN, np.uint8)
