@@ -16,7 +16,9 @@ Works on any network built from nnU-Net plans (PlainConvUNet, ResidualEncoderUNe
   peft 0.21.2's merge crashes on 1x1x1 Conv3d, peft issue #3768) and puts it back in every parent, so the
   merged network IS the stock network: its ``state_dict`` has the original key names (alias keys included)
   and loads strictly into a freshly built network (nnU-Net's predictor, ``-pretrained_weights``).
-* :func:`merged_state_dict` returns the merged weights without touching the network being trained.
+* :func:`merged_state_dict` returns the merged weights without touching the network being trained;
+  :func:`adapter_state_dict` + :func:`load_merged_with_adapters` store and rebuild the unmerged network from
+  the merged weights plus the adapters alone (checkpoints hold the body once).
 
 Layers are chosen by regular expressions (``re.search``) on the module's canonical name (the first name
 ``named_modules()`` gives, e.g. ``encoder.stages.0.0.convs.0.conv``); ``exclude`` defaults to the
@@ -260,6 +262,49 @@ def merged_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
     """The merged network's state dict (stock key names), computed on a copy: ``net`` is left as it is."""
     merged = merge_lora(copy.deepcopy(net))
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def adapter_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapters' tensors (``lora_A`` / ``lora_B``, alias keys included) of an adapted network: with
+    the merged stock weights this is everything needed to rebuild the unmerged network
+    (:func:`load_merged_with_adapters`), so a checkpoint stores the network body once."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if is_adapter_parameter(k)}
+
+
+def load_merged_with_adapters(
+    net: nn.Module, merged: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]
+) -> None:
+    """Rebuild an adapted network from the MERGED stock weights plus the adapters (inverse of
+    :func:`merged_state_dict` + :func:`adapter_state_dict`). ``net`` must have the adapters injected (same
+    config). Every base conv gets ``W_merged - scaling * delta`` (the frozen base weight, to float rounding:
+    about 1e-7 relative in float32), everything else (norms, heads) the merged value; strict in both dicts."""
+    own = net.state_dict()
+    state, missing = {}, []
+    for key in own:
+        if is_adapter_parameter(key):
+            source, stock = adapters, key
+        else:
+            source, stock = merged, key.replace(".base_layer.", ".")
+        if stock not in source:
+            missing.append(stock)
+        else:
+            state[key] = source[stock]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} keys of the adapted network are not in the checkpoint (e.g. {missing[:3]}): it "
+            f"was written with another LoRA configuration or network"
+        )
+    expected = {k.replace(".base_layer.", ".") for k in own if not is_adapter_parameter(k)}
+    extra = sorted(set(merged) - expected)[:3] + sorted(set(adapters) - set(own))[:3]
+    if extra:
+        raise KeyError(
+            f"unexpected keys in the checkpoint (e.g. {extra}): another network or LoRA configuration"
+        )
+    net.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for _, layer in lora_layers(net):
+            weight = layer.base_layer.weight
+            weight.sub_(delta_weight(layer).to(weight.device, weight.dtype))
 
 
 def is_adapter_parameter(name: str) -> bool:

@@ -117,6 +117,34 @@ def test_merge_is_exact_and_loads_strictly_into_stock_network(style, dim):
         torch.testing.assert_close(net(x)[0], adapted, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("style", ["plain", "resenc"])
+def test_merged_weights_plus_adapters_rebuild_the_unmerged_network(style):
+    """What a LoRA checkpoint stores (merged stock weights + adapters only) rebuilds the adapted network:
+    same frozen base (to float rounding), same adapters, same outputs."""
+    net = make_net(style)
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = lora.LoRAConfig(rank=2)
+    lora.inject_lora(net, cfg)
+    randomise_adapters(net)
+    merged, adapters = lora.merged_state_dict(net), lora.adapter_state_dict(net)
+    assert adapters and not any(".base_layer." in k for k in adapters)
+    fresh = make_net(style, seed=5)  # other weights: everything must come from the two dicts
+    lora.inject_lora(fresh, cfg)
+    lora.load_merged_with_adapters(fresh, merged, adapters)
+    rebuilt = fresh.state_dict()
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(rebuilt[key], value, rtol=0, atol=1e-6, msg=key)
+    for key, value in original.items():  # base layers hold the original (pretrained) weights again
+        torch.testing.assert_close(
+            lora.strip_lora(copy.deepcopy(fresh)).state_dict()[key], value, atol=1e-6, rtol=0
+        )
+    x = torch.randn(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)[0], net(x)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="not in the checkpoint"):
+        lora.load_merged_with_adapters(fresh, merged, {})
+
+
 def test_strip_returns_the_network_before_adaptation():
     net = make_net("plain")
     reference = copy.deepcopy(net)
@@ -241,9 +269,10 @@ def test_lora_trainer_pretrained_merged_checkpoint_and_resume(
     groups = final["optimizer_state"]["param_groups"]
     assert [g["initial_lr"] for g in groups] == [0.05, trainer.initial_lr]
     assert lora.has_lora_keys(final["lora_state"]) and not lora.has_lora_keys(final["network_weights"])
-    # frozen base: the adapters' base layers still hold the pretrained weights
+    # the body is stored once: lora_state holds the adapters only
+    assert final["lora_format"] == "adapters"
+    assert final["lora_state"] and all(lora.is_adapter_parameter(k) for k in final["lora_state"])
     k = "encoder.stages.1.0.convs.0.conv.weight"
-    assert torch.equal(final["lora_state"][k.replace(".weight", ".base_layer.weight")], base[k])
     assert not torch.equal(final["network_weights"][k], base[k])  # merged = base + trained adapter
 
     # merged checkpoint: strict load into the stock network; same predictions as the trained network
@@ -272,11 +301,17 @@ def test_lora_trainer_pretrained_merged_checkpoint_and_resume(
     assert resumed.lora_injected and resumed.current_epoch == 1
     assert [g["initial_lr"] for g in resumed.optimizer.param_groups] == [0.05, trainer.initial_lr]
     n_adapters = 2 * len(lora.lora_layers(resumed.base_network()))  # lora_A + lora_B of each layer
-    n_heads = sum(".seg_layers." in k for k in final["lora_state"])  # weight + bias of each head
+    # weight + bias of each head (aliases: one parameter per head in the optimizer)
+    n_heads = len({k.split(".seg_layers.")[1] for k in final["network_weights"] if ".seg_layers." in k})
     assert [len(g["params"]) for g in groups] == [n_adapters, n_heads]
     sd = resumed.base_network().state_dict()
     for key, value in final["lora_state"].items():
         assert torch.equal(sd[key], value), key
+    # frozen base rebuilt from merged - delta: the pretrained weights (float rounding)
+    torch.testing.assert_close(sd[k.replace(".weight", ".base_layer.weight")], base[k], rtol=0, atol=1e-6)
+    # and the resumed network merges back to exactly the checkpoint's weights (to rounding)
+    for key, value in lora.merged_state_dict(resumed.base_network()).items():
+        torch.testing.assert_close(value, final["network_weights"][key], rtol=0, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow  # dynamo tracing takes ~10 s on CPU

@@ -14,8 +14,11 @@ adapters has keys such as ``...conv.base_layer.weight`` that no stock checkpoint
    the random initialisation) it stops with an error, unless ``requires_pretrained_weights = False``;
 3. every checkpoint (latest / best / final) stores in ``network_weights`` the MERGED network under the stock
    key names, so ``nnUNetv2_predict -tr nnUNetTrainerLoRA`` and ``-pretrained_weights`` of a next training
-   accept it as is. The unmerged adapter state needed to resume (``--c``) is stored beside it in
-   ``lora_state`` (plus ``lora_config``); ``load_checkpoint`` re-injects adapters before loading it;
+   accept it as is. Only the adapters are stored beside it (``lora_state``, ``lora_format = "adapters"``,
+   plus ``lora_config``), so the body is stored once; ``load_checkpoint`` (``--c``) re-injects the adapters
+   and rebuilds the frozen base weights as ``W_merged - delta`` (:func:`nnunet_ext.lora.load_merged_with_adapters`;
+   float rounding, ~1e-7 relative). Checkpoints of older versions (the whole unmerged state in
+   ``lora_state``) still load;
 4. ``on_train_end()`` merges the adapters into the network, so nnU-Net's final validation runs the
    stock (merged) network.
 """
@@ -161,7 +164,10 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
             "init_args": self.my_init_kwargs,
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            "lora_state": base.state_dict(),
+            # the body once: the merged weights above + the adapters; resume rebuilds the frozen base as
+            # W_merged - delta (lora.load_merged_with_adapters)
+            "lora_state": lora.adapter_state_dict(base),
+            "lora_format": "adapters",
             "lora_config": self.lora_config().to_dict(),
         }
         torch.save(checkpoint, filename)
@@ -173,9 +179,13 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
         if not isinstance(checkpoint, dict):
             checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
         weights = checkpoint["network_weights"]
+        adapters = None
         if "lora_state" in checkpoint:  # resume: adapters back in, then their unmerged state
             self.inject_adapters(check_pretrained=False)
-            weights = checkpoint["lora_state"]
+            if checkpoint.get("lora_format") == "adapters":
+                adapters = checkpoint["lora_state"]
+            else:  # older checkpoints: the whole unmerged network
+                weights = checkpoint["lora_state"]
         weights = {k[7:] if k.startswith("module.") else k: v for k, v in weights.items()}
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
@@ -184,7 +194,10 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
         self.inference_allowed_mirroring_axes = checkpoint.get(
             "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes
         )
-        self.base_network().load_state_dict(weights)
+        if adapters is not None:
+            lora.load_merged_with_adapters(self.base_network(), weights, adapters)
+        else:
+            self.base_network().load_state_dict(weights)
         if self.lora_injected == ("lora_state" in checkpoint):  # optimizer over the same parameter set
             self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
