@@ -58,7 +58,7 @@ class MetricRules:
     """How a challenge scores: which metrics, and the conventions for empty masks and spacing.
 
     ``both_empty`` / ``one_empty``: metric -> value when prediction and reference are both empty / exactly
-    one of them is empty; the string ``"diagonal"`` means the image diagonal in mm (a worst-case distance).
+    one of them is empty (a challenge with its own rule for empty masks overrides :meth:`Challenge.score_case`).
     ``unit_spacing``: distances in voxels (spacing 1 along every axis) instead of mm. ``ignore_label``:
     reference voxels with this value are left out (prediction and reference set to background there).
     ``dice_smooth``: added to the Dice denominator (DoDNet's evaluation adds 1).
@@ -106,8 +106,6 @@ def class_metrics(
             value = rules.both_empty.get(metric, DEFAULT_BOTH_EMPTY[metric])
         elif p_empty or g_empty:
             value = rules.one_empty.get(metric, DEFAULT_ONE_EMPTY[metric])
-            if value == "diagonal":
-                value = float(np.linalg.norm(np.asarray(pred.shape) * np.asarray(spacing)))
         elif metric == "Dice":
             inter = np.logical_and(pred, gt).sum()
             value = 2.0 * inter / (pred.sum() + gt.sum() + rules.dice_smooth)
