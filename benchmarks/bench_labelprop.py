@@ -9,7 +9,12 @@ Parts:
   phantoms (every 4th / 8th axial slice annotated), on the propagated slices only (between the first and the
   last annotated slice, annotated slices excluded). Dice per label over all voxels of all cases, then the mean
   over the 5 foreground labels. This decides ``labelprop``'s default method.
-* ``speed``: seconds to interpolate a 512 x 512 x 200 label volume (3 labels, every 4th slice annotated).
+* ``parcellation``: the same interpolation-only Dice on synthetic parcellations (``phantoms.make_parcellation``:
+  many adjacent, irregular, non-convex regions tiling an organ, like an atlas), every method of ``labelprop``
+  at every 4th / 8th slice; Dice per label pooled over the cases, the mean over labels, and per case the mean
+  Dice of each method (how often each method wins).
+* ``speed``: seconds to interpolate a 512 x 512 x 200 label volume (3 labels, every 4th slice annotated), with
+  ``shape`` also on whole slices (``crop=False``, the implementation before the bounding-box crop).
 * ``train``: test-set Dice (dense truth ``labelsTs``) of (a) nnU-Net on the sparse labels with its ignore label,
   (b) ``nearest`` + one round (model A -> pseudo-labels -> model B), (c) ``shape`` + one round, (d) fully
   supervised, all with the tiny configuration, fold 0 of the 4-fold split and the SAME schedule per model
@@ -114,8 +119,72 @@ def bench_interp(workdir: Path, args) -> dict:
     return results
 
 
+def _confusion(truth: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(
+        truth.astype(np.int64).ravel() * n + pred.astype(np.int64).ravel(), minlength=n * n
+    ).reshape(n, n)
+
+
+def _dice_from_confusion(conf: np.ndarray) -> np.ndarray:
+    """Dice of labels 1..n-1 (nan where a label is in neither volume)."""
+    tp = np.diag(conf)[1:].astype(float)
+    denom = conf.sum(axis=0)[1:] + conf.sum(axis=1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * tp / denom, np.nan)
+
+
+def bench_parcellation(args) -> dict:
+    """nearest vs shape on synthetic parcellations: Dice on the propagated slices only."""
+    from nnunet_ext.labelprop import METHODS, interpolate_volume
+    from nnunet_ext.phantoms import make_parcellation
+
+    shape, spacing, k = tuple(args.parc_shape), tuple(args.parc_spacing), args.parc_labels
+    n = k + 1
+    vols = [
+        make_parcellation(np.random.default_rng([args.seed, i]), shape, spacing, k, args.parc_warp)
+        for i in range(args.parc_cases)
+    ]
+    res: dict = {
+        "cases": args.parc_cases,
+        "shape_zyx": list(shape),
+        "spacing_zyx": list(spacing),
+        "labels": k,
+        "warp_mm": args.parc_warp,
+        "seed": args.seed,
+    }
+    for every in args.every:
+        conf = {m: np.zeros((n, n), np.int64) for m in METHODS}
+        per_case = {m: [] for m in METHODS}
+        seconds = dict.fromkeys(METHODS, 0.0)
+        for i, vol in enumerate(vols):
+            ann = list(range(i % every, shape[0], every))
+            sparse = np.full_like(vol, n)  # ignore = k + 1
+            sparse[ann] = vol[ann]
+            propagated = [s for s in range(ann[0], ann[-1] + 1) if s not in set(ann)]
+            for m in METHODS:
+                t0 = time.process_time()
+                out = interpolate_volume(sparse, ann, 0, m, spacing, "ignore", n)
+                seconds[m] += time.process_time() - t0
+                c = _confusion(vol[propagated], out[propagated], n + 1)[:n, :n]
+                conf[m] += c
+                per_case[m].append(float(np.nanmean(_dice_from_confusion(c))))
+        for m in METHODS:
+            dice = _dice_from_confusion(conf[m])
+            others = [o for o in METHODS if o != m]
+            wins = sum(all(per_case[m][i] > per_case[o][i] for o in others) for i in range(len(vols)))
+            res[f"every{every}/{m}"] = {
+                "mean": round(float(np.nanmean(dice)), 4),
+                "per_label_min": round(float(np.nanmin(dice)), 4),
+                "per_case_mean": [round(v, 4) for v in per_case[m]],
+                "cases_won": int(wins),
+                "cpu_seconds": round(seconds[m], 2),
+            }
+            print(f"parcellation every {every} {m}: {res[f'every{every}/{m}']}", flush=True)
+    return res
+
+
 def bench_speed(args) -> dict:
-    from nnunet_ext.labelprop import interpolate_volume
+    from nnunet_ext.labelprop import interpolate_shape, interpolate_volume
 
     shape = (200, 512, 512)
     zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
@@ -126,12 +195,22 @@ def bench_speed(args) -> dict:
     ann = list(range(0, shape[0], 4))
     sparse = np.full_like(vol, 4)
     sparse[ann] = vol[ann]
-    out = {"shape_zyx": list(shape), "annotated": len(ann)}
+    out = {"shape_zyx": list(shape), "annotated": len(ann), "clock": "CPU time (time.process_time)"}
     for method in ("nearest", "shape"):
-        t0 = time.perf_counter()
-        interpolate_volume(sparse, ann, 0, method, (1.0, 0.8, 0.8), "ignore", 4)
-        out[method] = round(time.perf_counter() - t0, 2)
+        t0 = time.process_time()
+        result = interpolate_volume(sparse, ann, 0, method, (1.0, 0.8, 0.8), "ignore", 4)
+        out[method] = round(time.process_time() - t0, 2)
         print(f"speed {method}: {out[method]} s", flush=True)
+    t0 = time.process_time()
+    whole = interpolate_shape(sparse, ann, (0.8, 0.8), crop=False)
+    out["shape_whole_slices"] = round(time.process_time() - t0, 2)
+    whole[: ann[0]], whole[ann[-1] + 1 :] = 4, 4
+    out["shape_identical_to_whole_slices"] = bool(np.array_equal(result, whole))
+    print(
+        f"speed shape on whole slices: {out['shape_whole_slices']} s, identical output: "
+        f"{out['shape_identical_to_whole_slices']}",
+        flush=True,
+    )
     return out
 
 
@@ -269,12 +348,24 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default="benchmark_labelprop")
     parser.add_argument(
-        "--parts", nargs="+", default=["interp", "speed"], choices=["interp", "speed", "train"]
+        "--parts",
+        nargs="+",
+        default=["interp", "parcellation", "speed"],
+        choices=["interp", "parcellation", "speed", "train"],
     )
     parser.add_argument("--every", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--num-train", type=int, default=8)
     parser.add_argument("--num-test", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parc-cases", type=int, default=8, help="parcellation cases (default 8)")
+    parser.add_argument("--parc-labels", type=int, default=24, help="regions per parcellation (default 24)")
+    parser.add_argument(
+        "--parc-shape", type=int, nargs=3, default=[48, 96, 96], help="z y x (default 48 96 96)"
+    )
+    parser.add_argument(
+        "--parc-spacing", type=float, nargs=3, default=[2.0, 1.0, 1.0], help="mm (default 2 1 1)"
+    )
+    parser.add_argument("--parc-warp", type=float, default=6.0, help="warp amplitude in mm (default 6)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=25)
     args = parser.parse_args()
@@ -288,6 +379,10 @@ def main() -> None:
         results["interp"] = bench_interp(workdir, args)
         atomic_write_json(result_file, results)
         print(table(results["interp"]))
+    if "parcellation" in args.parts:
+        key = f"parcellation/{args.parc_labels}labels"
+        results[key] = bench_parcellation(args)
+        atomic_write_json(result_file, results)
     if "speed" in args.parts:
         results["speed"] = bench_speed(args)
         atomic_write_json(result_file, results)

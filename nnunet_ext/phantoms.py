@@ -51,6 +51,7 @@ __all__ = [
     "PhantomCase",
     "make_case",
     "make_case_parts",
+    "make_parcellation",
     "partial_truth",
     "sparse_slices",
     "write_phantom_dataset",
@@ -422,6 +423,72 @@ def make_case(
     """One case: (list of float32 (z, y, x) channels, uint8 full label map with :data:`FULL_LABELS`)."""
     case = make_case_parts(rng, shape, spacing, num_channels)
     return case.channels, case.label_full
+
+
+def make_parcellation(
+    rng: np.random.Generator,
+    shape: Sequence[int] = (48, 96, 96),
+    spacing: Sequence[float] = (2.0, 1.0, 1.0),
+    num_labels: int = 24,
+    warp_mm: float = 6.0,
+) -> np.ndarray:
+    """A synthetic atlas-like parcellation: ``num_labels`` adjacent, irregular, non-convex regions (labels
+    1..num_labels) tiling a smooth blob-shaped "organ", background 0 outside it (the label-propagation benchmark
+    of many adjacent regions, benchmarks/bench_labelprop.py).
+
+    The regions are the Voronoi cells (in mm, so anisotropic ``spacing`` is respected) of random seeds inside the
+    organ, taken at WARPED positions ``p + u(p)``: ``u`` is a smooth random displacement field (three random
+    Fourier fields, a coarse one of amplitude ``warp_mm`` that bends the cells' faces into non-convex shapes and
+    a finer one of ``warp_mm / 3`` that makes their boundaries irregular). Seeds are at least about half a cell
+    apart, so every label is present. Deterministic given ``rng``'s state.
+    """
+    shape = tuple(int(n) for n in shape)
+    spacing = tuple(float(v) for v in spacing)
+    if len(shape) != 3 or len(spacing) != 3 or min(shape) < 8 or min(spacing) <= 0:
+        raise ValueError(f"shape needs 3 sizes >= 8 and spacing 3 positive values, got {shape}, {spacing}")
+    if num_labels < 1 or num_labels > 255:
+        raise ValueError(f"num_labels must be in 1..255, got {num_labels}")
+    norm = tuple(
+        np.linspace(-1, 1, n, dtype=np.float32).reshape(sh)
+        for n, sh in zip(shape, [(-1, 1, 1), (1, -1, 1), (1, 1, -1)])
+    )
+    half = [0.5 * (n - 1) * sp for n, sp in zip(shape, spacing)]  # mm from the centre to the edge per axis
+    mm = tuple(g * np.float32(h) for g, h in zip(norm, half))
+    # the organ: an ellipsoid filling ~85 % of each extent, its surface bent by a smooth field
+    radii = rng.uniform(0.78, 0.9, 3)
+    f = np.sqrt(sum((g / r) ** 2 for g, r in zip(norm, radii))) + 0.06 * _fourier_field(
+        rng, norm, n=6, max_freq=1.5
+    )
+    organ = f < 1.0
+    # displacement field (mm): coarse and fine components per axis
+    disp = [
+        warp_mm * _fourier_field(rng, norm, n=8, max_freq=2.0)
+        + (warp_mm / 3) * _fourier_field(rng, norm, n=8, max_freq=5.0)
+        for _ in range(3)
+    ]
+    warped = [(m + d).reshape(-1)[organ.reshape(-1)] for m, d in zip(mm, disp)]
+    # seeds: random organ voxels, greedily kept at least ~half a cell apart (so every cell is a region)
+    coords = np.stack([np.broadcast_to(m, shape)[organ] for m in mm], axis=1)
+    cell = (coords.shape[0] * float(np.prod(spacing)) / num_labels) ** (1 / 3)
+    seeds: list[np.ndarray] = []
+    for idx in rng.permutation(coords.shape[0]):
+        if all(np.linalg.norm(coords[idx] - c) >= 0.6 * cell for c in seeds):
+            seeds.append(coords[idx])
+            if len(seeds) == num_labels:
+                break
+    if len(seeds) < num_labels:
+        raise ValueError(
+            f"could not place {num_labels} separated regions in a {shape} volume; use fewer labels"
+        )
+    best = np.full(warped[0].shape, np.inf, dtype=np.float32)
+    owner = np.zeros(warped[0].shape, dtype=np.uint8)
+    for i, c in enumerate(seeds, start=1):
+        d = sum((w - np.float32(ci)) ** 2 for w, ci in zip(warped, c))
+        closer = d < best
+        best[closer], owner[closer] = d[closer], i
+    out = np.zeros(shape, dtype=np.uint8)
+    out[organ] = owner
+    return out
 
 
 def partial_truth(case: PhantomCase) -> np.ndarray:
