@@ -101,8 +101,9 @@ def distance_metrics(
     * ``HD95``: MONAI's definition, max of the two directed ``percentile``-th percentiles
       (what ``compute_hausdorff_distance(percentile=95)`` returns);
     * ``HD95_pooled``: MedPy's ``hd95`` definition, the percentile of both directions' distances pooled;
-    * ``ASSD``: average symmetric surface distance, mean of both directions' distances pooled (MONAI's
-      ``compute_average_surface_distance(symmetric=True)``, MedPy's ``assd`` averages the two directed means);
+    * ``ASSD``: average symmetric surface distance, the mean of both directions' distances pooled (MedPy 0.5's
+      ``assd`` and MONAI's ``compute_average_surface_distance(symmetric=True)`` both pool; it is not the average
+      of the two directed means, which differs when the surfaces have different numbers of voxels);
     * ``AVD``: average Hausdorff distance, max of the two directed mean distances (Taha & Hanbury 2015).
     """
     d_pg, d_gp, _, _ = surface_distances(pred, gt, spacing)
@@ -126,4 +127,8 @@ def normalized_surface_dice(
     total = a_pred.sum() + a_gt.sum()
     if total == 0:
         return math.nan
-    return float((a_pred[d_pg <= tolerance].sum() + a_gt[d_gp <= tolerance].sum()) / total)
+    # MONAI's distances are float32: compare them with the tolerance rounded to float32 as well. In float64 a
+    # distance equal to the tolerance (0.8 mm on a 0.8 mm grid) reads 0.80000001 > 0.8 and its surfel is lost.
+    # Rounding is monotonic, so this keeps exactly the surfels whose exact distance is <= tolerance.
+    tol = np.float64(np.float32(tolerance))
+    return float((a_pred[d_pg <= tol].sum() + a_gt[d_gp <= tol].sum()) / total)
