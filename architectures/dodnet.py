@@ -57,6 +57,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork, build_nnunet_encoder
+from nnunet_ext.partial import fill_missing_merge_weights, register_merge_weights
 
 IntOrSeq = Union[int, list, tuple]
 
@@ -210,6 +211,8 @@ class DoDNet(NNUNetEncoderNetwork):
         self.head_layers = dynamic_head_layers(head_channels, head_layers, self.num_structures)
         self.num_head_params = dynamic_head_num_params(self.head_layers)
         self.task_heads = TaskHeadBranch(self._build_generator())
+        # cross-task weights of the universal merge (persistent: saved with every checkpoint; set by validation)
+        register_merge_weights(self.task_heads.seg_layers, self.num_tasks, self.num_structures)
         self._register_label_maps()
 
     # -------------------------------------------------------------------------------------- construction
@@ -233,6 +236,31 @@ class DoDNet(NNUNetEncoderNetwork):
         self.register_buffer("channel_task", channel_task, persistent=False)  # (T*K,)
         self.register_buffer("label_rank", rank, persistent=False)  # (num_classes,)
         self.register_buffer("inference_task_mask", torch.ones(t), persistent=False)  # (T,)
+        self.register_buffer("structure_labels", channel_label.view(t, k).clone(), persistent=False)  # (T, K)
+        #: per label value the task-major channels that segment it (plain lists: constant, no state)
+        self.label_channels = [
+            [int(c) for c in torch.nonzero(channel_label == v).flatten()] for v in range(self.num_classes)
+        ]
+
+    @property
+    def merge_weights(self) -> torch.Tensor:
+        """(T, K) cross-task weights of the universal merge (own-task validation Dice; 1 = equal weights)."""
+        return self.task_heads.seg_layers.merge_weights
+
+    @property
+    def merge_weights_set(self) -> bool:
+        return bool(self.task_heads.seg_layers.merge_weights_set > 0)
+
+    def set_merge_weights(self, weights) -> None:
+        w = torch.as_tensor(weights, dtype=torch.float32).reshape(self.num_tasks, self.num_structures)
+        self.task_heads.seg_layers.merge_weights.copy_(w)
+        self.task_heads.seg_layers.merge_weights_set.fill_(1.0)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Checkpoints written before the merge weights existed load with equal weights (flag: not set)."""
+        return super().load_state_dict(
+            fill_missing_merge_weights(self, state_dict), strict=strict, assign=assign
+        )
 
     # ------------------------------------------------------------------------------------------ inference
     def set_inference_tasks(self, tasks: Sequence[int] | None) -> None:
@@ -262,20 +290,68 @@ class DoDNet(NNUNetEncoderNetwork):
         )
         return per_label, covered
 
+    def decide_tasks(self, prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each task's own decision from per-structure probabilities (B, T*K, *spatial) (DoDNet's rule): the last
+        structure of the task with p > 0.5 (tumour over organ), else background. Returns ``choice`` (B, T, ...)
+        long (0 background, j + 1 structure j) and ``margin`` (B, T, ...) = 2 (p - 0.5) of the chosen structure
+        (0 for background)."""
+        b, t, k = prob.shape[0], self.num_tasks, self.num_structures
+        p = prob.float().reshape(b, t, k, *prob.shape[2:])
+        valid = (self.structure_labels >= 0).view(1, t, k, *([1] * (p.ndim - 3)))
+        fg = (p > 0.5) & valid
+        rank = torch.arange(1, k + 1, device=p.device).view(1, 1, k, *([1] * (p.ndim - 3)))
+        choice = (fg.long() * rank).amax(2)  # (B, T, ...)
+        chosen = torch.gather(p, 2, (choice - 1).clamp_min(0).unsqueeze(2))[:, :, 0]
+        margin = torch.where(choice > 0, 2 * (chosen - 0.5), torch.zeros_like(chosen))
+        return choice, margin
+
     def universal_logits(self, task_logits: torch.Tensor) -> torch.Tensor:
-        """Softmax-compatible logits over the unified label space (see the module docstring)."""
-        prob, covered = self.structure_probabilities(task_logits)
-        view = (1, self.num_classes, *([1] * (prob.ndim - 2)))
-        rank = self.label_rank.view(view)
-        u = (prob - 0.5) + 0.5 * rank * (prob > 0.5).to(prob.dtype)
-        u = torch.where(covered.view(view), u, torch.full_like(u, -1.0))
-        u[:, 0] = 0.0
-        return u
+        """Softmax-compatible logits over the unified label space (see the module docstring): per (task,
+        structure) ``v = w * 2 (p - 0.5)``, except that a structure with p > 0.5 that its own task overrules (the
+        organ under a tumour of the same task) gets 0; a label's logit is the largest ``v`` of the selected
+        (task, structure) pairs mapped to it, background 0, a label no selected task segments -1."""
+        prob = torch.sigmoid(task_logits.float())
+        b, t, k = prob.shape[0], self.num_tasks, self.num_structures
+        spatial = prob.shape[2:]
+        choice, _ = self.decide_tasks(prob)
+        p = prob.reshape(b, t, k, *spatial)
+        w = self.merge_weights.float().view(1, t, k, *([1] * len(spatial)))
+        v = w * 2 * (p - 0.5)
+        rank = torch.arange(1, k + 1, device=p.device).view(1, 1, k, *([1] * len(spatial)))
+        overruled = (p > 0.5) & (rank != choice.unsqueeze(2))
+        v = torch.where(overruled, torch.zeros_like(v), v)
+        selected = (self.inference_task_mask > 0).view(1, t, 1, *([1] * len(spatial)))
+        real = (self.structure_labels >= 0).view(1, t, k, *([1] * len(spatial)))
+        v = torch.where(selected & real, v, torch.full_like(v, -2.0)).reshape(b, t * k, *spatial)
+        # label l <- max over its (task, structure) channels (constant index lists, built at construction)
+        parts = [torch.zeros_like(v[:, :1])]
+        for chans in self.label_channels[1:]:
+            parts.append(v[:, chans].amax(1, keepdim=True) if chans else torch.full_like(v[:, :1], -1.0))
+        u = torch.cat(parts, 1)
+        return torch.where(u < -1.5, torch.full_like(u, -1.0), u)
+
+    def task_scores(self, x: torch.Tensor, tasks: Sequence[int] | None = None) -> torch.Tensor:
+        """Per-structure sigmoid probabilities (B, T*K, *spatial) of every task, full resolution: what
+        ``nnunet-ext predict`` and the own-task validation average over mirrors and windows before deciding
+        (DoDNet's inference). ``tasks``: other tasks' channels are 0 (never chosen)."""
+        out = self.forward_tasks(x)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        prob = torch.sigmoid(out.float())
+        if tasks is not None:
+            keep = torch.zeros(self.num_tasks, dtype=torch.bool, device=prob.device)
+            keep[list(tasks)] = True
+            prob = prob * keep[self.channel_task].view(1, -1, *([1] * (prob.ndim - 2))).to(prob.dtype)
+        return prob
 
     # -------------------------------------------------------------------------------------------- forward
     def head_parameters(self, skips: list[torch.Tensor]) -> torch.Tensor:
         """(B, T, P) dynamic head parameters of every task for every sample."""
         return self.task_heads.seg_layers(skips)
+
+    def heads_and_skips(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Head parameters and the skips the decoder gets (DoDNet: unchanged; TransDoDNet adds its memory)."""
+        return self.head_parameters(skips), skips
 
     def forward_tasks(self, x: torch.Tensor, task_ids: torch.Tensor | None = None):
         """Task-major per-structure logits (B, T*K, *spatial) of every task; a list (full resolution first)
@@ -285,8 +361,8 @@ class DoDNet(NNUNetEncoderNetwork):
         code generates its single head): (B, K, *spatial). Training needs nothing else, and the head work does
         not grow with the number of tasks."""
         skips = self.encoder(x)
+        params, skips = self.heads_and_skips(skips)  # (B, T, P)
         features = self.decoder(skips)
-        params = self.head_parameters(skips)  # (B, T, P)
         if task_ids is not None:
             index = task_ids.to(params.device, torch.long).view(-1, 1, 1).expand(-1, 1, params.shape[2])
             params = torch.gather(params, 1, index)  # (B, 1, P)

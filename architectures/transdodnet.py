@@ -70,6 +70,7 @@ class TaskQueryTransformer(nn.Module):
         n_dec_layers: int = 3,
         dim_feedforward: int | None = None,
         max_tokens_per_level: int = 1024,
+        memory_proj: nn.Module | None = None,
     ):
         super().__init__()
         if d_model % n_heads:
@@ -102,25 +103,66 @@ class TaskQueryTransformer(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(d_model, d_model), nn.ReLU(inplace=True), nn.Linear(d_model, num_params)
         )
+        # add_memory: the bottleneck level's transformer memory -> bottleneck channels (1x1 conv, norm, nonlin),
+        # added to the CNN bottleneck that feeds the decoder (None: the transformer only generates the heads)
+        self.memory_proj = memory_proj
+
+    def token_shapes(self, shapes: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Per level (pooling kernel, token grid): while a level has more than ``max_tokens_per_level`` voxels,
+        the LARGEST axes (those of maximal size, if >= 2) are average-pooled by 2; the other axes keep their
+        resolution, so an anisotropic level (8 x 12 x 12) becomes 8 x 6 x 6, not 4 x 6 x 6."""
+        out = []
+        for shape in shapes:
+            grid = list(shape)
+            kernel = [1] * len(grid)
+            while math.prod(grid) > self.max_tokens_per_level and max(grid) >= 2:
+                top = max(grid)
+                for a, n in enumerate(grid):
+                    if n == top:
+                        grid[a] = n // 2
+                        kernel[a] *= 2
+            out.append((tuple(kernel), tuple(grid)))
+        return out
 
     def tokens(self, skips: list[torch.Tensor]) -> torch.Tensor:
-        out = []
-        for i, f in enumerate(skips[-self.n_levels :]):
-            while math.prod(f.shape[2:]) > self.max_tokens_per_level and min(f.shape[2:]) >= 2:
-                f = (F.avg_pool3d if f.ndim == 5 else F.avg_pool2d)(f, 2)
+        return self._tokens(skips)[0]
+
+    def _tokens(self, skips: list[torch.Tensor]):
+        out, grids = [], []
+        levels = skips[-self.n_levels :]
+        for i, (f, (kernel, _grid)) in enumerate(
+            zip(levels, self.token_shapes([tuple(f.shape[2:]) for f in levels]))
+        ):
+            if any(k > 1 for k in kernel):
+                f = (F.avg_pool3d if f.ndim == 5 else F.avg_pool2d)(f, kernel)
             t = self.input_proj[i](f.flatten(2).transpose(1, 2))  # (B, N, d)
             pos = sinusoidal_position_code(f.shape[2:], self.d_model, t.device, t.dtype)
             out.append(t + pos.unsqueeze(0) + self.level_embed[i].to(t.dtype))
-        return torch.cat(out, 1)
+            grids.append(tuple(f.shape[2:]))
+        return torch.cat(out, 1), grids
 
-    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
-        memory = self.tokens(skips)
+    def forward_with_memory(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, P) head parameters and the bottleneck-level memory projected to the bottleneck's channels and
+        size (``None`` without ``memory_proj``)."""
+        memory, grids = self._tokens(skips)
         if self.encoder is not None:
             memory = self.encoder(memory)
         b = memory.shape[0]
         queries = self.task_queries.to(memory.dtype).unsqueeze(0).expand(b, -1, -1)
         q = self.norm(self.decoder(queries, memory))  # (B, T, d)
-        return self.mlp(q)  # (B, T, P)
+        params = self.mlp(q)  # (B, T, P)
+        if self.memory_proj is None:
+            return params, None
+        n = math.prod(grids[-1])
+        last = memory[:, memory.shape[1] - n :].transpose(1, 2).reshape(b, self.d_model, *grids[-1])
+        bottleneck = skips[-1]
+        if tuple(last.shape[2:]) != tuple(bottleneck.shape[2:]):  # the bottleneck level was pooled
+            mode = "trilinear" if last.ndim == 5 else "bilinear"
+            last = F.interpolate(last, size=bottleneck.shape[2:], mode=mode, align_corners=False)
+        return params, self.memory_proj(last.to(bottleneck.dtype))
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        return self.forward_with_memory(skips)[0]
 
 
 class TransDoDNet(DoDNet):
@@ -136,8 +178,10 @@ class TransDoDNet(DoDNet):
         n_enc_layers: int = 3,
         n_dec_layers: int = 3,
         max_tokens_per_level: int = 1024,
+        add_memory: bool = True,
         **kwargs,
     ):
+        object.__setattr__(self, "_add_memory", bool(add_memory))
         object.__setattr__(
             self,
             "_transformer_kwargs",
@@ -153,9 +197,28 @@ class TransDoDNet(DoDNet):
         super().__init__(*args, **kwargs)
 
     def _build_generator(self) -> nn.Module:
+        memory_proj = None
+        if self._add_memory:
+            enc = self.encoder
+            c = enc.output_channels[-1]
+            d = self._transformer_kwargs["d_model"]
+            memory_proj = nn.Sequential(
+                enc.conv_op(d, c, 1, bias=False),
+                *([enc.norm_op(c, **(enc.norm_op_kwargs or {}))] if enc.norm_op is not None else []),
+                *([enc.nonlin(**(enc.nonlin_kwargs or {}))] if enc.nonlin is not None else []),
+            )
         return TaskQueryTransformer(
             list(self.encoder.output_channels),
             self.num_tasks,
             self.num_head_params,
+            memory_proj=memory_proj,
             **self._transformer_kwargs,
         )
+
+    def heads_and_skips(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Head parameters, and the skips with the bottleneck-level transformer memory added to the CNN
+        bottleneck (TransDoDNet's ``add_memory = 2``: ``memory_conv(memory[-1]) + bottleneck``)."""
+        params, memory = self.task_heads.seg_layers.forward_with_memory(skips)
+        if memory is None:
+            return params, skips
+        return params, [*skips[:-1], skips[-1] + memory]

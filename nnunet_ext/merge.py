@@ -10,7 +10,9 @@ ending must agree; every foreground label of a source must be mapped to a unifie
 renamed at the end; an existing dataset with the same id is refused unless ``--force``.
 
 The MOTS preset (``--preset mots``) maps the seven MOTS datasets as DoDNet does: organ and tumour for liver,
-kidney, pancreas; hepatic vessel = vessel + tumour; colon and lung: tumour only; spleen: organ only.
+kidney, pancreas (registry ``"nested": true``: the organ's target is organ + tumour, as DoDNet's ``label >= 1``);
+hepatic vessel = vessel + tumour (not nested, as in DoDNet); colon and lung: tumour only; spleen: organ only.
+A spec task may set ``"nested": true`` (see docs/task-registry.md).
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ __all__ = [
 MOTS_PRESET: dict = {
     "name": "MOTS",
     "tasks": {
-        "liver": {"labels": {"1": "liver", "2": "liver_tumour"}},
-        "kidney": {"labels": {"1": "kidney", "2": "kidney_tumour"}},
+        "liver": {"labels": {"1": "liver", "2": "liver_tumour"}, "nested": True},
+        "kidney": {"labels": {"1": "kidney", "2": "kidney_tumour"}, "nested": True},
         "hepaticvessel": {"labels": {"1": "hepatic_vessel", "2": "hepatic_vessel_tumour"}},
-        "pancreas": {"labels": {"1": "pancreas", "2": "pancreas_tumour"}},
+        "pancreas": {"labels": {"1": "pancreas", "2": "pancreas_tumour"}, "nested": True},
         "colon": {"labels": {"1": "colon_tumour"}},
         "lung": {"labels": {"1": "lung_tumour"}},
         "spleen": {"labels": {"1": "spleen"}},
@@ -69,6 +71,7 @@ class MergeTask:
     dataset_json: dict
     cases: list[str] = field(default_factory=list)
     test_cases: list[str] = field(default_factory=list)
+    nested: bool = False  # registry "nested": the organ's target covers its tumour (DoDNet: label >= 1)
 
 
 @dataclass
@@ -216,7 +219,16 @@ def plan_merge(spec: Mapping, sources: Mapping[str, str] | None = None) -> Merge
             raise UserError(f"{folder}: cases {missing[:5]} have a label but no image in imagesTr.")
         prefix = entry.get("prefix", f"{name}_")
         tasks.append(
-            MergeTask(name, folder, prefix, label_map, dj, cases, _image_ids(folder, "imagesTs", ending))
+            MergeTask(
+                name,
+                folder,
+                prefix,
+                label_map,
+                dj,
+                cases,
+                _image_ids(folder, "imagesTs", ending),
+                bool(entry.get("nested", False)),
+            )
         )
 
     # sources must agree on channels, file ending and reader
@@ -276,6 +288,7 @@ def _dataset_json(plan: MergePlan, name: str = "Merged") -> dict:
                 "labels": sorted(
                     {n for n in t.label_map.values() if n not in (None, "ignore")}, key=plan.labels.get
                 ),
+                **({"nested": True} if t.nested else {}),
             }
             for t in plan.tasks
         },

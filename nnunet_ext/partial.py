@@ -16,7 +16,9 @@ The layout travels with the trained model: the trainer writes it into its copy o
 training and at inference.
 
 **Structures and precedence.** Every structure's target is its own label value (``label == v``; a tumour
-voxel is *not* an organ voxel in the target). Where two structures are both predicted (probability > 0.5),
+voxel is *not* an organ voxel in the target), unless the task is *nested* (registry ``"nested": true``, set for
+liver, kidney and pancreas in the MOTS preset): then structure j's target is the union of the task's labels j,
+j+1, ... (DoDNet's organ channel is organ + tumour, ``label >= 1``); the organ is then also scored on that union. Where two structures are both predicted (probability > 0.5),
 the one listed later in its task wins: tasks list their structures from the outside in (organ, then tumour),
 so the tumour wins over its organ. Across tasks the higher probability wins.
 
@@ -74,10 +76,20 @@ class TaskLayout:
     tasks: tuple[str, ...]
     labels: tuple[tuple[int, ...], ...]
     num_classes: int  # nnU-Net's output channels: background + foreground labels (ignore excluded)
+    #: per task: nested structures (structure j's target = labels j, j+1, ...: DoDNet's organ covers its tumour)
+    nested: tuple[bool, ...] = ()
 
     def __post_init__(self):
         if len(self.tasks) == 0 or len(self.tasks) != len(self.labels):
             raise ValueError("a task layout needs at least one task and one label list per task")
+        if not self.nested:
+            object.__setattr__(self, "nested", tuple(False for _ in self.tasks))
+        object.__setattr__(self, "nested", tuple(bool(v) for v in self.nested))
+        if len(self.nested) != len(self.tasks):
+            raise ValueError("a task layout needs one nested flag per task")
+        for t, labs, nest in zip(self.tasks, self.labels, self.nested):
+            if nest and len(labs) < 2:
+                raise ValueError(f"task {t!r} is nested but has only one label")
         for t, labs in zip(self.tasks, self.labels):
             if len(labs) == 0:
                 raise ValueError(f"task {t!r} has no labels")
@@ -106,6 +118,7 @@ class TaskLayout:
             "tasks": list(self.tasks),
             "labels": [list(v) for v in self.labels],
             "num_classes": self.num_classes,
+            "nested": list(self.nested),
         }
 
     @classmethod
@@ -114,6 +127,7 @@ class TaskLayout:
             tuple(str(t) for t in d["tasks"]),
             tuple(tuple(int(v) for v in labs) for labs in d["labels"]),
             int(d["num_classes"]),
+            tuple(bool(v) for v in d.get("nested", ())),
         )
 
     @classmethod
@@ -129,7 +143,12 @@ class TaskLayout:
         if TASKS_KEY not in dataset_json:
             return cls.single_task(num_classes, fg), None
         registry = load_task_registry(dataset_json)
-        layout = cls(registry.tasks, tuple(tuple(registry.labels_of(t)) for t in registry.tasks), num_classes)
+        layout = cls(
+            registry.tasks,
+            tuple(tuple(registry.labels_of(t)) for t in registry.tasks),
+            num_classes,
+            tuple(registry.nested_of(t) for t in registry.tasks),
+        )
         return layout, registry
 
     def label_table(self) -> torch.Tensor:
@@ -138,6 +157,26 @@ class TaskLayout:
         for t, labs in enumerate(self.labels):
             table[t, : len(labs)] = torch.tensor(labs, dtype=torch.long)
         return table
+
+    def target_table(self, num_values: int | None = None) -> torch.Tensor:
+        """(T, K, V) bool: whether label value v counts as structure k of task t (``v == labels_t[k]``; nested
+        tasks: ``v in labels_t[k:]``). ``V = max(num_values, num_classes)``."""
+        v = max(int(num_values or 0), self.num_classes)
+        table = torch.zeros(self.num_tasks, self.num_structures, v, dtype=torch.bool)
+        for t, labs in enumerate(self.labels):
+            for j in range(len(labs)):
+                members = labs[j:] if self.nested[t] else labs[j : j + 1]
+                table[t, j, list(members)] = True
+        return table
+
+    def scoring_regions(self, task: str) -> list:
+        """What ``task``'s structures are scored on, in nnU-Net's ``labels_or_regions`` form: the label value, or
+        for a nested task the tuple of its nested labels (the organ is scored on organ + tumour)."""
+        t = self.task_index(task)
+        labs = self.labels[t]
+        if not self.nested[t]:
+            return list(labs)
+        return [tuple(labs[j:]) if len(labs[j:]) > 1 else labs[j] for j in range(len(labs))]
 
 
 class PartialLabelLoss(nn.Module):
@@ -167,6 +206,10 @@ class PartialLabelLoss(nn.Module):
         self.weight_dice = float(weight_dice)
         self.weight_bce = float(weight_bce)
         self.register_buffer("label_table", layout.label_table(), persistent=False)
+        values = (
+            layout.num_classes if ignore_label is None else max(layout.num_classes, int(ignore_label) + 1)
+        )
+        self.register_buffer("target_table", layout.target_table(values), persistent=False)  # (T, K, V)
 
     def select(self, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """(B, K, *spatial): each sample's own task channels out of (B, T*K, *spatial). Logits with K channels
@@ -189,9 +232,12 @@ class PartialLabelLoss(nn.Module):
         sel = self.select(logits, task_ids).float()
         labels = self.label_table.to(logits.device)[task_ids]  # (B, K)
         valid = (labels >= 0).float()
-        shape = (*labels.shape, *([1] * (logits.ndim - 2)))
         target = target.to(logits.device)
-        tgt = (target.long() == labels.view(shape)).float()  # (B, K, *spatial); target is (B, 1, *spatial)
+        # (B, K, *spatial): target value in structure k's label set (its own value; nested: its value and inner ones)
+        members = self.target_table.to(logits.device)[task_ids]  # (B, K, V)
+        b, k, v = members.shape
+        flat = target.reshape(b, 1, -1).long().clamp(0, v - 1).expand(b, k, -1)
+        tgt = torch.gather(members, 2, flat).reshape(b, k, *target.shape[2:]).float()
         if self.ignore_label is not None:
             mask = (target != self.ignore_label).float()  # (B, 1, *spatial)
         else:
@@ -310,3 +356,91 @@ def task_aware_summary(pred_folder: str, gt_folder: str, dataset_json: dict, rea
         finite = [d for d in dices if d == d]
         mean[label] = {"Dice": float(np.mean(finite)) if finite else float("nan"), "cases": len(dices)}
     return {"mean": mean, "metric_per_case": per_case}
+
+
+# ------------------------------------------------------------------------------------ cross-task merge
+#: smallest cross-task weight of a (task, structure): a structure whose own-task validation Dice was 0 still
+#: wins voxels no other task claims
+MERGE_WEIGHT_FLOOR = 0.05
+#: state-dict key (suffix) of the stored cross-task weights and of the flag saying they were computed
+MERGE_WEIGHTS = "merge_weights"
+MERGE_WEIGHTS_SET = "merge_weights_set"
+
+
+def register_merge_weights(module: nn.Module, num_tasks: int, num_structures: int) -> None:
+    """Persistent buffers ``merge_weights`` (T, K), default 1 (equal weights), and ``merge_weights_set`` (0/1):
+    saved in every checkpoint, loaded by nnU-Net's predictor for every fold."""
+    module.register_buffer(MERGE_WEIGHTS, torch.ones(num_tasks, num_structures))
+    module.register_buffer(MERGE_WEIGHTS_SET, torch.zeros(()))
+
+
+def fill_missing_merge_weights(network: nn.Module, state_dict: Mapping) -> Mapping:
+    """A state dict from a checkpoint written before the weights existed: the missing buffers get the network's
+    current values (equal weights, not set), so strict loading works and the merge can say they are missing."""
+    own = network.state_dict()
+    missing = {
+        k: v for k, v in own.items() if k.endswith((MERGE_WEIGHTS, MERGE_WEIGHTS_SET)) and k not in state_dict
+    }
+    if not missing:
+        return state_dict
+    out = dict(state_dict)
+    for k, v in missing.items():
+        out[k] = torch.ones_like(v) if k.endswith(MERGE_WEIGHTS) else torch.zeros_like(v)
+    return out
+
+
+def merge_weights_from_summary(summary: Mapping, layout: TaskLayout) -> tuple[list[list[float]], dict]:
+    """Cross-task weights (T, K) from an own-task validation summary (:func:`task_aware_summary`): the mean
+    own-task Dice of every (task, structure) over its validation cases, floored at :data:`MERGE_WEIGHT_FLOOR`;
+    1.0 where the validation has no finite Dice for it (no evidence: equal weight). Padding channels get 1."""
+    k = layout.num_structures
+    sums: dict[tuple[str, int], list[float]] = {}
+    for case in summary.get("metric_per_case", []):
+        for label, m in case["metrics"].items():
+            d = m.get("Dice")
+            if d is not None and d == d:
+                sums.setdefault((case["task"], int(label)), []).append(float(d))
+    weights, used = [], {}
+    for t, labs in zip(layout.tasks, layout.labels):
+        row = [1.0] * k
+        for j, lab in enumerate(labs):
+            vals = sums.get((t, int(lab)))
+            if vals:
+                row[j] = max(MERGE_WEIGHT_FLOOR, float(np.mean(vals)))
+            used[f"{t}/{lab}"] = row[j]
+        weights.append(row)
+    return weights, used
+
+
+def merge_task_decisions(
+    choice: torch.Tensor, margin: torch.Tensor, label_table: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The universal label map from per-task decisions (the cross-task rule, docs/dodnet.md).
+
+    ``choice`` (B, T, *spatial) long: each task's own decision, 0 = background, j + 1 = its structure j (DoDNet:
+    the last structure with p > 0.5; UniSeg: the argmax class); ``margin`` (B, T, *spatial) in [0, 1]: how sure
+    the task is of its decision (DoDNet: 2 (p - 0.5); UniSeg: top-1 minus top-2 softmax probability);
+    ``label_table`` (T, K) global label of every (task, structure); ``weights`` (T, K) the stored cross-task
+    weights. A voxel is background iff no task claims a structure there; otherwise it gets the label of the
+    claim with the largest ``weight * margin``. A task that does not annotate a structure never votes against it
+    (its background is not evidence), and a task's bonus for its inner structure never crosses tasks."""
+    b, t = choice.shape[:2]
+    spatial = choice.shape[2:]
+    k = label_table.shape[1]
+    idx = (choice - 1).clamp_min(0)
+    w = weights.to(margin.device, margin.dtype)
+    w_sel = torch.gather(w.view(1, t, k, 1).expand(b, t, k, 1), 2, idx.reshape(b, t, 1, -1)).reshape(
+        b, t, *spatial
+    )
+    score = torch.where(choice > 0, w_sel * margin, torch.full_like(margin, -1.0))
+    best = score.argmax(1, keepdim=True)  # (B, 1, *spatial)
+    best_choice = torch.gather(choice, 1, best)[:, 0]
+    flat_index = best[:, 0] * k + (best_choice - 1).clamp_min(0)
+    labels = label_table.to(choice.device).reshape(-1)[flat_index].clamp_min(0)
+    return torch.where(best_choice > 0, labels, torch.zeros_like(labels))
+
+
+def own_task_labels(choice: torch.Tensor, label_table: torch.Tensor, task: int) -> torch.Tensor:
+    """Label map (global values) of one task's own decisions ``choice`` (*spatial) long (0 background)."""
+    table = torch.cat((torch.zeros(1, dtype=torch.long), label_table[task].clamp_min(0).cpu()))
+    return table.to(choice.device)[choice]

@@ -55,6 +55,9 @@ class TaskSpec:
     prefixes: tuple[str, ...]
     labels: tuple[int, ...]
     label_names: tuple[str, ...]
+    #: nested structures (DoDNet's organ/tumour): structure j's target is the union of labels j, j+1, ... (the
+    #: organ channel covers organ + tumour); False: every structure is its own label value
+    nested: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,10 @@ class TaskRegistry:
     def label_names_of(self, task: str) -> list[str]:
         return list(self.spec(task).label_names)
 
+    def nested_of(self, task: str) -> bool:
+        """Whether ``task``'s structures are nested (structure j = union of its labels j, j+1, ...)."""
+        return bool(self.spec(task).nested)
+
     def cases_by_task(self, case_ids: Iterable[str]) -> dict[str, list[str]]:
         """Group case identifiers by task (every task present, in registry order)."""
         out: dict[str, list[str]] = {t: [] for t in self.tasks}
@@ -125,7 +132,14 @@ class TaskRegistry:
 
     def to_json(self) -> dict:
         """The ``dataset.json['nnunet_ext_tasks']`` value (labels by name)."""
-        return {s.name: {"prefixes": list(s.prefixes), "labels": list(s.label_names)} for s in self.specs}
+        return {
+            s.name: {
+                "prefixes": list(s.prefixes),
+                "labels": list(s.label_names),
+                **({"nested": True} if s.nested else {}),
+            }
+            for s in self.specs
+        }
 
 
 def _plain_labels(labels: Mapping) -> tuple[dict[str, int], dict[str, object]]:
@@ -254,7 +268,19 @@ def load_task_registry(dataset_json: Mapping, case_ids: Sequence[str] | None = N
                 )
             names.append(name)
             values.append(ints[name])
-        specs.append(TaskSpec(task, tuple(prefixes), tuple(values), tuple(names)))
+        nested = entry.get("nested", False)
+        if not isinstance(nested, bool):
+            raise TaskRegistryError(
+                f"{where}['nested'] must be true or false (true: each structure's target also covers the labels "
+                f"listed after it, e.g. the organ covers its tumour), got {nested!r}."
+            )
+        if nested and len(values) < 2:
+            raise TaskRegistryError(
+                f"task {task!r} is marked \"nested\" but lists only {names}: nesting needs an outer label and at least "
+                f"one inner label listed after it (e.g. [\"liver\", \"liver_tumour\"]). Add the inner label or remove "
+                f"\"nested\" from {where}."
+            )
+        specs.append(TaskSpec(task, tuple(prefixes), tuple(values), tuple(names), nested))
 
     # ambiguity: a prefix of one task must not be a prefix of (or equal to) a prefix of another task
     for i, a in enumerate(specs):
@@ -387,7 +413,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
                 unassigned += 1
     rows = [["index", "task", "prefixes", "labels", "cases"]]
     for i, s in enumerate(registry.specs):
-        labels = ", ".join(f"{n} ({v})" for n, v in zip(s.label_names, s.labels))
+        labels = ", ".join(f"{n} ({v})" for n, v in zip(s.label_names, s.labels)) + (" [nested]" if s.nested else "")
         rows.append([str(i), s.name, ", ".join(s.prefixes), labels, str(counts[s.name]) if counts else "-"])
     print(f"{folder}: {registry.num_tasks} task(s)")
     print(_format_table(rows))

@@ -30,6 +30,9 @@ class nnUNetTrainerTransDoDNet(nnUNetTrainerDoDNet):
     n_enc_layers: int = 3
     n_dec_layers: int = 3
     max_tokens_per_level: int = 1024
+    #: TransDoDNet's ``add_memory = 2`` (its default): the bottleneck level's transformer memory (1x1 conv, norm,
+    #: nonlinearity) is added to the CNN bottleneck that feeds the decoder; False: heads only
+    add_memory: bool = True
 
     def __init__(
         self,
@@ -53,6 +56,7 @@ class nnUNetTrainerTransDoDNet(nnUNetTrainerDoDNet):
             "n_enc_layers": cls.n_enc_layers,
             "n_dec_layers": cls.n_dec_layers,
             "max_tokens_per_level": cls.max_tokens_per_level,
+            "add_memory": cls.add_memory,
         }
 
     def effective_warmup_epochs(self) -> int:
