@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -448,11 +448,20 @@ def _same_geometry(a, b) -> str:
     return ", ".join(diffs)
 
 
+def _read_dataset_json(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "dataset.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {folder}/dataset.json ({e}). Fix or recreate it.") from e
+
+
 def load_sparse_dataset(
     dataset: str | os.PathLike,
     axis: str | int | None = None,
     annotated_slices: str | os.PathLike | dict | None = None,
     progress: bool = False,
+    visit: Callable[[SparseCase, np.ndarray, int], None] | None = None,
+    progress_desc: str | None = None,
 ) -> SparseDataset:
     """Read and check a sparsely annotated nnU-Net raw dataset (id, name under nnUNet_raw, or folder).
 
@@ -462,12 +471,14 @@ def load_sparse_dataset(
     Every case is checked (images present with the label's geometry, label values in dataset.json, at least
     one annotated slice, annotated slices not ignore-only and not partially ignore); ALL problems are
     collected and raised as one UserError.
+
+    ``visit(case, labels, axis)``, if given, is called with each good case's label array (read once, for the
+    checks) and its slice axis while no problem has been found yet, so a caller can process the cases in the
+    same pass (:func:`interpolate_dataset`); after the first problem the remaining cases are only checked. A
+    caller must discard what it made if this function raises.
     """
     folder = _resolve_raw(dataset)
-    try:
-        dataset_json = json.loads((folder / "dataset.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {folder}/dataset.json ({e}). Fix or recreate it.") from e
+    dataset_json = _read_dataset_json(folder)
     labels, ignore_label = _label_dict(dataset_json, folder)
     ending = dataset_json.get("file_ending", "")
     if not any(ending.lower() == e for e in IMAGE_ENDINGS):
@@ -512,11 +523,14 @@ def load_sparse_dataset(
     allowed = set(labels.values()) | ({ignore_label} if ignore_label is not None else set())
     cases: list[SparseCase] = []
     detected: dict[str, int] = {}
+    fully_annotated: set[str] = set()
     iterator = sorted(files.items())
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, desc=f"checking {folder.name}", unit="case", file=sys.stderr)
+        iterator = tqdm(
+            iterator, desc=progress_desc or f"checking {folder.name}", unit="case", file=sys.stderr
+        )
     for case_id, entry in iterator:
         problems: list[str] = []
         label_path = Path(entry["label"])
@@ -584,12 +598,15 @@ def load_sparse_dataset(
                             f"was detected wrongly)"
                         )
                     case.annotated = ann
-            else:
+            else:  # no ignore voxel: every slice is annotated (along the final axis, set below)
+                fully_annotated.add(case_id)
                 case.annotated = list(range(lab.shape[case_axis if case_axis is not None else 0]))
         if problems:
             errors.extend(f"{case_id}: {p}" for p in problems)
             continue
         cases.append(case)
+        if visit is not None and not errors:
+            visit(case, lab, case_axis if case_axis is not None else 0)
     if axis is None and detected:
         axes = sorted(set(detected.values()))
         if len(axes) > 1:
@@ -608,6 +625,9 @@ def load_sparse_dataset(
         )
     if axis is None:  # every case fully annotated: nothing to propagate, any axis will do
         axis = 0
+    for case in cases:
+        if case.case_id in fully_annotated:
+            case.annotated = list(range(case.shape[axis]))
     return SparseDataset(folder, dataset_json, cases, axis, ignore_label, labels, annotated_from)
 
 
@@ -758,21 +778,29 @@ def interpolate_dataset(
     name = name or f"{folder.name.split('_', 1)[1]}LP{method.capitalize()}"
     if folder.parent.resolve() == raw_root.resolve() and folder.name.startswith(f"Dataset{int(out_id):03d}_"):
         raise UserError(f"the output id {out_id} is the source's own id; choose another --out-id.")
-    # check everything first (cheap compared to the shape interpolation; no file is written on bad input)
-    src = load_sparse_dataset(folder, axis, annotated_slices, progress=progress)
-    ignore_value = src.ignore_label if src.ignore_label is not None else max(src.labels.values()) + 1
+    # one pass: every label file is read once, checked and, while no case was bad, interpolated into the
+    # writer's hidden temporary folder; on any problem load_sparse_dataset raises (all problems listed) and the
+    # temporary folder is removed, so nothing is written
+    dataset_json = _read_dataset_json(folder)
+    plain, src_ignore = _label_dict(dataset_json, folder)
+    ignore_value = src_ignore if src_ignore is not None else max(plain.values()) + 1
     writer = _DatasetWriter(raw_root, out_id, name, force)
-    per_case, any_ignore = {}, False
+    any_ignore = False
+
+    def fill(case: SparseCase, lab: np.ndarray, case_axis: int) -> None:
+        nonlocal any_ignore
+        filled = interpolate_volume(
+            lab, case.annotated, case_axis, method, case.spacing_zyx, outside, ignore_value
+        )
+        any_ignore = any_ignore or bool(np.any(filled == ignore_value))
+        writer.add_case(case, filled.astype(_label_dtype(ignore_value)), dataset_json["file_ending"])
+
     try:
-        for case in _progress(src.cases, f"{method} -> {writer.folder_name}", enabled=progress):
-            lab = _read_labels(case.label)
-            filled = interpolate_volume(
-                lab, case.annotated, src.axis, method, case.spacing_zyx, outside, ignore_value
-            )
-            any_ignore = any_ignore or bool(np.any(filled == ignore_value))
-            filled = filled.astype(_label_dtype(ignore_value))
-            writer.add_case(case, filled, src.file_ending)
-            per_case[case.case_id] = {"annotated": case.annotated, "shape": list(case.shape)}
+        desc = f"{method} -> Dataset{int(out_id):03d}"
+        src = load_sparse_dataset(
+            folder, axis, annotated_slices, progress=progress, visit=fill, progress_desc=desc
+        )
+        per_case = {c.case_id: {"annotated": c.annotated, "shape": list(c.shape)} for c in src.cases}
         writer.copy_test_set(src.folder)
         dj = _output_dataset_json(
             src,

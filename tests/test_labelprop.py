@@ -286,6 +286,24 @@ def test_interpolate_dataset_writes_new_dataset(tmp_path, method):
     assert not list(tmp_path.glob(".Dataset701*"))
 
 
+def test_interpolate_dataset_reads_each_label_file_once(tmp_path, monkeypatch):
+    """Checks and interpolation share one read per label file; a case with an axis given and a fully annotated
+    case (no ignore voxel) come out right."""
+    import nnunet_ext.labelprop as lp
+
+    src = _toy_dataset(tmp_path)
+    full = _read(src / "labelsTr_dense" / "toy_002.nii.gz")
+    atomic_write_image(src / "labelsTr" / "toy_002.nii.gz", full, (2.0, 1.0, 1.0))  # fully annotated
+    reads = []
+    real = lp._read_labels
+    monkeypatch.setattr(lp, "_read_labels", lambda path: reads.append(Path(path).name) or real(path))
+    out = interpolate_dataset(src, 707, "shape", out=tmp_path, progress=False)
+    assert sorted(reads) == ["toy_000.nii.gz", "toy_001.nii.gz", "toy_002.nii.gz"]
+    assert np.array_equal(_read(out / "labelsTr" / "toy_002.nii.gz"), full)
+    meta = json.loads((out / "labelprop.json").read_text())
+    assert meta["axis"] == 0 and meta["cases"]["toy_002"]["annotated"] == list(range(13))
+
+
 def test_interpolate_background_outside_drops_ignore_label(tmp_path):
     src = _toy_dataset(tmp_path)
     out = interpolate_dataset(src, 702, "nearest", outside="background", out=tmp_path, progress=False)
