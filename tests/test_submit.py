@@ -72,8 +72,9 @@ def test_kits21_prediction_file_names(tmp_path):
     lab = organ_label((1, 2, 3))
     predict_like(result.folder / "imagesTs" / "case_00300_0000.nii.gz", pred / "case_00300.nii.gz", lab)
     out, written = submit("kits21", pred, tmp_path / "sub", result.folder)
-    assert written == ["prediction_00300.nii.gz"]
-    np.testing.assert_array_equal(read(out / "prediction_00300.nii.gz"), lab)
+    # kits21/evaluation/evaluate_predictions.py: predictions MUST be named case_XXXXX.nii.gz
+    assert written == ["case_00300.nii.gz"]
+    np.testing.assert_array_equal(read(out / "case_00300.nii.gz"), lab)
 
 
 def test_cosmos22_puts_the_halves_back_together(tmp_path):

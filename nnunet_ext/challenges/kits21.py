@@ -12,9 +12,9 @@ tumour = 2, ``regions_class_order`` (1, 3, 2)) as nnU-Net's KiTS converter does;
 same and the exported predictions hold 1/2/3 again.
 
 Metrics: Dice and surface Dice over the hierarchical classes kidney + masses (1|2|3), masses (2|3) and tumour
-(2) with the official tolerances of the kits21 repository (``kits21/evaluation/metrics.py``,
-``HEC_SD_TOLERANCES_MM``: 1.0331 / 1.1329 / 1.1498 mm; our reference sheet's 2.178 / 1.393 / 1.536 mm do not
-match the official code). Both empty -> 1, one empty -> 0 (Dice
+(2) with the official tolerances of the kits21 repository (``kits21/configuration/labels.py``,
+``HEC_SD_TOLERANCES_MM``: 1.0331 / 1.1329 / 1.1498 mm; 2.178 / 1.393 / 1.536 mm were an earlier version's).
+Submissions are named ``case_XXXXX.nii.gz`` (``kits21/evaluation/evaluate_predictions.py`` requires it). Both empty -> 1, one empty -> 0 (Dice
 and surface Dice). The official evaluation also averages over several sampled annotations; we score against
 the one label file given.
 """
@@ -26,7 +26,8 @@ from pathlib import Path
 from nnunet_ext.challenges.base import Challenge, EvalClass, MetricRules, SourceCase
 
 HEC = (
-    # kits21/evaluation/metrics.py HEC_SD_TOLERANCES_MM (computed by kits21/evaluation/compute_tolerances.py)
+    # kits21/configuration/labels.py HEC_SD_TOLERANCES_MM, final version (an earlier one, HEC_NSD_TOLERANCES_MM,
+    # had 2.178 / 1.393 / 1.536 mm); computed by kits21/evaluation/compute_tolerances.py
     ("kidney_and_masses", (1, 2, 3), 1.0330772532390826),
     ("masses", (2, 3), 1.1328796488598762),
     ("tumour", (2,), 1.1498198361434828),
@@ -59,7 +60,10 @@ class KiTS21(Challenge):
             "the official score averages over sampled annotations; we use the single reference file",
         ),
     )
-    submission_format = "prediction_XXXXX.nii.gz (KiTS19's naming; our assumption for KiTS21), labels 1/2/3"
+    # kits21/evaluation/evaluate_predictions.py: "Predicted segmentations MUST be named case_XXXXX.nii.gz"
+    submission_format = (
+        "case_XXXXX.nii.gz (the input case's name, as the official evaluation requires), labels 1/2/3"
+    )
 
     def eval_classes(self, case_id: str) -> list[EvalClass]:
         return [EvalClass(n, labels, tol) for n, labels, tol in HEC]
@@ -87,4 +91,4 @@ class KiTS21(Challenge):
         return {"regions_class_order": [1, 3, 2]} if regions else {}
 
     def submission_name(self, case_id: str, meta: dict) -> str:
-        return f"prediction_{case_id.removeprefix('case_')}.nii.gz"
+        return f"{meta.get('original') or case_id}.nii.gz"
