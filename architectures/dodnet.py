@@ -248,7 +248,8 @@ class DoDNet(NNUNetEncoderNetwork):
         return self.task_heads.seg_layers.merge_weights
 
     @property
-    def merge_weights_set(self) -> bool:
+    def has_merge_weights(self) -> bool:
+        """Whether validation stored the cross-task weights (else: equal weights)."""
         return bool(self.task_heads.seg_layers.merge_weights_set > 0)
 
     def set_merge_weights(self, weights) -> None:

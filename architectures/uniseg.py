@@ -61,6 +61,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork
+from nnunet_ext.partial import MERGE_WEIGHTS_SET, fill_missing_merge_weights, register_merge_weights
 
 IntOrSeq = Union[int, list, tuple]
 
@@ -177,8 +178,8 @@ class UniSeg(NNUNetEncoderNetwork):
         self.patch_size = [int(p) for p in patch_size]
         self.prompt_size = bottleneck_size(self.patch_size, self.encoder.strides)
         t = self.num_tasks
-        self.prompt = nn.Parameter(torch.zeros(1, t, *self.prompt_size))
-        nn.init.normal_(self.prompt, std=0.02)
+        # the official UniSeg: nn.Parameter(torch.randn(1, T, *bottleneck)) (std 1)
+        self.prompt = nn.Parameter(torch.randn(1, t, *self.prompt_size))
         mid = (c + t) // 4
         if mid < 1:
             raise ValueError("bottleneck features + tasks must be at least 4 for the fusion blocks")
@@ -204,6 +205,8 @@ class UniSeg(NNUNetEncoderNetwork):
                 for cin, cout in ((c + t, mid), (mid, mid), (mid, t))
             ]
         )
+        # cross-task weights of the universal merge (persistent: saved with every checkpoint; set by validation)
+        register_merge_weights(self, self.num_tasks, self.num_outputs - 1)
         self._register_tables()
 
     # -------------------------------------------------------------------------------------- construction
@@ -232,6 +235,32 @@ class UniSeg(NNUNetEncoderNetwork):
         for ti, kt in enumerate(self.task_classes):
             valid[ti, :kt] = True
         self.register_buffer("class_valid", valid, persistent=False)  # (T, K)
+        labels = torch.full((t, k - 1), -1, dtype=torch.long)
+        for ti, labs in enumerate(self.task_labels):
+            labels[ti, : len(labs)] = torch.tensor(labs, dtype=torch.long)
+        self.register_buffer(
+            "structure_labels", labels, persistent=False
+        )  # (T, K-1): global label of class j+1
+
+    @property
+    def num_structures(self) -> int:
+        return self.num_outputs - 1
+
+    @property
+    def has_merge_weights(self) -> bool:
+        """Whether validation stored the cross-task weights (else: equal weights)."""
+        return bool(getattr(self, MERGE_WEIGHTS_SET) > 0)
+
+    def set_merge_weights(self, weights) -> None:
+        w = torch.as_tensor(weights, dtype=torch.float32).reshape(self.num_tasks, self.num_outputs - 1)
+        self.merge_weights.copy_(w)
+        getattr(self, MERGE_WEIGHTS_SET).fill_(1.0)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Checkpoints written before the merge weights existed load with equal weights (flag: not set)."""
+        return super().load_state_dict(
+            fill_missing_merge_weights(self, state_dict), strict=strict, assign=assign
+        )
 
     # ---------------------------------------------------------------------------------------------- parts
     def _pad_channels(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,10 +348,10 @@ class UniSeg(NNUNetEncoderNetwork):
             out = out[0]  # full resolution (the predictor disables deep supervision anyway)
         return out.reshape(b, n, *out.shape[1:]), groups, has
 
-    def forward_global(self, x: torch.Tensor, tasks: Sequence[int] | None = None) -> torch.Tensor:
-        """nnU-Net logits (B, num_classes, *spatial) over the global label space from the tasks ``tasks``
-        (default all): per task the margin of each class over the task's best other class, a label's logit is
-        the largest margin among the (task, class) pairs mapped to it, background 0, others -1."""
+    def task_probabilities(self, x: torch.Tensor, tasks: Sequence[int] | None = None) -> torch.Tensor:
+        """Per-task softmax probabilities (B, T, K, *spatial) over each task's own classes (classes beyond K_t
+        are 0). Tasks not in ``tasks`` and tasks of another modality group than the sample are background
+        (probability 1 on class 0), so they never claim a voxel."""
         tasks = list(range(self.num_tasks)) if tasks is None else [int(t) for t in tasks]
         local, groups, has = self.forward_tasks(x, tasks)  # (B, T', K, ...)
         b, n, k = local.shape[:3]
@@ -331,20 +360,55 @@ class UniSeg(NNUNetEncoderNetwork):
         valid = self.class_valid[tidx].view(1, n, k, *([1] * len(spatial)))
         logits = torch.where(valid, local.float(), torch.full_like(local, float("-inf"), dtype=torch.float32))
         prob = torch.softmax(logits, 2)
-        top2 = torch.topk(prob, 2, dim=2).values
-        first, second = top2[:, :, :1], top2[:, :, 1:2]
-        margin = torch.where(prob >= first, prob - second, prob - first)
         compatible = (self.task_group_index[tidx].view(1, n) == groups.view(b, 1)) & has.view(b, 1)  # (B, T')
+        background = torch.zeros_like(prob[:1, :1])
+        background[:, :, 0] = 1.0
+        prob = torch.where(compatible.view(b, n, 1, *([1] * len(spatial))), prob, background)
+        full = background.expand(b, self.num_tasks, k, *spatial).clone()
+        full[:, tidx] = prob
+        return full
+
+    def task_scores(self, x: torch.Tensor, tasks: Sequence[int] | None = None) -> torch.Tensor:
+        """(B, T*K, *spatial) per-task softmax probabilities: what ``nnunet-ext predict`` and the own-task
+        validation average over mirrors and windows before deciding (as the official UniSeg averages softmax)."""
+        prob = self.task_probabilities(x, tasks)
+        return prob.reshape(prob.shape[0], -1, *prob.shape[3:])
+
+    def decide_tasks(self, prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each task's own decision from (B, T*K, *spatial) probabilities: the argmax of its classes (``choice``
+        (B, T, ...) long, 0 background, j: class j = structure j-1) and the margin top-1 minus top-2 (0 for
+        background)."""
+        b, t, k = prob.shape[0], self.num_tasks, self.num_outputs
+        p = prob.float().reshape(b, t, k, *prob.shape[2:])
+        valid = self.class_valid.view(1, t, k, *([1] * (p.ndim - 3)))
+        p = torch.where(valid, p, torch.full_like(p, -1.0))
+        top2 = torch.topk(p, 2, dim=2)
+        choice = top2.indices[:, :, 0]
+        margin = top2.values[:, :, 0] - top2.values[:, :, 1]
+        return choice, torch.where(choice > 0, margin, torch.zeros_like(margin))
+
+    def forward_global(self, x: torch.Tensor, tasks: Sequence[int] | None = None) -> torch.Tensor:
+        """nnU-Net logits (B, num_classes, *spatial) over the global label space from the tasks ``tasks``
+        (default all): per task the margin of each class over the task's best other class (positive iff it is
+        the task's own decision), times the stored cross-task weight of that (task, class); a label's logit is
+        the largest weighted margin among the (task, class) pairs mapped to it, background 0, others -1."""
+        prob = self.task_probabilities(x, tasks)  # (B, T, K, ...)
+        b, t, k = prob.shape[:3]
+        spatial = prob.shape[3:]
+        valid = self.class_valid.view(1, t, k, *([1] * len(spatial)))
+        p = torch.where(valid, prob, torch.full_like(prob, -1.0))
+        top2 = torch.topk(p, 2, dim=2).values
+        first, second = top2[:, :, :1], top2[:, :, 1:2]
+        margin = torch.where(p >= first, p - second, p - first)
+        w = torch.cat((torch.ones_like(self.merge_weights[:, :1]), self.merge_weights), 1).float()
+        margin = margin * w.view(1, t, k, *([1] * len(spatial)))
+        selected = torch.zeros(t, dtype=torch.bool, device=prob.device)
+        selected[list(range(t)) if tasks is None else [int(i) for i in tasks]] = True
         margin = torch.where(
-            compatible.view(b, n, 1, *([1] * len(spatial))), margin, torch.full_like(margin, -1.0)
+            valid & selected.view(1, t, 1, *([1] * len(spatial))), margin, -torch.ones_like(margin)
         )
-        margin = torch.where(valid, margin, torch.full_like(margin, -1.0))
-        # scatter the selected tasks back to their places among all T tasks (flattened (T*K) + "none" channel)
-        full = margin.new_full((b, self.num_tasks, k, *spatial), -1.0)
-        full[:, tidx] = margin
-        flat = torch.cat(
-            (full.reshape(b, self.num_tasks * k, *spatial), margin.new_full((b, 1, *spatial), -1.0)), 1
-        )
+        # flattened (T*K) + "none" channel
+        flat = torch.cat((margin.reshape(b, t * k, *spatial), margin.new_full((b, 1, *spatial), -1.0)), 1)
         u = flat[:, self.label_sources.flatten()].reshape(b, self.num_classes, -1, *spatial).amax(2)
         u[:, 0] = 0.0
         return u

@@ -15,7 +15,7 @@ spec format and checks; :func:`nnunet_ext.merge.plan_merge` validates every task
 
 **Fine-tuning conversion.** ``convert-checkpoint`` reads an nnU-Net checkpoint of ``nnUNetTrainerUniSeg`` and
 writes ``{'network_weights': ...}`` for a plain PlainConvUNet / ResidualEncoderUNet of the same plans: drops
-``prompt`` and ``fusion.*``, removes the prompt channel (the last input channel) from
+``prompt``, ``fusion.*`` and the cross-task merge weights, removes the prompt channel (the last input channel) from
 ``decoder.transpconvs.0.weight`` and keeps, of the first convolution, the kernels of one modality group
 (``--channels N``: the group of N-channel tasks; default the group of the first task). The result loads into
 ``nnUNetv2_train ... -pretrained_weights FILE`` (which transfers everything but ``.seg_layers.``) and strictly
@@ -206,8 +206,8 @@ def convert_state_dict(weights: Mapping, plans: Mapping, channels: int | None = 
     else:
         keep = None
     for key, value in weights.items():
-        if key == "prompt" or key.startswith("fusion."):
-            continue
+        if key in ("prompt", "merge_weights", "merge_weights_set") or key.startswith("fusion."):
+            continue  # UniSeg-only parts (prompt, fusion, cross-task merge weights)
         if key.endswith("transpconvs.0.weight") and value.shape[0] == c_bottleneck + 1:
             value = value[:c_bottleneck]
         elif (

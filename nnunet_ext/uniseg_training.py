@@ -10,12 +10,13 @@ smooth 1e-5, ``RobustCrossEntropyLoss``, weights 1:1, ignore label masked) on ea
 its task's ``K_t`` classes. It is computed on the full ``K``-channel tensor with the channels beyond ``K_t`` set
 to a large negative value (softmax probability exactly 0) and left out of the Dice mean: for a single-task
 batch this equals nnU-Net's loss on ``logits[:, :K_t]`` (tested), channels beyond ``K_t`` get zero gradient, and
-tensor shapes never depend on the task, so batch Dice under DDP (all-gather of per-channel sums) works when the
-ranks train different tasks in the same step.
+tensor shapes never depend on the task. Batch Dice pools the sums per (task, class) - (T, K-1) tensors, summed
+over the batch and, under DDP, all-gathered - and averages the Dice over the pairs present: local class j of
+one task is never pooled with class j of another task (mixed batches, ranks training different tasks).
 
 **Sampler** (:class:`TaskBalancedDataLoader`): every batch holds cases of ONE task (the paper's single-task
 batches); tasks take turns in shuffled rounds (each round every task once), so each task gets an equal share
-of the batches (the paper: 50 batches per task per cycle). Cases inside a task are drawn uniformly, with
+of the batches (the paper: 50 batches per task per cycle; the trainer's epoch is ``50 * T`` iterations). Cases inside a task are drawn uniformly, with
 nnU-Net's foreground oversampling. Each data-loader worker (and each DDP rank) runs its own rounds, so every
 rank always gets valid single-task batches and the shares stay equal.
 """
@@ -100,7 +101,7 @@ class SlicedDCCELoss(nn.Module):
             mask, tgt_dice = None, tgt
         loss = x.new_zeros(())
         if self.weight_dice:
-            loss = loss + self.weight_dice * self._dice(torch.softmax(x, 1), tgt_dice, mask, valid)
+            loss = loss + self.weight_dice * self._dice(torch.softmax(x, 1), tgt_dice, mask, valid, task_ids)
         if self.weight_ce:
             ce_target = tgt[:, 0]
             if mask is None or bool(mask.any()):
@@ -110,7 +111,7 @@ class SlicedDCCELoss(nn.Module):
                 loss = loss + self.weight_ce * ce
         return loss
 
-    def _dice(self, prob, tgt, mask, valid) -> torch.Tensor:
+    def _dice(self, prob, tgt, mask, valid, task_ids) -> torch.Tensor:
         axes = tuple(range(2, prob.ndim))
         with torch.no_grad():
             onehot = torch.zeros_like(prob).scatter_(1, tgt, 1)[:, 1:]
@@ -122,6 +123,16 @@ class SlicedDCCELoss(nn.Module):
             intersect, sum_pred = (p * onehot * mask).sum(axes), (p * mask).sum(axes)
         weight = valid[:, 1:].float()  # (B, K-1): which foreground classes each sample's task has
         if self.batch_dice:
+            # pool per (task, class): local class j of one task is another structure than class j of another
+            # task, so mixed batches and DDP ranks training different tasks never share a Dice term
+            t = self.class_valid.shape[0]
+            onehot_task = torch.nn.functional.one_hot(task_ids, t).to(intersect.dtype)  # (B, T)
+
+            def per_task(v):  # (B, K-1) -> (T, K-1)
+                return onehot_task.transpose(0, 1) @ v
+
+            intersect, sum_pred, sum_gt = per_task(intersect), per_task(sum_pred), per_task(sum_gt)
+            weight = per_task(weight)
             if self.ddp:
                 from nnunetv2.utilities.ddp_allgather import AllGatherGrad
 
@@ -129,8 +140,7 @@ class SlicedDCCELoss(nn.Module):
                 sum_pred = AllGatherGrad.apply(sum_pred).sum(0)
                 sum_gt = AllGatherGrad.apply(sum_gt).sum(0)
                 weight = AllGatherGrad.apply(weight).sum(0)
-            intersect, sum_pred, sum_gt = intersect.sum(0), sum_pred.sum(0), sum_gt.sum(0)
-            weight = (weight.sum(0) > 0).float()
+            weight = (weight > 0).float()  # (T, K-1): the (task, class) pairs present in the batch
         dc = (2 * intersect + self.smooth) / (sum_gt + sum_pred + self.smooth).clamp_min(1e-8)
         return -(dc * weight).sum() / weight.sum().clamp_min(1.0)
 

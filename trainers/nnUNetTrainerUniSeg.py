@@ -69,6 +69,9 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
     """
 
     network_class_name = "nnunet_ext.architectures.uniseg.UniSeg"
+    #: iterations per epoch = ``iterations_per_task * number of tasks`` (the official UniSeg_Trainer:
+    #: ``num_batches_per_epoch = 50 * total_task_num``, 550 for its 11 tasks)
+    iterations_per_task: int = 50
     #: gradient-norm clipping (nnU-Net's value)
     grad_clip: float = 12.0
     #: a multi-task method: the end-to-end test trains it on the partial (multi-task) phantom
@@ -89,6 +92,7 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
         # travels with the model (results folder's plans.json and the checkpoint's init_args)
         self.plans_manager.plans[LAYOUT_KEY] = self.task_layout.to_json()
         self.plans_manager.plans[UNISEG_KEY] = {"task_channels": self.task_channels}
+        self.num_iterations_per_epoch = int(self.iterations_per_task) * self.task_layout.num_tasks
         self.local_table = local_label_table(
             [list(v) for v in self.task_layout.labels],
             self.label_manager.num_segmentation_heads,
