@@ -202,8 +202,24 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from nnunet_ext.challenges import CHALLENGES
+
     text = "a challenge's official metrics (Dice, HD95, HD, average distance, NSD, ...) per case and class"
-    p = sub.add_parser("evaluate", help=text, description=text + " (see docs/challenges/).")
+    by_text: dict[str, list[str]] = {}  # challenges sharing rules (the AMOS22 tasks) are listed together
+    for name, challenge in CHALLENGES.items():
+        for a in challenge.rules.assumed:
+            by_text.setdefault(a, []).append(name)
+    assumed = [f"  {', '.join(names)}: {a}" for a, names in by_text.items()]
+    epilog = (
+        "values we assume where no official definition was found:\n" + "\n".join(assumed) if assumed else None
+    )
+    p = sub.add_parser(
+        "evaluate",
+        help=text,
+        description=text + " (see docs/challenges/).",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("pred_dir", metavar="PRED_DIR", help="predicted label files")
     p.add_argument("gt_dir", metavar="GT_DIR", help="reference label files (same names)")
     p.add_argument("--challenge", required=True, help="challenge whose classes and conventions to use")

@@ -194,3 +194,14 @@ def test_files_simpleitk_refuses_are_read_with_nibabel(tmp_path):
     res = evaluate_folders("amos22-task1", tmp_path / "pred", tmp_path / "gt", metrics=["Dice", "HD"])
     liver = res["cases"]["amos_0001"]["liver"]
     assert liver["HD"] == 5.0 and liver["Dice"] == 0.5
+
+
+def test_help_lists_the_values_assumed_without_an_official_definition(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "values we assume where no official definition was found" in out
+    assert "amos22-task1, amos22-task2, amos22-mri: NSD tolerance 1 mm" in out
+    assert "cosmos22: QuanM" in out
+    written = get_challenge("amos22-task1").rules.to_json()  # the metrics JSON's "conventions"
+    assert any("1 mm" in a for a in written["assumed_without_official_definition"])

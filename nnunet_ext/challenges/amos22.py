@@ -54,9 +54,13 @@ class AMOS22(Challenge):
         default_tolerance=1.0,
         notes=(
             "NSD: normalised surface Dice (DeepMind's surfel-area definition, MONAI use_subvoxels=True) at a "
-            "tolerance of 1 mm for every organ: our assumption (the tolerance is not in our references); "
-            "change it with --tolerance",
+            "tolerance of 1 mm for every organ; change it with --tolerance",
             "organ absent from reference and prediction -> 1 (Dice and NSD); present in only one -> 0",
+        ),
+        assumed=(
+            "NSD tolerance 1 mm for every organ (no official AMOS22 evaluation code found: the JiYuanFeng/AMOS "
+            "repository holds the challenge website only)",
+            "empty masks: absent from both -> Dice 1, NSD 1; from one -> 0 (no official rule found)",
         ),
     )
     submission_format = "amos_XXXX.nii.gz (the test image's name), uint8 labels 1..15"

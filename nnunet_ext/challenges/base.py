@@ -61,7 +61,8 @@ class MetricRules:
     one of them is empty (a challenge with its own rule for empty masks overrides :meth:`Challenge.score_case`).
     ``unit_spacing``: distances in voxels (spacing 1 along every axis) instead of mm. ``ignore_label``:
     reference voxels with this value are left out (prediction and reference set to background there).
-    ``dice_smooth``: added to the Dice denominator (DoDNet's evaluation adds 1).
+    ``dice_smooth``: added to the Dice denominator (DoDNet's evaluation adds 1). ``assumed``: each value we had
+    to choose because no official definition could be found (listed by ``evaluate --help`` and in the JSON).
     """
 
     metrics: tuple[str, ...]
@@ -72,6 +73,7 @@ class MetricRules:
     dice_smooth: float = 0.0
     default_tolerance: float | None = None
     notes: tuple[str, ...] = ()
+    assumed: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {
@@ -82,6 +84,7 @@ class MetricRules:
             "ignore_label": self.ignore_label,
             "dice_smooth": self.dice_smooth,
             "notes": list(self.notes),
+            "assumed_without_official_definition": list(self.assumed),
         }
 
 

@@ -166,6 +166,7 @@ class COSMOS22(Challenge):
             "reference voxels with the ignore label (unannotated slices) are left out",
             "class 'wall' = normal + atherosclerotic wall",
         ),
+        assumed=("QuanM, the official score: no definition found, not computed; we report Dice",),
     )
     submission_format = "<case>.nii.gz, the whole volume (halves put back), uint8 labels 1 lumen, 2/3 wall"
 

@@ -73,6 +73,10 @@ class KiPA22(Challenge):
             "ones the official HD/AVD are misaligned along z and ours are not)",
             "the ranking (mean rank of 12 scores over teams) is not computed",
         ),
+        assumed=(
+            "a structure the reference lacks (the official code crashes): Dice 0, HD/AVD against the image border "
+            "as the reference surface; absent from both: NaN",
+        ),
     )
     submission_format = (
         "<id>.nii.gz (the test image's name), uint8 labels 1 vein, 2 kidney, 3 artery, 4 tumour"
