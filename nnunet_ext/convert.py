@@ -28,7 +28,9 @@ def convert_mots(
     test_list: str | None = None,
 ) -> tuple[dict[str, ConvertResult], Path | None]:
     """Convert the seven MOTS sources under ``source`` into ids ``first_id .. first_id + 6`` and, with
-    ``merge_id``, merge them with the MOTS preset. Returns the per-task results and the merged folder."""
+    ``merge_id``, merge them with the MOTS preset. ``test_list``: 'dodnet' (DoDNet's 235 test cases ->
+    imagesTs / labelsTs; the default of ``nnunet-ext convert mots``), None / 'none' (no split) or a file.
+    Returns the per-task results and the merged folder."""
     from nnunet_ext.merge import MOTS_PRESET, merge_datasets
 
     source = Path(source).expanduser()

@@ -14,24 +14,33 @@ raw dataset with the source's own labels; ``nnunet-ext convert mots MOTS_DIR --i
 | lung | MSD Task06 / ``5Lung`` | 1 tumour |
 | spleen | MSD Task09 / ``6Spleen`` | 1 spleen |
 
-MSD ``imagesTs`` (no labels) become imagesTs. ``--test-list FILE`` (DoDNet's ``MOTS_test.txt``: one case per
-line, its image path first) moves the listed labelled cases to imagesTs/labelsTs, which reproduces DoDNet's
-920 / 235 split when its list is given.
+MSD ``imagesTs`` (no labels) become imagesTs. DoDNet's test split (``MOTS_test.txt`` of jianpengz/DoDNet, 235
+labelled cases, shipped as ``mots_test.json``) moves the listed cases of each source to imagesTs/labelsTs by
+default (``--test-list dodnet``), which gives DoDNet's 920 / 235 split; ``--test-list none`` keeps every labelled
+case in imagesTr, ``--test-list FILE`` reads another list (DoDNet's format: one case per line, its image path
+first, or bare case ids as in DoDNet's ``data_list/MOTS/MOTS_test.txt``).
 
-Metrics (DoDNet's evaluation as we read it; configurable): per task, Dice and HD95 of the organ (organ + tumour
-labels, the vessel alone for hepatic vessel) and the tumour; HD95 is MedPy's definition (95th percentile of
-both directions' surface distances pooled) in voxels (spacing 1); an empty prediction or reference (not both)
-scores 373.12866; Dice = 2|P∩G| / (|P| + |G| + 1).
+Metrics: DoDNet's ``a_DynConv/postp.py`` on the grid of its ``dataset/re_spacing.py``: prediction and
+reference are resampled to 1.5 x 0.8 x 0.8 mm (z, y, x) with scikit-image ``resize(order=0, ...)`` exactly as
+``re_spacing.py`` calls it (see :func:`dodnet_grid`), then per task the Dice (``2|P∩G| / (|P| + |G| + 1)``) and
+MedPy's ``hd95`` at voxel spacing 1 of the organ (organ + tumour labels, the vessel alone for hepatic vessel)
+and the tumour; an empty prediction or reference (not both) scores HD95 373.12866, both empty 0.
+Post-processing: :func:`dodnet_postprocess` (``nnunet-ext postprocess --preset mots``).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from nnunet_ext.challenges.base import (
     Challenge,
     EvalClass,
+    LabelVolume,
     MetricRules,
     SourceCase,
     image_files,
@@ -40,6 +49,10 @@ from nnunet_ext.challenges.base import (
 from nnunet_ext.errors import UserError
 
 HD95_PENALTY = 373.12866
+#: DoDNet's target spacing (z, y, x) in mm, ``dataset/re_spacing.py`` (the same for all seven tasks)
+DODNET_SPACING = (1.5, 0.8, 0.8)
+#: ``postp.py``: tumour components of at most this many voxels (on DoDNet's grid) are removed
+DODNET_MIN_TUMOUR_VOXELS = 50
 RULES = MetricRules(
     metrics=("Dice", "HD95_pooled"),
     both_empty={"Dice": 0.0, "HD95_pooled": 0.0},
@@ -47,11 +60,13 @@ RULES = MetricRules(
     unit_spacing=True,
     dice_smooth=1.0,
     notes=(
-        "DoDNet's evaluation as we read its code: HD95 = MedPy hd95 (pooled 95th percentile) at spacing 1 "
-        "(voxels), computed here from MONAI surface distances; an empty prediction or reference (not both) "
-        f"scores {HD95_PENALTY}, both empty 0",
-        "Dice = 2|P and G| / (|P| + |G| + 1) (DoDNet adds 1 to the denominator; both empty -> 0)",
+        "DoDNet's evaluation (a_DynConv/postp.py, jianpengz/DoDNet): prediction and reference are first resampled "
+        "to DoDNet's grid, 1.5 x 0.8 x 0.8 mm (z, y, x), with skimage resize(order=0) as dataset/re_spacing.py "
+        "calls it; HD95 = MedPy hd95 (both directions' surface distances pooled, 95th percentile) in voxels of "
+        f"that grid; an empty prediction or reference (not both) scores {HD95_PENALTY}, both empty 0",
+        "Dice = 2|P and G| / (|P| + |G| + 1) on the same grid (DoDNet adds 1 to the denominator; both empty -> 0)",
         "organ = organ + tumour labels (hepatic vessel: the vessel label only), tumour = tumour label",
+        "DoDNet's post-processing is not applied here: run nnunet-ext postprocess --preset mots first",
     ),
 )
 
@@ -75,23 +90,177 @@ SOURCES = {
 MSD_LAYOUT = (
     "  SOURCE/imagesTr/<name>_NNN.nii.gz + SOURCE/labelsTr/<name>_NNN.nii.gz, optional SOURCE/imagesTs/"
 )
+TEST_LIST_HELP = (
+    "mots: the test split: 'dodnet' (default: DoDNet's MOTS_test.txt, 235 cases, shipped), 'none', or a file "
+    "(one case per line: DoDNet's image path or a case id)"
+)
 
 
-def _test_ids(test_list: str | None) -> set[str]:
-    if not test_list:
-        return set()
+# ============================================================================================ DoDNet's grid
+def dodnet_grid(array: np.ndarray, spacing, task: str = "") -> np.ndarray:
+    """A label map ((z, y, x), ``spacing`` in mm) on DoDNet's 1.5 x 0.8 x 0.8 mm grid, as
+    ``dataset/re_spacing.py`` resamples its labels: the output size is ``int(size * spacing / target)`` per
+    axis and the values come from scikit-image ``resize(label.astype(float), size, order=0, mode='edge',
+    cval=0, clip=True, preserve_range=True)`` rounded back to integers. ``resize`` keeps its default
+    anti-aliasing (a Gaussian of sigma ``(factor - 1) / 2`` along axes that shrink, before the nearest-neighbour
+    pick), as in DoDNet's call; KiTS19 labels went through a branch without ``mode`` (skimage's default,
+    ``'reflect'``), used here for ``task='kidney'``."""
+    from skimage.transform import resize
+
+    ratio = np.asarray(spacing, dtype=np.float64) / np.asarray(DODNET_SPACING, dtype=np.float64)
+    shape = tuple(int(n * r) for n, r in zip(np.asarray(array.shape), ratio))
+    if min(shape) < 1:
+        raise UserError(
+            f"a {array.shape} label map at spacing {tuple(spacing)} mm has no voxel on DoDNet's "
+            f"{DODNET_SPACING} mm grid; evaluate full volumes."
+        )
+    out = resize(
+        np.asarray(array).astype(np.float64),
+        shape,
+        order=0,
+        mode="reflect" if task == "kidney" else "edge",
+        cval=0,
+        clip=True,
+        preserve_range=True,
+    )
+    return np.round(out).astype(np.asarray(array).dtype)
+
+
+# ============================================================================================ post-processing
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """6-connected components: DoDNet calls ``skimage.measure.label(.., neighbors=4, connectivity=2)`` and
+    scikit-image <= 0.17 (the last accepting ``neighbors``) lets ``neighbors=4`` win: connectivity 1."""
+    from scipy import ndimage
+
+    return ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, 1))
+
+
+def _keep_largest(mask: np.ndarray, keep: int) -> np.ndarray:
+    """``continues_region_extract_organ``: the ``keep`` largest components of ``mask``."""
+    comps, n = _components(mask)
+    if n <= keep:
+        return mask.copy()
+    sizes = np.bincount(comps.ravel())[1:]
+    kept = np.argsort(-sizes, kind="stable")[:keep] + 1
+    return np.isin(comps, kept)
+
+
+def _drop_small(mask: np.ndarray, max_size: float) -> np.ndarray:
+    """``continues_region_extract_tumor``: components of at most ``max_size`` voxels are removed, unless there
+    is only one component."""
+    comps, n = _components(mask)
+    if n <= 1:
+        return mask.copy()
+    sizes = np.bincount(comps.ravel())
+    small = np.flatnonzero(sizes <= max_size)
+    return mask & ~np.isin(comps, small[small > 0])
+
+
+#: task -> (organ components kept, tumour rule): DoDNet's postp.py per task id
+DODNET_POSTPROCESSING = {
+    "liver": (1, "drop_small"),
+    "kidney": (2, "largest"),
+    "hepaticvessel": (None, "drop_small"),
+    "pancreas": (1, "drop_small"),
+    "colon": (None, "largest"),
+    "lung": (None, "largest"),
+    "spleen": (1, None),
+}
+
+
+def dodnet_postprocess(
+    seg: np.ndarray,
+    task: str,
+    organ: int | None,
+    tumour: int | None,
+    voxel_volume: float | None = None,
+) -> np.ndarray:
+    """DoDNet's post-processing (``a_DynConv/postp.py``) of ``task``'s structures in the label map ``seg``
+    (``organ`` / ``tumour``: their values in ``seg``, None if the task has none); other labels are untouched.
+
+    * liver, pancreas: the largest component of organ + tumour is kept (the rest -> background); tumour
+      components of at most 50 voxels are removed when there are several (they become organ, as DoDNet's organ
+      mask keeps them);
+    * kidney: the two largest components of kidney + tumour; the largest tumour component (others -> kidney);
+    * hepatic vessel: tumour components of at most 50 voxels are removed when there are several (-> background;
+      the vessel is not post-processed);
+    * colon, lung: the largest tumour component; spleen: the largest spleen component.
+
+    Components are 6-connected (see :func:`_components`). ``voxel_volume`` (mm^3): the 50-voxel threshold is
+    taken as a volume on DoDNet's grid (50 x 0.96 mm^3) and converted to voxels of ``seg``; None: 50 voxels.
+    """
+    if task not in DODNET_POSTPROCESSING:
+        raise UserError(f"unknown MOTS task {task!r}; choose one of {', '.join(DODNET_POSTPROCESSING)}.")
+    keep_organ, tumour_rule = DODNET_POSTPROCESSING[task]
+    max_small = float(DODNET_MIN_TUMOUR_VOXELS)
+    if voxel_volume is not None:
+        max_small = DODNET_MIN_TUMOUR_VOXELS * float(np.prod(DODNET_SPACING)) / float(voxel_volume)
+    seg = np.array(seg, copy=True)
+    if keep_organ is not None and organ is not None:
+        members = [organ] + ([tumour] if tumour is not None and task != "hepaticvessel" else [])
+        region = np.isin(seg, members)
+        seg[region & ~_keep_largest(region, keep_organ)] = 0
+    if tumour_rule is not None and tumour is not None:
+        mask = seg == tumour
+        kept = _keep_largest(mask, 1) if tumour_rule == "largest" else _drop_small(mask, max_small)
+        # a removed tumour piece inside the organ stays organ (DoDNet's organ mask is organ + tumour)
+        inside_organ = organ is not None and task != "hepaticvessel"
+        seg[mask & ~kept] = organ if inside_organ else 0
+    return seg
+
+
+# ============================================================================================ test split
+@lru_cache(maxsize=1)
+def dodnet_test_split() -> dict[str, tuple[str, ...]]:
+    """DoDNet's MOTS test cases per task (source case names), from the shipped ``mots_test.json``."""
+    data = json.loads((Path(__file__).with_name("mots_test.json")).read_text(encoding="utf-8"))
+    return {task: tuple(cases) for task, cases in data["cases"].items()}
+
+
+def _task_of_entry(entry: str) -> tuple[str | None, str]:
+    """(task, source case name) of one test-list line's first field."""
+    path = Path(entry)
+    folders = {name.lower(): task for task, (dodnet, msd, *_r) in SOURCES.items() for name in (dodnet, msd)}
+    folders["lits"] = "liver"
+    task = next((folders[p.lower()] for p in path.parts[:-1] if p.lower() in folders), None)
+    case = _case_id_of(path)
+    if len(path.parts) == 1:  # a bare case id, e.g. DoDNet's data_list: liver_0, kidney_00000, colon_001
+        m = re.fullmatch(r"kidney_(\d+)", case)
+        if m:
+            return "kidney", f"case_{m.group(1)}"
+    if task is None:
+        if case.startswith("case_"):
+            task = "kidney"
+        else:
+            task = next((t for t in SOURCES if case.startswith(f"{t}_")), None)
+    return task, case
+
+
+def _test_ids(test_list: str | None, task: str) -> tuple[set[str], str]:
+    """The listed test cases of ``task`` and a description of the list."""
+    if test_list is None or str(test_list).lower() == "none":
+        return set(), ""
+    if str(test_list).lower() == "dodnet":
+        return set(dodnet_test_split()[task]), "DoDNet's test list"
     path = Path(test_list).expanduser()
     if not path.is_file():
         raise UserError(
-            f"--test-list {path} does not exist (DoDNet's MOTS_test.txt: one image path per line)."
+            f"--test-list {path} does not exist; pass 'dodnet' (DoDNet's split, shipped), 'none', or a file with "
+            f"one case per line (DoDNet's MOTS_test.txt format)."
         )
     ids = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
-        first = Path(line.split()[0])
-        ids.add(_case_id_of(first))
-    return ids
+        line_task, case = _task_of_entry(line.split()[0])
+        if line_task is None:
+            raise UserError(
+                f"{path} line {number}: cannot tell the MOTS task of {line.split()[0]!r}; give DoDNet's image path "
+                f"(e.g. 0Liver/imagesTr/liver_0.nii.gz) or a case id with its task prefix (liver_0, kidney_00000)."
+            )
+        if line_task == task:
+            ids.add(case)
+    return ids, str(path)
 
 
 def _case_id_of(image: Path) -> str:
@@ -107,9 +276,7 @@ class MOTSSource(Challenge):
 
     channel_names = {"0": "CT"}
     rules = RULES
-    options = (
-        ("--test-list", {"default": None, "help": "mots: DoDNet's MOTS_test.txt (cases -> imagesTs)"}),
-    )
+    options = (("--test-list", {"default": "dodnet", "help": TEST_LIST_HELP}),)
     submission_format = "<task>/<source case name>.nii.gz with the source's label values"
 
     def __init__(self, task: str):
@@ -137,8 +304,21 @@ class MOTSSource(Challenge):
             out.append(EvalClass(f"{self.task}_tumour", self.tumour))
         return out
 
+    def score_case(self, pred, gt, case_id, metrics, tolerance=None):
+        """Both label maps on DoDNet's grid (:func:`dodnet_grid`, in this source's label values), then the
+        default scoring with :data:`RULES` (voxel units)."""
+        return _score_on_dodnet_grid(self, self.task, pred.array, gt.array, gt.spacing, case_id, metrics)
+
+    def postprocess(self, seg: np.ndarray, voxel_volume: float | None = None) -> np.ndarray:
+        """DoDNet's post-processing of a label map in this source's label values."""
+        organ = self.organ[0] if self.organ else None
+        tumour = self.tumour[0] if self.tumour else None
+        return dodnet_postprocess(seg, self.task, organ, tumour, voxel_volume)
+
     def find_cases(self, source: Path, test_list: str | None = None, **options):
-        tests = _test_ids(test_list)
+        """The source's cases; ``test_list`` (the CLI's default: 'dodnet') moves the listed labelled cases of this
+        task to the test split."""
+        tests, list_name = _test_ids(test_list, self.task)
         if self.kind == "kits19":
             pairs = [(p, p.parent / "segmentation.nii.gz") for p in sorted(source.rglob("imaging.nii.gz"))]
             cases = [
@@ -181,15 +361,32 @@ class MOTSSource(Challenge):
             elif case.case_id in tests:
                 case.split = "Ts"
             out.append(case)
-        unknown = tests - {c.case_id for c in out}
-        if unknown and test_list:
-            skipped += [
-                (cid, "listed in --test-list but not found in this source") for cid in sorted(unknown)
-            ]
+        unknown = sorted(tests - {c.case_id for c in out})
+        if unknown:
+            shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+            skipped.append(
+                (
+                    f"{len(unknown)} {self.task} test case(s)",
+                    f"in {list_name} but not in this source: {shown}",
+                )
+            )
         return out, skipped
 
 
 MOTS_SOURCES = {task: MOTSSource(task) for task in SOURCES}
+
+
+def _score_on_dodnet_grid(challenge: Challenge, task: str, pred, gt, spacing, case_id, metrics):
+    """``challenge``'s default scoring of two label maps in ``task``'s source label values, after both are
+    resampled to DoDNet's grid (the spacing then is 1 voxel, :data:`RULES`)."""
+    grid = (1.0, 1.0, 1.0)
+    return Challenge.score_case(
+        challenge,
+        LabelVolume(dodnet_grid(pred, spacing, task), grid, None, "sitk"),
+        LabelVolume(dodnet_grid(gt, spacing, task), grid, None, "sitk"),
+        case_id,
+        metrics,
+    )
 
 
 def _unified_labels() -> dict[str, int]:
@@ -216,7 +413,7 @@ class MOTS(Challenge):
             "--merge-id",
             {"type": int, "default": None, "help": "mots: also merge the 7 datasets into this id"},
         ),
-        ("--test-list", {"default": None, "help": "mots: DoDNet's MOTS_test.txt (cases -> imagesTs)"}),
+        ("--test-list", {"default": "dodnet", "help": TEST_LIST_HELP}),
     )
     submission_format = "<task>/<source case name>.nii.gz with each source's own label values"
     layout = (
@@ -249,6 +446,31 @@ class MOTS(Challenge):
         return [
             EvalClass(c.name, tuple(to_unified[v] for v in c.labels)) for c in source.eval_classes(case_id)
         ]
+
+    def to_source_values(self, task: str, seg: np.ndarray) -> np.ndarray:
+        """A unified label map in ``task``'s source label values (other tasks' structures -> background)."""
+        from nnunet_ext.merge import MOTS_PRESET
+
+        unified = self.labels
+        lut = np.zeros(max(max(unified.values()), int(np.max(seg, initial=0))) + 1, np.uint8)
+        for value, name in MOTS_PRESET["tasks"][task]["labels"].items():
+            lut[unified[name]] = int(value)
+        return lut[np.asarray(seg, dtype=np.int64)]
+
+    def score_case(self, pred, gt, case_id, metrics, tolerance=None):
+        """Each case with its task's classes on DoDNet's grid: the unified maps are put in the task's source
+        values (as DoDNet's files hold them, which matters for the resampling's anti-aliasing), resampled, and
+        scored like ``mots-<task>``."""
+        task = self.task_of(case_id)
+        return _score_on_dodnet_grid(
+            MOTS_SOURCES[task],
+            task,
+            self.to_source_values(task, pred.array),
+            self.to_source_values(task, gt.array),
+            gt.spacing,
+            case_id,
+            metrics,
+        )
 
     def find_source_folders(self, source: Path) -> dict[str, Path]:
         found, missing = {}, []
