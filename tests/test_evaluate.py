@@ -119,7 +119,7 @@ def test_kits21_hierarchical_classes_via_cli(tmp_path, capsys):
         main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--challenge", "kits21", "--quiet"])
         == 1
     )
-    assert "--force" in capsys.readouterr().err
+    assert "pass --overwrite to overwrite it" in capsys.readouterr().err  # the option evaluate has
     (tmp_path / "pred" / "case_00002.nii.gz").unlink()
     with pytest.raises(UserError, match=r"1 reference cases have no prediction.*case_00002"):
         evaluate_folders("kits21", tmp_path / "pred", tmp_path / "gt")
@@ -136,7 +136,7 @@ def test_spacing_conventions_kipa_mm_versus_mots_voxels(tmp_path):
     assert kipa["cases"]["liver_3"]["vein"]["HD"] == 5.0  # 2 slices x 2.5 mm
     mots = evaluate_folders("mots-liver", tmp_path / "pred", tmp_path / "gt")
     organ = mots["cases"]["liver_3"]["liver_organ"]
-    assert organ["HD95_pooled"] == 2.0  # voxels, as DoDNet
+    assert organ["HD95_pooled"] == 3.0  # voxels of DoDNet's 1.5 mm grid: 5 mm = 3.3 slices
     assert mots["cases"]["liver_3"]["liver_tumour"] == {"Dice": 0.0, "HD95_pooled": 0.0}  # both empty
 
 
@@ -152,7 +152,11 @@ def test_mots_merged_dataset_scores_each_case_with_its_task(tmp_path):
     res = evaluate_folders("mots", tmp_path / "pred", tmp_path / "gt")
     case = res["cases"]["hepaticvessel_hepaticvessel_001"]
     assert set(case) == {"hepaticvessel_organ", "hepaticvessel_tumour"}
-    n_vessel = int((gt == labels["hepatic_vessel"]).sum())  # the organ of hepatic vessel = the vessel only
+    from nnunet_ext.challenges.mots import dodnet_grid
+
+    # the organ of hepatic vessel = the vessel only, counted on DoDNet's grid (source values: 1 vessel, 2 tumour)
+    source = (gt == labels["hepatic_vessel"]) + 2 * (gt == labels["hepatic_vessel_tumour"])
+    n_vessel = int((dodnet_grid(source.astype(np.uint8), (1.0, 1.0, 1.0)) == 1).sum())
     assert case["hepaticvessel_organ"]["Dice"] == 2 * n_vessel / (2 * n_vessel + 1)
     write(tmp_path / "gt" / "brain_001.nii.gz", gt)
     write(tmp_path / "pred" / "brain_001.nii.gz", gt)
