@@ -905,11 +905,17 @@ def pseudo_label_dataset(
     out: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
+    num_processes: int = 3,
 ) -> Path:
     """Predict the source's training scans with ``model`` (an nnU-Net model folder; ``folds`` ensembled,
     default all folds with ``checkpoint``), write the annotated voxels back over the predictions and write
-    the next-round dataset ``Dataset{out_id}_{name}`` (dense labels, no ignore label). Uses nnU-Net's
-    ``nnUNetPredictor`` (sequential preprocessing/export, mirroring on unless ``tta=False``)."""
+    the next-round dataset ``Dataset{out_id}_{name}`` (dense labels, no ignore label).
+
+    Prediction is nnU-Net's ``nnUNetPredictor.predict_from_files`` (mirroring on unless ``tta=False``): up to
+    ``num_processes`` background processes read and preprocess the next cases and as many resample and write
+    the finished predictions while the network predicts (nnUNetv2_predict's ``-npp``/``-nps``);
+    ``num_processes=0`` predicts case by case in this process (``predict_from_files_sequential``). The
+    annotated voxels are then written back in ``max(1, num_processes)`` threads."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_ext.training import ext_trainer_env
@@ -957,16 +963,30 @@ def pseudo_label_dataset(
         )
         pred_dir = writer.tmp / ".predictions"
         pred_dir.mkdir()
-        per_case = {}
-        for case in _progress(src.cases, f"pseudo-labels -> {writer.folder_name}", enabled=progress):
-            predictor.predict_from_files_sequential(
-                [[str(p) for p in case.images]], [str(pred_dir / case.case_id)], False, True, None
-            )
+        inputs = [[str(p) for p in case.images] for case in src.cases]
+        outputs = [str(pred_dir / case.case_id) for case in src.cases]
+        if num_processes > 0:
+            n = min(int(num_processes), len(inputs))
+            predictor.predict_from_files(inputs, outputs, False, True, n, n)
+        else:
+            predictor.predict_from_files_sequential(inputs, outputs, False, True, None)
+        dtype = _label_dtype(max(src.labels.values()))
+
+        def merge(case: SparseCase) -> None:
             pred = _read_labels(pred_dir / f"{case.case_id}{src.file_ending}")
             sparse = _read_labels(case.label)
             merged = merge_annotations(pred, sparse, case.annotated, src.axis, src.ignore_label)
-            writer.add_case(case, merged.astype(_label_dtype(max(src.labels.values()))), src.file_ending)
-            per_case[case.case_id] = {"annotated": case.annotated, "shape": list(case.shape)}
+            writer.add_case(case, merged.astype(dtype), src.file_ending)
+
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        with ThreadPoolExecutor(max(1, int(num_processes))) as pool:
+            futures = [pool.submit(merge, case) for case in src.cases]
+            for f in _progress(
+                as_completed(futures), f"annotations -> {writer.folder_name}", len(futures), progress
+            ):
+                f.result()
+        per_case = {c.case_id: {"annotated": c.annotated, "shape": list(c.shape)} for c in src.cases}
         shutil.rmtree(pred_dir)
         writer.copy_test_set(src.folder)
         dj = _output_dataset_json(
@@ -1063,6 +1083,7 @@ def _cmd_pseudo(args) -> int:
         out=args.out,
         force=args.force,
         progress=not args.quiet,
+        num_processes=args.num_processes,
     )
     print(f"wrote {path}")
     return 0
@@ -1104,6 +1125,14 @@ def add_parser(subparsers):
     )
     _add_source_args(p)
     _add_model_args(p, required=True)
+    p.add_argument(
+        "-np",
+        "--num-processes",
+        type=int,
+        default=3,
+        help="background processes that preprocess the next cases and export finished predictions while the "
+        "network predicts (as nnUNetv2_predict -npp/-nps; default 3); 0: case by case, no worker processes",
+    )
     p.set_defaults(func=_cmd_pseudo)
 
     labelprop_run.add_run_parser(sub)

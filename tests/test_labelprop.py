@@ -403,6 +403,64 @@ def test_cli_interpolate_and_qc(tmp_path):
     assert proc.returncode == 1 and "already exists" in proc.stderr and "--force" in proc.stderr
 
 
+def _untrained_model(workspace, folder: Path) -> Path:
+    """An nnU-Net model folder (plans, dataset.json, fold_0/checkpoint_final.pth) of a randomly initialised
+    nnUNetTrainer network of the full phantom's 3d_tiny plans: no training needed to exercise prediction."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    dataset = workspace.dataset(501)
+    plans = json.loads((workspace.root / "preprocessed" / dataset.name / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((dataset / "dataset.json").read_text())
+    pm = PlansManager(plans)
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(
+        pm, pm.get_configuration("3d_tiny"), 1, 6, enable_deep_supervision=False
+    )
+    (folder / "fold_0").mkdir(parents=True)
+    atomic_write_json(folder / "plans.json", plans)
+    atomic_write_json(folder / "dataset.json", dataset_json)
+    torch.save(
+        {
+            "trainer_name": "nnUNetTrainer",
+            "init_args": {"configuration": "3d_tiny"},
+            "inference_allowed_mirroring_axes": (0, 1, 2),
+            "network_weights": net.state_dict(),
+        },
+        folder / "fold_0" / "checkpoint_final.pth",
+    )
+    return folder
+
+
+@pytest.mark.slow  # plans the shared full phantom; nnU-Net's worker processes start (spawn) in ~10 s
+def test_pseudo_labels_with_worker_processes_match_case_by_case(phantom_workspace, tmp_path, monkeypatch):
+    """labelprop pseudo with nnU-Net's background preprocessing/export processes (-np 2) writes exactly what
+    the case-by-case prediction (-np 0) writes, with the annotated voxels kept."""
+    from nnunet_ext.labelprop import pseudo_label_dataset
+    from nnunet_ext.phantoms import write_phantom_dataset
+
+    for k in ("nnUNet_extTrainer", "nnUNet_compile", "nnUNet_def_n_proc"):
+        monkeypatch.setenv(k, phantom_workspace.env[k])
+    model = _untrained_model(phantom_workspace, tmp_path / "model")
+    raw = tmp_path / "raw"
+    src = write_phantom_dataset(
+        raw, 572, kind="sparse", num_train=3, num_test=0, shape=(24, 48, 48), seed=5, every=4
+    )
+    kw = dict(folds=[0], device="cpu", tta=False, out=raw, progress=False)
+    seq = pseudo_label_dataset(src, model, 573, num_processes=0, **kw)
+    par = pseudo_label_dataset(src, model, 574, num_processes=2, **kw)
+    meta = json.loads((par / "labelprop.json").read_text())
+    assert sorted(meta["cases"]) == ["phantom_000", "phantom_001", "phantom_002"]
+    for case, info in meta["cases"].items():
+        a, b = _read(seq / "labelsTr" / f"{case}.nii.gz"), _read(par / "labelsTr" / f"{case}.nii.gz")
+        sparse = _read(src / "labelsTr" / f"{case}.nii.gz")
+        assert np.array_equal(a, b)
+        assert np.array_equal(b[info["annotated"]], sparse[info["annotated"]])
+        assert b.max() <= 5 and len(np.unique(b)) > 1
+    assert not list(par.rglob(".predictions"))
+
+
 # ------------------------------------------------------------------------------------------ trainers
 def test_trainers_schedule_and_folds():
     import nnunet_ext.trainers as ours
