@@ -178,7 +178,7 @@ def write_results(results: dict, out_dir: str | os.PathLike, overwrite: bool = F
     stem = f"{results['challenge']}_metrics"
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
     for p in (json_path, csv_path):
-        refuse_existing(p, overwrite, "the metrics file")
+        refuse_existing(p, overwrite, "the metrics file", "--overwrite")
     atomic_write_json(json_path, _json_value(results))
     atomic_write_text(csv_path, to_csv(results))
     return json_path, csv_path

@@ -122,12 +122,14 @@ def atomic_write_image(
     return path
 
 
-def refuse_existing(path: str | os.PathLike, force: bool, what: str) -> None:
-    """Raise :class:`UserError` if ``path`` exists and ``force`` is false."""
+def refuse_existing(path: str | os.PathLike, force: bool, what: str, flag: str = "--force") -> None:
+    """Raise :class:`UserError` if ``path`` exists and ``force`` is false; ``flag`` is the command's own
+    option for overwriting (named in the message)."""
     path = Path(path)
     if not force and (path.exists() or path.is_symlink()):
+        python = flag.lstrip("-").replace("-", "_")
         raise UserError(
-            f"{what} already exists: {path}; pass --force to overwrite it (force=True from Python), "
+            f"{what} already exists: {path}; pass {flag} to overwrite it ({python}=True from Python), "
             f"or choose another destination."
         )
 

@@ -4,7 +4,10 @@ challenge's evaluation expects.
 The test cases come from the converted dataset (``nnunet-ext convert``), whose dataset.json records every case
 with its split and original name; every test case must have a prediction (``PRED_DIR/<case>.nii.gz``, as
 ``nnUNetv2_predict`` writes them) or nothing is written. ``OUT`` is written into a temporary folder and renamed
-at the end; an existing ``OUT`` is refused unless ``--overwrite``.
+at the end; an existing ``OUT`` is refused unless ``--overwrite``, and even then only replaced if it is a
+submission this command wrote (it holds the marker file ``.nnunet_ext_submission``) or an empty folder. ``OUT``
+may never be, contain or lie inside the prediction folder, the converted dataset, nnU-Net's raw /
+preprocessed / results folders themselves or any ``DatasetXXX_*`` folder inside them.
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ from nnunet_ext.challenges.base import META_KEY, Challenge, image_files, strip_s
 from nnunet_ext.errors import UserError
 from nnunet_ext.io import refuse_existing
 
+MARKER = ".nnunet_ext_submission"  # written into every submission folder: --overwrite replaces only these
 
-def dataset_meta(challenge: Challenge, dataset: str | os.PathLike) -> dict:
-    """``{"cases": {case id: {...}}}`` of the converted dataset, checked to belong to ``challenge``."""
-    from nnunet_ext.tasks import resolve_dataset_folder
 
-    folder = resolve_dataset_folder(str(dataset))
+def dataset_meta(challenge: Challenge, folder: Path) -> dict:
+    """``{"cases": {case id: {...}}}`` of the converted dataset ``folder``, checked to belong to ``challenge``."""
     dj_path = folder / "dataset.json"
     if not dj_path.is_file():
         raise UserError(f"{folder} has no dataset.json; pass the dataset written by `nnunet-ext convert`.")
@@ -44,6 +46,35 @@ def dataset_meta(challenge: Challenge, dataset: str | os.PathLike) -> dict:
     return meta
 
 
+def check_out_folder(out: Path, pred_dir: Path, dataset_folder: Path) -> None:
+    """Refuse an ``OUT`` whose replacement could destroy data: the prediction folder or the converted dataset
+    (or a folder holding either, or inside either), nnU-Net's own folders, or a dataset folder inside them."""
+    target = out.resolve()
+    protected = {
+        pred_dir.resolve(): "the prediction folder",
+        dataset_folder.resolve(): "the converted dataset",
+    }
+    roots = {}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        if os.environ.get(var):
+            roots[Path(os.environ[var]).resolve()] = f"${var}"
+    for folder, what in {**protected, **roots}.items():
+        if target == folder or folder.is_relative_to(target):
+            raise UserError(
+                f"OUT {out} is or contains {what} ({folder}); replacing it would delete data. Choose a new, "
+                f"separate folder for the submission."
+            )
+    for folder, what in protected.items():
+        if target.is_relative_to(folder):
+            raise UserError(f"OUT {out} lies inside {what} ({folder}); choose a folder outside it.")
+    for root, what in roots.items():
+        if target.is_relative_to(root) and target.relative_to(root).parts[0].startswith("Dataset"):
+            raise UserError(
+                f"OUT {out} lies inside an nnU-Net dataset folder of {what}; choose a folder outside "
+                f"{root}/DatasetXXX_*."
+            )
+
+
 def submit(
     challenge: Challenge | str,
     pred_dir: str | os.PathLike,
@@ -56,7 +87,10 @@ def submit(
     pred_dir, out = Path(pred_dir), Path(out)
     if not pred_dir.is_dir():
         raise UserError(f"prediction folder {pred_dir} does not exist.")
-    meta = dataset_meta(challenge, dataset)
+    from nnunet_ext.tasks import resolve_dataset_folder
+
+    folder = resolve_dataset_folder(str(dataset))
+    meta = dataset_meta(challenge, folder)
     expected = sorted(cid for cid, m in meta["cases"].items() if m.get("split") == "Ts")
     if not expected:
         raise UserError(
@@ -71,11 +105,18 @@ def submit(
             f"{' ...' if len(missing) > 10 else ''}. Predict the converted dataset's imagesTs, e.g. "
             f"nnUNetv2_predict -i $nnUNet_raw/DatasetXXX/imagesTs -o {pred_dir} ..."
         )
-    refuse_existing(out, overwrite, "the submission folder")
+    check_out_folder(out, pred_dir, folder)
+    refuse_existing(out, overwrite, "the submission folder", "--overwrite")
+    if out.exists() and not (out.is_dir() and ((out / MARKER).is_file() or not any(out.iterdir()))):
+        raise UserError(
+            f"{out} exists and is not a submission written by `nnunet-ext submit` (no {MARKER} in it), so "
+            f"--overwrite does not replace it; choose a new OUT folder."
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         written = challenge.write_submission({cid: predictions[cid] for cid in expected}, meta, tmp)
+        (tmp / MARKER).write_text(f"written by nnunet-ext submit {challenge.name}\n", encoding="utf-8")
         if out.exists():
             aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, aside / out.name)

@@ -46,14 +46,13 @@ def test_kipa22_names_values_and_completeness(tmp_path, capsys):
     predict_like(result.folder / "imagesTr" / "KiPA_1_0000.nii.gz", pred / "KiPA_1.nii.gz", organ_label())
     assert main(argv) == 0
     assert "wrote 1 files" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == [
-        "71.nii.gz"
-    ]  # the challenge's name, training case left out
+    # the challenge's name, training case left out; the marker that lets --overwrite replace this folder later
+    assert sorted(p.name for p in out.iterdir()) == [".nnunet_ext_submission", "71.nii.gz"]
     written = sitk.ReadImage(str(out / "71.nii.gz"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), organ_label())
     assert written.GetPixelID() == sitk.sitkUInt8 and np.allclose(written.GetSpacing(), (0.7, 0.7, 1.0))
 
-    assert main(argv) == 1 and "--force" in capsys.readouterr().err  # existing OUT
+    assert main(argv) == 1 and "pass --overwrite" in capsys.readouterr().err  # existing OUT
     bad = organ_label((1, 2, 9))
     predict_like(result.folder / "imagesTs" / "KiPA_71_0000.nii.gz", pred / "KiPA_71.nii.gz", bad)
     with pytest.raises(UserError, match=r"label values \[9\]"):
@@ -228,3 +227,45 @@ def test_kipa22_download_to_submission_with_the_stock_commands(tmp_path):
     res = json.loads((pred / "kipa22_metrics.json").read_text())
     assert set(res["mean"]) == {"vein", "kidney", "artery", "tumour"} and list(res["cases"]) == ["KiPA_71"]
     assert all(0.0 <= v["Dice"] <= 1.0 for v in res["mean"].values())
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*"))
+
+
+def test_overwrite_never_replaces_what_submit_did_not_write(tmp_path, capsys, monkeypatch):
+    """`submit --overwrite` refuses an OUT that is, holds or lies inside the predictions, the dataset or
+    nnU-Net's folders, and an existing folder without our marker; nothing changes on disk."""
+    raw = tmp_path / "raw"
+    result = convert(get_challenge("kipa22"), fake_kipa(tmp_path), 80, out=raw, progress=False)
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    results = tmp_path / "results"
+    pred = results / "pred"
+    predict_like(result.folder / "imagesTs" / "KiPA_71_0000.nii.gz", pred / "KiPA_71.nii.gz", organ_label())
+    (results / "notes.txt").write_text("unrelated work")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("not a submission")
+    before = _tree(tmp_path)
+    for out, message in (
+        (results, "is or contains the prediction folder"),
+        (pred, "is or contains the prediction folder"),
+        (pred / "sub", "lies inside the prediction folder"),
+        (result.folder, "is or contains the converted dataset"),
+        (raw, "is or contains the converted dataset"),
+        (raw / "Dataset081_Other" / "sub", "lies inside an nnU-Net dataset folder of $nnUNet_raw"),
+        (mine, "is not a submission written by `nnunet-ext submit`"),
+    ):
+        argv = ["submit", "kipa22", str(pred), str(out), "-d", "80", "--overwrite"]
+        assert main(argv) == 1, out
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (out, err)
+    assert _tree(tmp_path) == before
+    # a folder submit wrote, and an empty one, are replaced with --overwrite
+    sub = tmp_path / "sub"
+    assert main(["submit", "kipa22", str(pred), str(sub), "-d", "80"]) == 0
+    assert main(["submit", "kipa22", str(pred), str(sub), "-d", "80", "--overwrite"]) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["submit", "kipa22", str(pred), str(empty), "-d", "80", "--overwrite"]) == 0
+    assert (empty / "71.nii.gz").is_file()
