@@ -21,6 +21,7 @@ from nnunet_ext.challenges import get_challenge
 from nnunet_ext.challenges.base import (
     ALL_METRICS,
     Challenge,
+    bad_label_values,
     image_files,
     read_label_pair,
     strip_suffix,
@@ -50,6 +51,21 @@ def evaluate_case(
             f"{case_id}: prediction spacing {pred_vol.spacing} (z, y, x) differs from the reference's "
             f"{gt_vol.spacing}; predictions must be in the reference's geometry."
         )
+    allowed = challenge.allowed_label_values()
+    for what, volume, fix in (
+        ("prediction", pred_vol, "predict with a model trained on the converted dataset"),
+        (
+            "reference",
+            gt_vol,
+            "pass the reference labels of this challenge (labelsTr/labelsTs of the converted dataset)",
+        ),
+    ):
+        bad = bad_label_values(volume.array, allowed)
+        if bad:
+            raise UserError(
+                f"{case_id}: the {what} holds label values {bad} that {challenge.title} does not define "
+                f"({challenge.labels}); {fix}, or evaluate with the --challenge the labels belong to."
+            )
     return challenge.score_case(pred_vol, gt_vol, case_id, metrics, tolerance)
 
 

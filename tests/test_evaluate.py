@@ -209,3 +209,38 @@ def test_help_lists_the_values_assumed_without_an_official_definition(capsys):
     assert "cosmos22: QuanM" in out
     written = get_challenge("amos22-task1").rules.to_json()  # the metrics JSON's "conventions"
     assert any("1 mm" in a for a in written["assumed_without_official_definition"])
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing", "1 reference cases have no prediction in"),
+        ("label", "c2: the prediction holds label values [7] that KiPA22 does not define"),
+        ("reference_label", "c2: the reference holds label values [9]"),
+        ("spacing", "c2: prediction spacing"),
+        ("shape", "c2: prediction shape"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_case_and_fix(tmp_path, capsys, problem, message):
+    ok = box((10, 12, 12), (2, 2, 2), (6, 8, 8), 2)
+    for case in ("c1", "c2"):
+        write(tmp_path / "gt" / f"{case}.nii.gz", ok)
+        write(tmp_path / "pred" / f"{case}.nii.gz", ok)
+    if problem == "missing":
+        (tmp_path / "pred" / "c2.nii.gz").unlink()
+    elif problem == "label":
+        write(tmp_path / "pred" / "c2.nii.gz", box((10, 12, 12), (0, 0, 0), (1, 1, 1), 7, ok.copy()))
+    elif problem == "reference_label":
+        write(tmp_path / "gt" / "c2.nii.gz", box((10, 12, 12), (0, 0, 0), (1, 1, 1), 9, ok.copy()))
+    elif problem == "spacing":
+        write(tmp_path / "pred" / "c2.nii.gz", ok, (1.0, 1.0, 2.0))
+    else:
+        write(tmp_path / "pred" / "c2.nii.gz", ok[:-1])
+    before = sorted(p.name for p in (tmp_path / "pred").iterdir())
+    assert (
+        main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--challenge", "kipa22", "--quiet"])
+        == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == before  # no metrics file written
