@@ -287,16 +287,27 @@ def _cmd_postprocess(args) -> int:
     if not dj_path.is_file():
         raise UserError(f"no dataset.json at {dj_path}; pass --dataset-json (the model's dataset.json).")
     dataset_json = json.loads(dj_path.read_text(encoding="utf-8"))
-    rules = (
-        {"keep_largest": {}, "inside": {}, "min_size": {}}
-        if args.no_defaults
-        else default_postprocessing_rules(dataset_json)
-    )
-    rules["keep_largest"].update(
-        _parse_rules([i if ":" in i else f"{i}:1" for i in args.keep_largest or []], "--keep-largest")
-    )
-    rules["inside"].update(_parse_rules(args.inside, "--inside"))
-    rules["min_size"].update(_parse_rules(args.min_size, "--min-size"))
+    mots_plan = None
+    if args.preset == "mots":  # DoDNet's postp.py rules per MOTS task (nnunet_ext/challenges/mots.py)
+        from nnunet_ext.challenges.mots import dodnet_postprocessing_plan
+
+        if args.keep_largest or args.inside or args.min_size or args.no_defaults:
+            raise UserError(
+                "--preset mots is DoDNet's rule set; drop --keep-largest / --inside / --min-size / --no-defaults."
+            )
+        mots_plan = dodnet_postprocessing_plan(dataset_json)
+        rules = {"preset": "mots", "tasks": {t: {"organ": o, "tumour": u} for t, o, u in mots_plan}}
+    else:
+        rules = (
+            {"keep_largest": {}, "inside": {}, "min_size": {}}
+            if args.no_defaults
+            else default_postprocessing_rules(dataset_json)
+        )
+        rules["keep_largest"].update(
+            _parse_rules([i if ":" in i else f"{i}:1" for i in args.keep_largest or []], "--keep-largest")
+        )
+        rules["inside"].update(_parse_rules(args.inside, "--inside"))
+        rules["min_size"].update(_parse_rules(args.min_size, "--min-size"))
     ending = dataset_json.get("file_ending", ".nii.gz")
     files = sorted(p for p in in_dir.iterdir() if p.name.endswith(ending))
     if not files:
@@ -311,7 +322,13 @@ def _cmd_postprocess(args) -> int:
 
     for p in files:
         image = sitk.ReadImage(str(p))
-        seg = postprocess_segmentation(sitk.GetArrayFromImage(image), rules)
+        if mots_plan is not None:
+            from nnunet_ext.challenges.mots import apply_dodnet_postprocessing
+
+            voxel_volume = float(np.prod(image.GetSpacing()))
+            seg = apply_dodnet_postprocessing(sitk.GetArrayFromImage(image), mots_plan, voxel_volume)
+        else:
+            seg = postprocess_segmentation(sitk.GetArrayFromImage(image), rules)
         out = sitk.GetImageFromArray(seg.astype(sitk.GetArrayViewFromImage(image).dtype))
         out.CopyInformation(image)
         tmp = out_dir / f".tmp-{p.name}"
@@ -319,7 +336,8 @@ def _cmd_postprocess(args) -> int:
         os.replace(tmp, out_dir / p.name)
     atomic_write_json(out_dir / "dataset.json", dataset_json)
     atomic_write_json(
-        out_dir / "postprocessing.json", {k: {str(a): b for a, b in v.items()} for k, v in rules.items()}
+        out_dir / "postprocessing.json",
+        rules if mots_plan is not None else {k: {str(a): b for a, b in v.items()} for k, v in rules.items()},
     )
     print(f"post-processed {len(files)} case(s) into {out_dir}; rules: {rules}")
     return 0
@@ -370,4 +388,10 @@ def add_parser(sub) -> None:
     )
     q.add_argument("--min-size", action="append", metavar="LABEL:VOXELS", help="drop smaller components")
     q.add_argument("--no-defaults", action="store_true", help="only the rules given by flags")
+    q.add_argument(
+        "--preset",
+        choices=["mots"],
+        help="mots: DoDNet's a_DynConv/postp.py rules per MOTS task (merged MOTS dataset or one mots-<task> "
+        "source; see docs/challenges/mots.md) instead of the registry defaults",
+    )
     q.set_defaults(func=_cmd_postprocess)
