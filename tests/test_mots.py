@@ -68,3 +68,61 @@ def test_a_users_list_in_either_of_dodnets_formats(tmp_path, capsys):
     assert not list(raw.glob("Dataset704_*"))
     assert main([*argv, "--id", "704", "--test-list", str(tmp_path / "missing.txt")]) == 1
     assert "missing.txt does not exist; pass 'dodnet'" in capsys.readouterr().err
+
+
+def _write(path, array, spacing_zyx):
+    import SimpleITK as sitk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(reversed(spacing_zyx)))
+    sitk.WriteImage(image, str(path))
+
+
+def test_postprocess_preset_mots_on_merged_and_single_source_predictions(tmp_path, capsys):
+    import numpy as np
+
+    from nnunet_ext.challenges import get_challenge
+    from nnunet_ext.challenges.mots import DODNET_SPACING, dodnet_postprocess
+    from tests.test_convert import read
+    from tests.test_parity_mots import build_pp_case
+
+    unified = get_challenge("mots").labels
+    # a merged-dataset prediction: a liver case and a colon case (universal maps; the rules of every task apply)
+    _, liver = build_pp_case("liver")
+    _, colon = build_pp_case("colon")
+    lut_liver = np.array([0, unified["liver"], unified["liver_tumour"]], np.uint8)
+    merged = lut_liver[liver]
+    merged[colon == 1] = unified["colon_tumour"]
+    pred = tmp_path / "pred"
+    _write(pred / "liver_liver_1.nii.gz", merged, DODNET_SPACING)
+    labels = {k: v for k, v in unified.items()}
+    (pred / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".nii.gz"}))
+    before = tree_hash(pred)
+    assert main(["postprocess", "-i", str(pred), "-o", str(tmp_path / "pp"), "--preset", "mots"]) == 0
+    out = read(tmp_path / "pp" / "liver_liver_1.nii.gz")
+    expected = dodnet_postprocess(merged, "liver", unified["liver"], unified["liver_tumour"], 0.96)
+    expected = dodnet_postprocess(expected, "colon", None, unified["colon_tumour"], 0.96)
+    np.testing.assert_array_equal(out, expected)
+    assert (out == unified["colon_tumour"]).sum() < (merged == unified["colon_tumour"]).sum()  # largest kept
+    rules = json.loads((tmp_path / "pp" / "postprocessing.json").read_text())
+    assert rules["preset"] == "mots" and rules["tasks"]["liver"] == {"organ": 1, "tumour": 2}
+    assert tree_hash(pred) == before
+
+    # a single source's prediction (its own labels), at 1 mm: the 50-voxel rule as a volume (48 voxels)
+    single = tmp_path / "single"
+    _write(single / "colon_001.nii.gz", colon, (1.0, 1.0, 1.0))
+    (single / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "colon_tumour": 1}}))
+    assert main(["postprocess", "-i", str(single), "-o", str(tmp_path / "pp1"), "--preset", "mots"]) == 0
+    np.testing.assert_array_equal(
+        read(tmp_path / "pp1" / "colon_001.nii.gz"), dodnet_postprocess(colon, "colon", None, 1)
+    )
+
+    # refused: other flags with the preset, a dataset that is not MOTS
+    argv = ["postprocess", "-i", str(single), "-o", str(tmp_path / "pp2"), "--preset", "mots"]
+    assert main([*argv, "--min-size", "1:10"]) == 1
+    assert "--preset mots is DoDNet's rule set" in capsys.readouterr().err
+    (single / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "brain": 1}}))
+    assert main(argv) == 1
+    assert "neither a merged MOTS dataset's" in capsys.readouterr().err
+    assert not (tmp_path / "pp2").exists()

@@ -209,6 +209,44 @@ def dodnet_postprocess(
     return seg
 
 
+def dodnet_postprocessing_plan(dataset_json: dict) -> list[tuple[str, int | None, int | None]]:
+    """``[(task, organ value, tumour value)]`` of the MOTS tasks in a label map described by ``dataset_json``:
+    a merged MOTS dataset (``tasks merge --preset mots``: unified label names) or one converted source
+    (``convert mots-<task>``: the source's own labels)."""
+    from nnunet_ext.challenges.base import META_KEY
+    from nnunet_ext.merge import MOTS_PRESET
+
+    labels = {str(k): v for k, v in dataset_json.get("labels", {}).items() if not isinstance(v, (list, tuple))}
+    challenge = str(dataset_json.get(META_KEY, {}).get("challenge", ""))
+    single = challenge[5:] if challenge.startswith("mots-") and challenge[5:] in SOURCES else None
+    if single is None:  # a converted source without our metadata: its label names
+        single = next((t for t, src in MOTS_SOURCES.items() if labels == src.labels), None)
+    if single is not None:
+        src = MOTS_SOURCES[single]
+        return [(single, src.organ[0] if src.organ else None, src.tumour[0] if src.tumour else None)]
+    plan = []
+    for task, entry in MOTS_PRESET["tasks"].items():
+        src = MOTS_SOURCES[task]
+        names = entry["labels"]  # source value -> unified name
+        organ = labels.get(names.get(str(src.organ[0]), "")) if src.organ else None
+        tumour = labels.get(names.get(str(src.tumour[0]), "")) if src.tumour else None
+        if organ is not None or tumour is not None:
+            plan.append((task, None if organ is None else int(organ), None if tumour is None else int(tumour)))
+    if not plan:
+        raise UserError(
+            f"the labels {sorted(labels)} are neither a merged MOTS dataset's (tasks merge --preset mots) nor one "
+            f"MOTS source's; --preset mots applies DoDNet's rules to MOTS predictions only."
+        )
+    return plan
+
+
+def apply_dodnet_postprocessing(seg: np.ndarray, plan, voxel_volume: float | None = None) -> np.ndarray:
+    """:func:`dodnet_postprocess` for every task of ``plan`` (:func:`dodnet_postprocessing_plan`)."""
+    for task, organ, tumour in plan:
+        seg = dodnet_postprocess(seg, task, organ, tumour, voxel_volume)
+    return seg
+
+
 # ============================================================================================ test split
 @lru_cache(maxsize=1)
 def dodnet_test_split() -> dict[str, tuple[str, ...]]:
