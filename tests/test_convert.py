@@ -241,101 +241,67 @@ def write_dicom_series(folder: Path, array: np.ndarray, spacing_xyz=(0.5, 0.5, 2
         writer.Execute(sl)
 
 
-def square(cx, cy, r):
-    return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+def outline(cx: int, cy: int, r: int) -> list[tuple[int, int]]:
+    """The closed pixel outline (x column, y row) of a (2r+1)^2 square, as CASCADE's dense contours."""
+    top = [(cx + i, cy - r) for i in range(-r, r)]
+    right = [(cx + r, cy + i) for i in range(-r, r)]
+    bottom = [(cx - i, cy + r) for i in range(-r, r)]
+    left = [(cx - r, cy - i) for i in range(-r, r)]
+    return top + right + bottom + left
 
 
-def qvs(slices: dict[int, tuple], athero=()) -> str:
-    """QVAS XML: {slice number (1-based): (cx, cy)} -> lumen square r=1.6 (3x3 px), outer wall r=3.6 (7x7)."""
+def qvs(slices: dict[int, tuple], shape=COSMOS_SHAPE) -> str:
+    """QVAS XML as the 1st-place entry reads it: one QVAS_Image per slice (0-based order); {slice: (cx, cy)} ->
+    lumen outline r=1 (3x3 px), outer wall r=3 (7x7 px), points on CASCADE's 512 x 512 grid."""
+    nz, ny, nx = shape
     parts = ['<?xml version="1.0" encoding="UTF-8"?>', "<QVAS_Project>"]
-    for n, (cx, cy) in slices.items():
-        parts.append(f'<QVAS_Image ImageName="E1S101I{n}">')
-        for kind, r in (("Lumen", 1.6), ("Outer Wall", 3.6)):
-            pts = "".join(f'<Point x="{x}" y="{y}"/>' for x, y in square(cx, cy, r))
-            parts.append(
-                f"<QVAS_Contour><Contour_Point>{pts}</Contour_Point><ContourType>{kind}</ContourType>"
-            )
-            parts.append("</QVAS_Contour>")
-        if n in athero:
-            parts.append("<Atherosclerosis>1</Atherosclerosis>")
+    for z in range(nz):
+        parts.append(f'<QVAS_Image ImageName="E1S101I{z + 1}">')
+        if z in slices:
+            cx, cy = slices[z]
+            for kind, r in (("Lumen", 1), ("Outer Wall", 3)):
+                pts = "".join(
+                    f'<Point x="{x * 512 / nx}" y="{y * 512 / ny}"/>' for x, y in outline(cx, cy, r)
+                )
+                parts.append(
+                    f"<QVAS_Contour><Contour_Point>{pts}</Contour_Point><ContourType>{kind}</ContourType>"
+                    "</QVAS_Contour>"
+                )
         parts.append("</QVAS_Image>")
-    parts.append('<QVAS_Image ImageName="E1S101I6"></QVAS_Image>')  # no contours: not annotated
     parts.append("</QVAS_Project>")
     return "\n".join(parts)
 
 
+def qvj(qvs_name: str, locations: dict[int, tuple], bifurcation: int | None = None) -> str:
+    """A CASCADE project: its contour file and {Location Index: (IQ, AHAStatus)} relative to the bifurcation."""
+    bif = (
+        f'<BifurcationLocation><BifurcationImageIndex ImageIndex="{bifurcation}"/></BifurcationLocation>'
+        if bifurcation is not None
+        else ""
+    )
+    locs = "".join(
+        f'<Location Index="{i}"><IQ>{iq}</IQ><AHAStatus>{aha}</AHAStatus></Location>'
+        for i, (iq, aha) in locations.items()
+    )
+    return (
+        f"<QVAS_Project><QVAS_Loaded_Series_List><QVASSeriesFileName>{qvs_name}</QVASSeriesFileName>"
+        f"</QVAS_Loaded_Series_List><QVAS_System_Info>{bif}</QVAS_System_Info>"
+        f"<Location_Property>{locs}</Location_Property></QVAS_Project>"
+    )
+
+
 def fake_cosmos(root: Path) -> Path:
+    """Two labelled cases (left: slices 1 normal, 3 atherosclerotic, bifurcation at slice 2; right: slices 1 and 4,
+    no bifurcation element, so slice = Index - 1) and a test case."""
     src = root / "cosmos"
     for case in ("c01", "c02"):
         write_dicom_series(src / case, np.arange(np.prod(COSMOS_SHAPE)).reshape(COSMOS_SHAPE) % 700)
-        (src / case / "CASCADE-ICAL").mkdir()
-        (src / case / "CASCADE-ICAR").mkdir()
-        (src / case / "CASCADE-ICAL" / "E1S101_L.QVS").write_text(qvs({2: (24, 8), 4: (25, 8)}, athero=(4,)))
-        (src / case / "CASCADE-ICAR" / "E1S101_R.QVS").write_text(qvs({2: (7, 8), 5: (7, 9)}))
+        (src / case / "E1S101_L.QVS").write_text(qvs({1: (24, 8), 3: (25, 8)}))
+        (src / case / f"{case}L.QVJ").write_text(qvj("E1S101_L.QVS", {-1: (2, 1), 1: (3, 4)}, bifurcation=2))
+        (src / case / "E1S101_R.QVS").write_text(qvs({1: (7, 8), 4: (7, 9)}))
+        (src / case / f"{case}R.QVJ").write_text(qvj("E1S101_R.QVS", {2: (2, 1), 4: (1, 4), 5: (2, 1)}))
     write_dicom_series(src / "t01", np.zeros(COSMOS_SHAPE))  # test case: no contours
     return src
-
-
-def test_cosmos22_sparse_slices_with_ignore_label_consumed_by_labelprop(tmp_path):
-    src = fake_cosmos(tmp_path)
-    before = tree_hash(src)
-    raw = tmp_path / "raw"
-    r = convert(get_challenge("cosmos22"), src, 40, out=raw, progress=False)
-    assert r.converted == {"Tr": ["c01_L", "c01_R", "c02_L", "c02_R"], "Ts": ["t01_L", "t01_R"]}
-    dj = json.loads((r.folder / "dataset.json").read_text())
-    assert dj["labels"] == {
-        "background": 0, "lumen": 1, "normal_wall": 2, "atherosclerotic_wall": 3, "ignore": 4,
-    }  # fmt: skip
-    assert dj["channel_names"] == {"0": "MRI"}
-    meta = dj["nnunet_ext_challenge"]["cases"]
-    assert meta["c01_L"]["x_range"] == [16, 32] and meta["c01_L"]["annotated_slices"] == [1, 3]
-    assert meta["t01_L"]["x_range"] == [16, 32] and meta["t01_R"]["x_range"] == [0, 16]
-
-    left = read(r.folder / "labelsTr" / "c01_L.nii.gz")
-    assert left.shape == (6, 16, 16)
-    assert set(np.unique(left[[0, 2, 4, 5]])) == {4}  # unannotated slices: ignore
-    z1 = left[1]
-    assert (z1 == 1).sum() == 9 and (z1 == 2).sum() == 40 and (z1 == 0).sum() == 256 - 49
-    assert z1[8, 24 - 16] == 1 and z1[5, 24 - 16] == 2  # lumen centre, wall
-    assert (left[3] == 3).sum() == 40 and (left[3] == 2).sum() == 0  # atherosclerotic slice
-    right = read(r.folder / "labelsTr" / "c01_R.nii.gz")
-    assert sorted(np.flatnonzero((right != 4).all(axis=(1, 2)))) == [1, 4]
-    assert right[4, 9, 7] == 1
-    image = sitk.ReadImage(str(r.folder / "imagesTr" / "c01_L_0000.nii.gz"))
-    assert image.GetSize() == (16, 16, 6) and np.allclose(image.GetSpacing(), (0.5, 0.5, 2.0))
-    assert np.allclose(image.GetOrigin(), (8.0, 0.0, 0.0))  # the left half keeps its physical position
-    assert tree_hash(src) == before
-
-    # one step of label propagation works on the converted dataset
-    from nnunet_ext.labelprop import interpolate_dataset
-
-    out = interpolate_dataset(r.folder, 41, "nearest", out=raw, progress=False)
-    filled = read(out / "labelsTr" / "c01_L.nii.gz")
-    np.testing.assert_array_equal(filled[2], left[1])  # halfway between slices 1 and 3: the lower one
-    np.testing.assert_array_equal(filled[[1, 3]], left[[1, 3]])
-    assert set(np.unique(filled[[0, 4, 5]])) == {4}
-
-    # one side without contours: that half is reported, not converted
-    (src / "c02" / "CASCADE-ICAR" / "E1S101_R.QVS").unlink()
-    one = convert(get_challenge("cosmos22"), src, 44, out=raw, progress=False)
-    assert one.converted["Tr"] == ["c01_L", "c01_R", "c02_L"]
-    assert dict(one.skipped) == {"c02_R": "no contour file for this side: half not converted"}
-
-    # whole volumes on request
-    whole = convert(get_challenge("cosmos22"), src, 42, out=raw, progress=False, no_split_sides=True)
-    lab = read(whole.folder / "labelsTr" / "c01.nii.gz")
-    assert lab.shape == COSMOS_SHAPE and sorted(np.flatnonzero((lab != 4).all(axis=(1, 2)))) == [1, 3, 4]
-
-
-def test_cosmos22_refuses_bad_contours(tmp_path):
-    src = fake_cosmos(tmp_path)
-    (src / "c02" / "CASCADE-ICAL" / "E1S101_L.QVS").write_text(qvs({2: (40, 8)}))  # outside the 32 px slice
-    (src / "c01" / "CASCADE-ICAR" / "E1S101_R.QVS").write_text("<QVAS_Project><QVAS_Image")
-    with pytest.raises(UserError) as err:
-        convert(get_challenge("cosmos22"), src, 43, out=tmp_path / "raw", progress=False)
-    text = str(err.value)
-    assert "c02: side L slice 2: contour points outside the 32x16 slice" in text
-    assert "c01: E1S101_R.QVS is not valid XML" in text
 
 
 # --------------------------------------------------------------------------------------------- MOTS
@@ -432,19 +398,3 @@ def test_mots_reports_missing_sources(tmp_path):
     write(src / "6Spleen" / "labelsTr" / "spleen_002.nii.gz", organ_label((1, 2), (4, 6, 6)))
     with pytest.raises(UserError, match=r"spleen_002.nii.gz: label values \[2\]"):
         convert(get_challenge("mots-spleen"), src / "6Spleen", 730, out=tmp_path / "raw", progress=False)
-
-
-def test_cosmos22_side_from_file_or_folder_name(tmp_path):
-    from nnunet_ext.challenges.cosmos22 import _side_of
-
-    assert _side_of(Path("c01/CASCADE-ICAR/E1S101.QVS")) == "R"
-    assert _side_of(Path("c01/E1S101_L.xml")) == "L"
-    assert _side_of(Path("c01/contours.xml")) is None
-    src = fake_cosmos(tmp_path)
-    (src / "c01" / "CASCADE-ICAL" / "E1S101_L.QVS").rename(src / "c01" / "contours.QVS")
-    with pytest.raises(UserError, match="contour files without side.*contours.QVS.*--no-split-sides"):
-        convert(get_challenge("cosmos22"), src, 45, out=tmp_path / "raw", progress=False)
-    whole = convert(
-        get_challenge("cosmos22"), src, 45, out=tmp_path / "raw", progress=False, no_split_sides=True
-    )
-    assert whole.converted["Tr"] == ["c01", "c02"]

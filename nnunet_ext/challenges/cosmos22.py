@@ -1,33 +1,39 @@
 """COSMOS22: Carotid Vessel Wall Segmentation and Atherosclerosis Diagnosis (MICCAI 2022), 3D MR.
 
-The training labels are contours on some axial slices, in CASCADE's QVAS XML files (``.QVS``; one per
-artery side). The converter rasterises them into sparse-slice label maps: annotated slices get 0 background,
-1 lumen, 2 normal vessel wall, 3 atherosclerotic wall; every other slice gets nnU-Net's ignore label (4).
-That is the input of ``nnunet-ext labelprop`` (see docs/labelprop.md).
-
-Source layout (our reading of the release; the converter's errors quote it):
+The training labels are contours on some axial slices, in CASCADE's files. We read them as the 1st-place entry
+did (ShishuaiHu/Label-Propagation, ``convertor/convert.py``, the only public code that read the released files):
 
     SOURCE/<case>/                       one folder per case
         *.dcm                            the 3D MR as a DICOM series (one file per slice), or ONE image file
                                          (.nii.gz/.nii/.mha/.nrrd) in the case folder
-        **/*_L.QVS, **/*_R.QVS           contours of the left / right carotid (any sub-folder, e.g.
-                                         CASCADE-ICAL/, CASCADE-ICAR/; .xml accepted too); the side is read
-                                         from the _L/_R suffix or an ICAL/ICAR folder name
+        <case>L.QVJ, <case>R.QVJ         CASCADE project of the left / right carotid: the side is the letter
+                                         before .QVJ; it names its contour file (QVAS_Loaded_Series_List/
+                                         QVASSeriesFileName, relative to the case folder) and holds the
+                                         per-slice status (Location_Property)
+        <the .QVS each QVJ names>        the contours (QVAS XML)
 
-XML schema (QVAS): ``<QVAS_Image ImageName="...I<n>">`` per annotated slice; ``n`` (the digits after the last
-``I``) is the 1-based slice number along z (the SimpleITK array's first axis). Inside, ``<QVAS_Contour>``
-elements with ``<ContourType>`` ``Lumen`` or ``Outer Wall`` and ``<Contour_Point><Point x=".." y=".."/>...``
-in pixel coordinates (x = column, y = row; ``--contour-scale`` multiplies them, e.g. 1/2 for contours drawn on
-a 2x zoomed grid). The slice status is an optional ``<Atherosclerosis>`` element (``1``/``yes``/``true``:
-the wall is atherosclerotic, label 3; otherwise normal, label 2).
+* QVS: the k-th ``QVAS_Image`` element is slice k (0-based, the SimpleITK array's first axis); a slice is
+  annotated when it has a ``QVAS_Contour``; ``ContourType`` ``Lumen`` and ``Outer Wall``; ``Point x= y=`` are
+  on a 512 x 512 grid whatever the image size: column ``x / 512 * width``, row ``y / 512 * height``,
+  rounded half to even (Python's ``round``), consecutive repeats dropped.
+* Mask of a contour: its rounded points set on the slice, then holes filled (``binary_fill_holes``); we also
+  draw the straight segments between consecutive points (closed), which changes nothing when the points are
+  8-connected, as on CASCADE's dense contours, and keeps a sparse contour closed. Wall = outer-wall mask minus
+  lumen mask.
+* QVJ status: slice = ``Location@Index`` + the bifurcation slice
+  (``QVAS_System_Info/BifurcationLocation/BifurcationImageIndex@ImageIndex``, -1 if absent); only ``IQ > 1``
+  counts: ``AHAStatus == 1`` normal wall (label 2), ``> 1`` atherosclerotic (label 3). An annotated slice
+  without a status takes the nearest status slice's (ties: the first listed), as the winning entry did between
+  its first and last status slice; outside that range the entry's wall would become background, here the
+  slice is left unannotated (ignore label) and listed in dataset.json (``slices_without_status``).
 
-A pixel belongs to a contour if its centre lies inside the polygon (matplotlib's ``Path.contains_points``);
-the wall is the outer-wall polygon minus the lumen. By default each volume is split into its left and right
-halves along x (as the winning entry did) and each half becomes one case ``<case>_L`` / ``<case>_R``, so a slice
-annotated on one side only is not background on the other; ``--no-split-sides`` keeps whole volumes (a slice is
-then annotated if either side is). Case folders without contour files become test cases (imagesTs; halves
-named by the image direction: L = towards the patient's left, +x in LPS). ``nnunet-ext submit cosmos22`` puts
-the halves back together.
+Annotated slices get 0 background, 1 lumen, 2 normal wall, 3 atherosclerotic wall; every other slice gets
+nnU-Net's ignore label (4): the input of ``nnunet-ext labelprop`` (the winning entry instead copied the
+nearest annotated slice into the gaps; see docs/labelprop.md). By default each volume is split into halves along
+x as the winning entry's split: the left carotid's case ``<case>_L`` is x >= width // 2, the right ``<case>_R``
+x < width // 2 (contours outside their half are refused). ``--no-split-sides`` keeps whole volumes. Case
+folders without QVJ files become test cases (imagesTs, halves named the same way). ``nnunet-ext submit
+cosmos22`` puts the halves back together.
 
 Metrics: the challenge's QuanM is not defined in our references and is not computed; ``evaluate`` reports
 Dice per class (lumen, wall = 2|3, normal wall, atherosclerotic wall) on the annotated slices (ignore voxels
@@ -54,58 +60,103 @@ from nnunet_ext.challenges.base import (
 from nnunet_ext.errors import UserError
 
 LUMEN, NORMAL_WALL, ATHERO_WALL, IGNORE = 1, 2, 3, 4
-CONTOUR_SUFFIXES = (".qvs", ".xml")
-TRUE_WORDS = ("1", "yes", "true", "atherosclerotic", "y")
+#: CASCADE's contour coordinates are on a 512 x 512 grid (convertor/convert.py: x / 512 * width)
+CONTOUR_GRID = 512.0
+QVJ_NAME = re.compile(r"(.*)([LR])\.qvj", re.IGNORECASE)
 
 
 def _side_of(path: Path) -> str | None:
-    stem, parent = path.name.rsplit(".", 1)[0].upper(), path.parent.name.upper()
-    if stem.endswith("_L") or "ICAL" in parent:
-        return "L"
-    if stem.endswith("_R") or "ICAR" in parent:
-        return "R"
-    return None
+    """``L`` / ``R`` from a QVJ file name ``<case>L.QVJ`` / ``<case>R.QVJ``."""
+    m = QVJ_NAME.fullmatch(path.name)
+    return m.group(2).upper() if m else None
 
 
-def parse_qvs(path: Path, scale: float = 1.0) -> dict[int, dict]:
-    """``{slice index (0-based): {"lumen": [(x, y), ...] | None, "outer": [...] | None, "athero": bool}}``."""
+def _xml_root(path: Path):
     try:
-        root = ET.parse(path).getroot()
+        return ET.parse(path).getroot()
     except ET.ParseError as e:
         raise ValueError(f"{path.name} is not valid XML: {e}") from e
+
+
+def read_qvj(path: Path) -> dict:
+    """``{"qvs": contour file name, "status": {slice: atherosclerotic (bool)}, "bifurcation": slice or -1}``."""
+    root = _xml_root(path)
+    qvs = root.findtext("QVAS_Loaded_Series_List/QVASSeriesFileName")
+    if not qvs or not qvs.strip():
+        raise ValueError(f"{path.name}: no QVAS_Loaded_Series_List/QVASSeriesFileName (the contour file)")
+    bifurcation = -1
+    index = root.find("QVAS_System_Info/BifurcationLocation/BifurcationImageIndex")
+    if index is not None and index.get("ImageIndex") is not None:
+        bifurcation = int(index.get("ImageIndex"))
+    status: dict[int, bool] = {}
+    for loc in root.iter("Location"):
+        try:
+            z = int(loc.get("Index")) + bifurcation
+            quality = int(loc.findtext("IQ"))
+            aha = float(loc.findtext("AHAStatus"))
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"{path.name}: Location without integer Index / IQ and numeric AHAStatus ({e})"
+            ) from e
+        if quality > 1 and aha == 1:
+            status[z] = False
+        elif quality > 1 and aha > 1:
+            status[z] = True
+    return {"qvs": qvs.strip(), "status": status, "bifurcation": bifurcation}
+
+
+def parse_qvs(path: Path, width: int, height: int) -> dict[int, dict]:
+    """``{slice: {"lumen": (n, 2) array of (column, row) | None, "outer": ... | None}}`` of the annotated slices,
+    points scaled from CASCADE's 512 grid to ``width`` x ``height`` pixels."""
+    root = _xml_root(path)
     slices: dict[int, dict] = {}
-    for image in root.iter("QVAS_Image"):
-        name = image.get("ImageName", "")
-        m = re.search(r"I(\d+)$", name)
-        if not m:
-            raise ValueError(f"{path.name}: QVAS_Image ImageName={name!r} does not end with I<slice number>")
-        entry = {"lumen": None, "outer": None, "athero": False}
-        for contour in image.iter("QVAS_Contour"):
-            kind = (contour.findtext("ContourType") or "").strip().lower()
-            points = [(float(p.get("x")), float(p.get("y"))) for p in contour.iter("Point")]
-            key = {"lumen": "lumen", "outer wall": "outer", "outerwall": "outer", "outer": "outer"}.get(kind)
-            if key is None:
-                raise ValueError(
-                    f"{path.name} slice {m.group(1)}: unknown ContourType {kind!r} (Lumen / Outer Wall)"
-                )
-            if len(points) < 3:
-                raise ValueError(f"{path.name} slice {m.group(1)}: {kind} contour with {len(points)} points")
-            entry[key] = [(x * scale, y * scale) for x, y in points]
-        status = (image.findtext("Atherosclerosis") or "").strip().lower()
-        entry["athero"] = status in TRUE_WORDS
-        if entry["lumen"] is None and entry["outer"] is None:
-            continue  # an image element without contours: not annotated
-        slices[int(m.group(1)) - 1] = entry
+    for z, image in enumerate(root.findall("QVAS_Image")):
+        contours = image.findall("QVAS_Contour")
+        if not contours:
+            continue
+        entry: dict = {"lumen": None, "outer": None}
+        for contour in contours:
+            kind = (contour.findtext("ContourType") or "").strip()
+            key = {"Lumen": "lumen", "Outer Wall": "outer"}.get(kind)
+            if key is None or entry[key] is not None:  # the entry reads the first contour of each type
+                continue
+            points = []
+            for p in contour.findall("Contour_Point/Point"):
+                try:
+                    x = float(p.get("x")) / CONTOUR_GRID * width
+                    y = float(p.get("y")) / CONTOUR_GRID * height
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{path.name} slice {z}: a Point without numeric x / y") from e
+                if not points or points[-1] != (x, y):
+                    points.append((x, y))
+            entry[key] = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        slices[z] = entry
     return slices
 
 
-def rasterize(polygon, shape_yx) -> np.ndarray:
-    """Pixels (y, x) whose centre lies inside ``polygon`` ((x, y) points)."""
-    from matplotlib.path import Path as MplPath
+def contour_mask(points: np.ndarray, shape_yx) -> np.ndarray:
+    """The filled contour: rounded points (half to even, as Python's ``round``) joined by straight segments,
+    holes filled."""
+    from scipy.ndimage import binary_fill_holes
+    from skimage.draw import line
 
-    ys, xs = np.mgrid[0 : shape_yx[0], 0 : shape_yx[1]]
-    inside = MplPath(np.asarray(polygon)).contains_points(np.column_stack([xs.ravel(), ys.ravel()]))
-    return inside.reshape(shape_yx)
+    cols, rows = np.rint(points[:, 0]).astype(int), np.rint(points[:, 1]).astype(int)
+    mask = np.zeros(shape_yx, bool)
+    mask[rows, cols] = True
+    for k in range(len(rows)):
+        rr, cc = line(rows[k - 1], cols[k - 1], rows[k], cols[k])
+        mask[rr, cc] = True
+    return binary_fill_holes(mask)
+
+
+def nearest_status(z: int, status: dict[int, bool]) -> bool | None:
+    """The wall status of slice ``z``: its own, else the nearest status slice's between the first and last
+    status slice (ties: the first listed), else None."""
+    if z in status:
+        return status[z]
+    if not status or not min(status) <= z <= max(status):
+        return None
+    return status[min(status, key=lambda s: abs(s - z))]
 
 
 def read_case_image(folder: Path):
@@ -143,17 +194,14 @@ class COSMOS22(Challenge):
     channel_names = {"0": "MRI"}
     layout = (
         "  SOURCE/<case>/*.dcm (3D MR DICOM series) or one image file SOURCE/<case>/<name>.nii.gz,\n"
-        "  SOURCE/<case>/**/<...>_L.QVS and <...>_R.QVS (QVAS XML: QVAS_Image ImageName='..I<slice>' with\n"
-        "  QVAS_Contour [ContourType Lumen | Outer Wall, Contour_Point/Point x= y= in pixels])"
+        "  SOURCE/<case>/<case>L.QVJ and <case>R.QVJ (CASCADE projects of the left / right carotid), each naming\n"
+        "  its contour file SOURCE/<case>/<...>.QVS (QVAS_Loaded_Series_List/QVASSeriesFileName); as read by the\n"
+        "  1st-place entry (ShishuaiHu/Label-Propagation convertor/convert.py)"
     )
     options = (
         (
             "--no-split-sides",
             {"action": "store_true", "help": "cosmos22: keep whole volumes (no L/R halves)"},
-        ),
-        (
-            "--contour-scale",
-            {"type": float, "default": 1.0, "help": "cosmos22: factor applied to contour points"},
         ),
     )
     rules = MetricRules(
@@ -187,29 +235,33 @@ class COSMOS22(Challenge):
     def find_cases(self, source: Path, no_split_sides: bool = False, **options):
         cases, skipped = [], []
         for folder in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            contours = sorted(
-                p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in CONTOUR_SUFFIXES
-            )
+            projects = {}
+            for p in sorted(folder.iterdir()):
+                side = _side_of(p) if p.is_file() else None
+                if side is None:
+                    continue
+                if side in projects:
+                    skipped.append((f"{folder.name}/{p.name}", f"a second QVJ for side {side}: not read"))
+                    continue
+                projects[side] = p
             has_image = any(p.suffix.lower() == ".dcm" for p in folder.iterdir()) or image_files(folder)
             if not has_image:
                 skipped.append((folder.name, "no DICOM series or image file in the case folder"))
                 continue
-            split = "Tr" if contours else "Ts"
-            if contours and not no_split_sides:
-                sides = {_side_of(p) for p in contours}
+            split = "Tr" if projects else "Ts"
+            if projects and not no_split_sides:
                 skipped += [
-                    (f"{folder.name}_{side}", "no contour file for this side: half not converted")
+                    (f"{folder.name}_{side}", f"no {folder.name}{side}.QVJ for this side: half not converted")
                     for side in ("L", "R")
-                    if side not in sides and None not in sides
+                    if side not in projects
                 ]
-            cases.append(SourceCase(folder.name, [folder], None, split, folder.name, {"contours": contours}))
+            cases.append(SourceCase(folder.name, [folder], None, split, folder.name, {"projects": projects}))
         return cases, skipped
 
     # ------------------------------------------------------------------ conversion of one case
     def write_case(self, case: SourceCase, writer: RawDatasetWriter, **options) -> list[str]:
         split_sides = not options.get("no_split_sides", False)
-        scale = float(options.get("contour_scale") or 1.0)
-        contour_files = case.extra.get("contours", [])
+        projects: dict[str, Path] = case.extra.get("projects", {})
         image = read_case_image(case.images[0])
         if image.GetDimension() != 3:
             return [f"the image is {image.GetDimension()}D, expected 3D"]
@@ -224,104 +276,105 @@ class COSMOS22(Challenge):
             self._write_volume_halves(case, writer, image, None, split_sides, full)
             return []
         problems: list[str] = []
-        sides: dict[str, dict[int, dict]] = {}
-        for path in contour_files:
-            side = _side_of(path) or "?"
+        labelled: dict[str, np.ndarray] = {}
+        annotated: dict[str, set[int]] = {}
+        without_status: dict[str, list[int]] = {}
+        for side, qvj in sorted(projects.items()):
             try:
-                parsed = parse_qvs(path, scale)
+                project = read_qvj(qvj)
+                qvs = case.images[0] / project["qvs"]
+                if not qvs.is_file():
+                    raise ValueError(
+                        f"{qvj.name} names the contour file {project['qvs']}, which is not in the case folder"
+                    )
+                slices = parse_qvs(qvs, nx, ny)
             except (ValueError, TypeError) as e:
                 problems.append(str(e))
                 continue
-            if side in sides and set(sides[side]) & set(parsed):
-                problems.append(f"two contour files for side {side} annotate the same slices")
-            sides.setdefault(side, {}).update(parsed)
-        if problems:
-            return problems
-        if split_sides and "?" in sides:
-            return [
-                "contour files without side (_L / _R suffix or ICAL / ICAR folder): "
-                + ", ".join(p.name for p in contour_files if _side_of(p) is None)
-                + "; name them, or pass --no-split-sides"
-            ]
-        # rasterise every side into its own sparse volume
-        labelled: dict[str, np.ndarray] = {}
-        annotated: dict[str, set[int]] = {}
-        for side, slices in sides.items():
             vol = np.zeros((nz, ny, nx), np.uint8)
+            done, missing = set(), []
             for z, entry in sorted(slices.items()):
-                where = f"side {side} slice {z + 1}"
+                where = f"side {side} slice {z}"
                 if not 0 <= z < nz:
-                    problems.append(f"{where}: slice number outside the image's {nz} slices")
-                    continue
-                if entry["lumen"] is None or entry["outer"] is None:
-                    problems.append(f"{where}: needs both a Lumen and an Outer Wall contour")
-                    continue
-                pts = np.asarray(entry["lumen"] + entry["outer"])
-                if pts.min() < -0.5 or pts[:, 0].max() > nx - 0.5 or pts[:, 1].max() > ny - 0.5:
                     problems.append(
-                        f"{where}: contour points outside the {nx}x{ny} slice (contours in another coordinate "
-                        f"system? see --contour-scale)"
+                        f"{where}: {qvs.name} has more QVAS_Image elements than the image's {nz} slices"
                     )
                     continue
-                lumen = rasterize(entry["lumen"], (ny, nx))
-                outer = rasterize(entry["outer"], (ny, nx))
-                if not lumen.any() or not outer.any():
-                    problems.append(f"{where}: a contour encloses no pixel centre")
+                if (
+                    entry["lumen"] is None
+                    or entry["outer"] is None
+                    or not len(entry["lumen"])
+                    or not len(entry["outer"])
+                ):
+                    problems.append(f"{where}: needs both a Lumen and an Outer Wall contour with points")
                     continue
-                if (lumen & ~outer).sum() > 0.1 * lumen.sum():
-                    problems.append(f"{where}: the lumen contour is not inside the outer wall contour")
+                pts = np.rint(np.concatenate([entry["lumen"], entry["outer"]]))
+                if pts.min() < 0 or pts[:, 0].max() > nx - 1 or pts[:, 1].max() > ny - 1:
+                    problems.append(
+                        f"{where}: contour points outside the {nx}x{ny} slice (CASCADE's 512 grid scaled)"
+                    )
                     continue
-                wall = outer & ~lumen
-                vol[z][wall & (vol[z] == 0)] = ATHERO_WALL if entry["athero"] else NORMAL_WALL
+                status = nearest_status(z, project["status"])
+                if status is None:
+                    missing.append(z)  # no wall status: the slice stays unannotated
+                    continue
+                lumen = contour_mask(entry["lumen"], (ny, nx))
+                wall = contour_mask(entry["outer"], (ny, nx)) & ~lumen
+                vol[z][wall] = ATHERO_WALL if status else NORMAL_WALL
                 vol[z][lumen] = LUMEN
-            labelled[side] = vol
-            annotated[side] = set(slices)
+                done.add(z)
+            labelled[side], annotated[side], without_status[side] = vol, done, missing
         if problems:
             return problems
-        self._write_volume_halves(case, writer, image, (labelled, annotated), split_sides, full)
+        self._write_volume_halves(
+            case, writer, image, (labelled, annotated, without_status), split_sides, full
+        )
         return []
 
     def _write_volume_halves(self, case, writer, image, labels, split_sides, full) -> None:
+        """Write the halves (the winning entry's split.py: left = x >= width // 2, right = the rest) or the whole
+        volume, with the sparse labels of the sides read (``labels``: (volumes, annotated slices, slices
+        without status) per side; None for a test case)."""
         nx = image.GetSize()[0]
         half = nx // 2
+        halves = {"L": (half, nx), "R": (0, half)}
         if not split_sides:
             parts = {"": (0, nx)}
         elif labels is not None:
-            labelled, _ = labels
-            parts = {}
-            for side, vol in labelled.items():
-                xs = np.nonzero(vol.any(axis=(0, 1)))[0]
-                centre = xs.mean() if len(xs) else 0
-                parts[side] = (half, nx) if centre >= half else (0, half)
-            if len(parts) == 2 and parts["L"] == parts["R"]:
-                raise _CaseProblem("the left and right contours lie in the same half of the image")
+            parts = {side: halves[side] for side in sorted(labels[0])}
             for side, (x0, x1) in parts.items():
-                vol = labelled[side]
+                vol = labels[0][side]
                 if vol[:, :, :x0].any() or vol[:, :, x1:].any():
-                    raise _CaseProblem(f"side {side}: contours cross the middle of the image (x = {half})")
+                    where = f"x >= {half}" if side == "L" else f"x < {half}"
+                    raise _CaseProblem(
+                        f"side {side}: contours outside its half of the image ({where}, the winning entry's split); "
+                        f"a flipped image? convert it with --no-split-sides"
+                    )
         else:
-            left_is_high = image.GetDirection()[0] > 0  # LPS: +x points to the patient's left
-            parts = {"L": (half, nx), "R": (0, half)} if left_is_high else {"L": (0, half), "R": (half, nx)}
+            parts = halves
         for side, (x0, x1) in parts.items():
             case_id = f"{case.case_id}_{side}" if side else case.case_id
             crop = image[x0:x1, :, :]
             writer.write_image(crop, case_id, 0, case.split)
             meta = {"case": case.case_id, "side": side or None, "x_range": [x0, x1], "full": full}
             if labels is not None:
-                labelled, annotated = labels
+                labelled, annotated, without_status = labels
                 if side:
-                    vol, ann = labelled[side], annotated[side]
+                    vol, ann, missing = labelled[side], annotated[side], without_status[side]
                 else:  # whole volume: union of the sides
                     vol = np.zeros_like(next(iter(labelled.values())))
                     for v in labelled.values():
                         vol = np.where(v > 0, v, vol)
                     ann = set().union(*annotated.values())
+                    missing = sorted(set().union(*without_status.values()) - ann)
                 sparse = vol[:, :, x0:x1].copy()
                 keep = np.zeros(sparse.shape[0], bool)
                 keep[sorted(ann)] = True
                 sparse[~keep] = IGNORE
                 writer.write_label(sparse, crop, case_id, case.split)
                 meta["annotated_slices"] = sorted(int(z) for z in ann)
+                if missing:
+                    meta["slices_without_status"] = sorted(int(z) for z in missing)
             case.extra.setdefault("outputs", []).append((case_id, meta))
 
     def submission_cases(self, meta: dict) -> dict[str, list[str]]:
