@@ -39,31 +39,133 @@ def _unwrap(network):
     return network._orig_mod if isinstance(network, OptimizedModule) else network
 
 
-def _task_restricted_network_class():
+def _task_score_network_class():
     from torch import nn
 
-    class TaskRestrictedNetwork(nn.Module):
-        """What nnU-Net's predictor calls as ``network(x)`` for a UniSeg model restricted to some tasks:
-        ``forward_global(x, tasks)`` (the encoder once, the tasks' decoder passes batched, merged into the global
-        label map). Weights load into the wrapped network (the predictor loads every fold's parameters)."""
+    class TaskScoreNetwork(nn.Module):
+        """What nnU-Net's predictor calls as ``network(x)`` for exact multi-task decoding: ``net.task_scores(x,
+        tasks)``, the per-(task, structure) probabilities (DoDNet: sigmoid per structure; UniSeg: each task's
+        softmax), which the predictor averages over mirrors, windows and folds. Weights load into the wrapped
+        network (the predictor loads every fold's parameters)."""
 
-        def __init__(self, net, tasks):
+        def __init__(self, net, tasks=None):
             super().__init__()
             self.net = net
             self.tasks = None if tasks is None else [int(t) for t in tasks]
 
         def forward(self, x):
-            return self.net.forward_global(x, self.tasks)
+            return self.net.task_scores(x, self.tasks)
 
         def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
             return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 
-    return TaskRestrictedNetwork
+    return TaskScoreNetwork
 
 
-def restrict_tasks(net, tasks):
-    """A module whose ``forward(x)`` is ``net.forward_global(x, tasks)`` (UniSeg); torch is imported lazily."""
-    return _task_restricted_network_class()(net, tasks)
+def restrict_tasks(net, tasks=None):
+    """A module whose ``forward(x)`` is ``net.task_scores(x, tasks)`` (torch imported lazily)."""
+    return _task_score_network_class()(net, tasks)
+
+
+def num_score_channels(net) -> int:
+    """T * K: channels of ``net.task_scores`` (DoDNet: structures per task; UniSeg: classes per task)."""
+    return int(net.num_tasks * (net.num_outputs if hasattr(net, "forward_global") else net.num_structures))
+
+
+def predict_task_scores(predictor, data, tasks=None):
+    """Per-(task, structure) probabilities (T*K, *spatial) of a preprocessed case (C, *spatial), averaged over
+    mirrors, windows and (with loaded fold parameters) folds, by nnU-Net's own sliding-window code."""
+    from types import SimpleNamespace
+
+    network, label_manager = predictor.network, predictor.label_manager
+    net = _unwrap(network)
+    predictor.network = restrict_tasks(net, tasks)
+    # the predictor sizes its accumulator from label_manager.num_segmentation_heads
+    predictor.label_manager = SimpleNamespace(num_segmentation_heads=num_score_channels(net))
+    try:
+        if getattr(predictor, "list_of_parameters", None):
+            scores = predictor.predict_logits_from_preprocessed_data(data)
+        else:  # the trainer's validation predictor: the network's current weights
+            scores = predictor.predict_sliding_window_return_logits(data)
+    finally:
+        predictor.network, predictor.label_manager = network, label_manager
+    return scores.float().cpu()
+
+
+def scores_to_original_shape(scores, properties: dict, plans_manager, configuration_manager):
+    """Resample (T*K, *preprocessed) scores to the cropped original grid (as nnU-Net does with its logits)."""
+    import torch
+
+    spacing_t = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    shape = properties["shape_after_cropping_and_before_resampling"]
+    current = (
+        configuration_manager.spacing
+        if len(configuration_manager.spacing) == len(shape)
+        else [spacing_t[0], *configuration_manager.spacing]
+    )
+    out = configuration_manager.resampling_fn_probabilities(scores, shape, current, spacing_t)
+    return torch.as_tensor(np.asarray(out) if not isinstance(out, torch.Tensor) else out).float()
+
+
+def stored_merge_weights(predictor):
+    """(T, K) cross-task weights averaged over the loaded folds, and whether every fold had stored ones."""
+    import torch
+
+    from nnunet_ext.partial import MERGE_WEIGHTS, MERGE_WEIGHTS_SET
+
+    net = _unwrap(predictor.network)
+    params = getattr(predictor, "list_of_parameters", None) or [net.state_dict()]
+    ws, ok = [], True
+    for p in params:
+        key = next((k for k in p if k.endswith(MERGE_WEIGHTS)), None)
+        flag = next((k for k in p if k.endswith(MERGE_WEIGHTS_SET)), None)
+        if key is None or flag is None or float(p[flag]) <= 0:
+            ok = False
+        if key is not None:
+            ws.append(p[key].float().cpu())
+    if not ws:
+        return None, False
+    return torch.stack(ws).mean(0), ok
+
+
+def decode_scores(net, scores, mode: str, task: int | None = None, weights=None):
+    """Label map (global label values, *spatial) from averaged scores (T*K, *spatial).
+
+    ``mode="own"``: task ``task``'s own decision (DoDNet: threshold 0.5, the later structure of the task wins;
+    UniSeg: argmax over the task's classes). ``mode="merged"``: every task decides first, then the cross-task
+    rule (:func:`nnunet_ext.partial.merge_task_decisions`) with ``weights`` (T, K)."""
+    import torch
+
+    from nnunet_ext.partial import merge_task_decisions, own_task_labels
+
+    choice, margin = net.decide_tasks(scores.unsqueeze(0))  # (1, T, ...)
+    table = net.structure_labels.cpu()
+    if mode == "own":
+        return own_task_labels(choice[0, int(task)], table, int(task))
+    if weights is None:
+        weights = torch.ones(table.shape, dtype=torch.float32)
+    return merge_task_decisions(choice, margin, table, weights)[0]
+
+
+def write_label_map(seg, properties: dict, plans_manager, file_truncated: str, file_ending: str) -> None:
+    """Put a label map on the cropped original grid back into the full image (nnU-Net's export steps: revert
+    cropping and transposition) and write it atomically."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
+    seg = np.asarray(seg.cpu().numpy() if hasattr(seg, "cpu") else seg)
+    dtype = np.uint8 if seg.max(initial=0) < 255 else np.uint16
+    full = np.zeros(properties["shape_before_cropping"], dtype=dtype)
+    full = insert_crop_into_image(full, seg.astype(dtype), properties["bbox_used_for_cropping"])
+    full = full.transpose(plans_manager.transpose_backward)
+    rw = plans_manager.image_reader_writer_class()
+    folder, name = os.path.split(file_truncated)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}{file_ending}")
+    try:
+        rw.write_seg(full, tmp, properties)
+        os.replace(tmp, file_truncated + file_ending)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_predictor(model_folder, folds, checkpoint="checkpoint_final.pth", device="auto", tta=True, step=0.5):
@@ -109,23 +211,40 @@ def predict_tasks(
     output_folder,
     tasks: Sequence[str] | None = None,
     by_prefix: bool = False,
+    per_task: bool = False,
+    equal_weights: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, str]:
-    """Predict every case of ``input_folder`` (nnU-Net raw image layout) into ``output_folder``: with all tasks
-    (universal), with ``tasks`` only, or (``by_prefix``) each case with its own task. Returns case -> mode."""
+    """Predict every case of ``input_folder`` (nnU-Net raw image layout) into ``output_folder`` with exact
+    multi-task decoding (the per-(task, structure) probabilities are averaged over mirrors, windows and folds
+    first, then every task decides - DoDNet: threshold 0.5, tumour over organ; UniSeg: argmax - then the
+    cross-task rule merges; see docs/dodnet.md).
+
+    Modes: all tasks merged (default); ``tasks`` only (merged over those; one task = its own map); ``by_prefix``:
+    each case with its own task; ``per_task``: one label map per task (``tasks`` or all) into
+    ``output_folder/<task>/`` with nnU-Net's file names, so structures of different tasks that overlap are all
+    kept. The merge needs the cross-task weights stored by validation unless ``equal_weights``. Returns
+    case -> mode."""
+    import torch
     from nnunetv2.utilities.utils import (
         create_lists_from_splitted_dataset_folder,
         get_identifiers_from_splitted_dataset_folder,
     )
 
+    from nnunet_ext.io import atomic_write_json
     from nnunet_ext.tasks import TASKS_KEY, load_task_registry
 
+    if by_prefix and (tasks or per_task):
+        raise UserError(
+            "--by-prefix gives every case its own task; do not combine it with --task or --per-task."
+        )
     net = _unwrap(predictor.network)
     ending = predictor.dataset_json["file_ending"]
     cases = [str(c) for c in get_identifiers_from_splitted_dataset_folder(str(input_folder), ending)]
     if not cases:
         raise UserError(f"no images *_0000{ending} in {input_folder}.")
-    os.makedirs(output_folder, exist_ok=True)
-    groups: dict[str, tuple[list[int] | None, list[str]]] = {}
+    indices = None if not tasks else [layout.task_index(t) for t in tasks]
+    task_of_case: dict[str, int] = {}
     if by_prefix:
         if TASKS_KEY not in predictor.dataset_json:
             raise UserError(
@@ -138,35 +257,69 @@ def predict_tasks(
                 f"case(s) {unknown[:5]} start with no task prefix { {s.name: list(s.prefixes) for s in registry.specs} }; "
                 f"rename them, or predict them with --task TASK or universally (no --by-prefix)."
             )
-        for c in cases:
-            t = registry.task_of(c)
-            groups.setdefault(t, ([layout.task_index(t)], []))[1].append(c)
-    elif tasks:
-        groups["+".join(tasks)] = ([layout.task_index(t) for t in tasks], list(cases))
-    else:
-        groups["universal"] = (None, list(cases))
-    done = {}
-    original = predictor.network
-    uniseg = hasattr(net, "forward_global")
-    try:
-        for mode, (indices, group) in groups.items():
-            if uniseg:  # UniSeg: the task selection is an argument of forward_global, bound by a wrapper
-                predictor.network = restrict_tasks(net, indices)
-            else:
-                net.set_inference_tasks(indices)
-            lists = create_lists_from_splitted_dataset_folder(str(input_folder), ending, group)
-            outs = [os.path.join(output_folder, c) for c in group]
-            predictor.predict_from_files_sequential(lists, outs, False, True, None)
-            done.update({c: mode for c in group})
-    finally:
-        predictor.network = original
-        if not uniseg:
-            net.set_inference_tasks(None)
-    from nnunet_ext.io import atomic_write_json
-
-    atomic_write_json(
-        Path(output_folder) / "nnunet_ext_predict.json", {"tasks": list(layout.tasks), "cases": done}
+        task_of_case = {c: layout.task_index(registry.task_of(c)) for c in cases}
+    out = Path(output_folder)
+    per_task_names = list(tasks) if tasks else list(layout.tasks)
+    if per_task:
+        existing = [str(out / t) for t in per_task_names if (out / t).exists()]
+        if existing and not overwrite:
+            raise UserError(
+                f"--per-task output folder(s) {existing} already exist; pass another -o, remove them, or add "
+                f"--overwrite."
+            )
+    merging = (
+        not per_task and not by_prefix and (indices is None or len(indices) > 1) and layout.num_tasks > 1
     )
+    weights, stored = stored_merge_weights(predictor)
+    if merging and not stored and not equal_weights:
+        raise UserError(
+            "this model has no stored cross-task merge weights (its checkpoints predate them or its validation "
+            "never ran); run `nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER --val` for every fold used, "
+            "or pass --equal-weights (or --per-task / --by-prefix, which need no merge)."
+        )
+    if equal_weights or weights is None:
+        weights = torch.ones(net.structure_labels.shape, dtype=torch.float32)
+
+    plans_manager, cm = predictor.plans_manager, predictor.configuration_manager
+    preprocessor = cm.preprocessor_class(verbose=False)
+    lists = create_lists_from_splitted_dataset_folder(str(input_folder), ending, cases)
+    folders = [out / t for t in per_task_names] if per_task else [out]
+    for f in folders:
+        f.mkdir(parents=True, exist_ok=True)
+    done: dict[str, str] = {}
+    for case, files in zip(cases, lists):
+        data, _, props = preprocessor.run_case(files, None, plans_manager, cm, predictor.dataset_json)
+        if by_prefix:
+            sel = [task_of_case[case]]
+        else:
+            sel = indices
+        scores = predict_task_scores(predictor, torch.from_numpy(np.asarray(data)), sel)
+        scores = scores_to_original_shape(scores, props, plans_manager, cm)
+        if per_task:
+            for name in per_task_names:
+                seg = decode_scores(net, scores, "own", layout.task_index(name))
+                write_label_map(seg, props, plans_manager, str(out / name / case), ending)
+            done[case] = "per-task"
+        elif by_prefix or (indices is not None and len(indices) == 1):
+            t = sel[0]
+            write_label_map(
+                decode_scores(net, scores, "own", t), props, plans_manager, str(out / case), ending
+            )
+            done[case] = layout.tasks[t]
+        else:
+            seg = decode_scores(net, scores, "merged", weights=weights)
+            write_label_map(seg, props, plans_manager, str(out / case), ending)
+            done[case] = "universal" if indices is None else "+".join(tasks)
+    record = {
+        "tasks": list(layout.tasks),
+        "cases": done,
+        "merge_weights": None if not merging else weights.tolist(),
+        "merge_weights_stored": bool(stored) and not equal_weights,
+    }
+    for f in folders:
+        atomic_write_json(f / "dataset.json", predictor.dataset_json)
+        atomic_write_json(f / "plans.json", plans_manager.plans)
+        atomic_write_json(f / "nnunet_ext_predict.json", record)
     return done
 
 
@@ -261,7 +414,17 @@ def _cmd_predict(args) -> int:
     )
     for t in args.task or []:
         layout.task_index(t)
-    done = predict_tasks(predictor, layout, args.input, args.output, args.task, args.by_prefix)
+    done = predict_tasks(
+        predictor,
+        layout,
+        args.input,
+        args.output,
+        args.task,
+        args.by_prefix,
+        per_task=args.per_task,
+        equal_weights=args.equal_weights,
+        overwrite=args.overwrite,
+    )
     modes = sorted(set(done.values()))
     print(
         f"predicted {len(done)} case(s) into {args.output} ({', '.join(modes)}); tasks of the model: {list(layout.tasks)}"
@@ -364,6 +527,18 @@ def add_parser(sub) -> None:
     p.add_argument("--model-folder", help="the trained model folder instead of -d/-c/-tr/-p")
     p.add_argument("--task", action="append", help="predict only this task's structures (repeat for several)")
     p.add_argument("--by-prefix", action="store_true", help="each case with the task its name's prefix names")
+    p.add_argument(
+        "--per-task",
+        action="store_true",
+        help="one label map per task (OUT/<task>/CASE.nii.gz; all tasks or the --task ones): overlapping "
+        "structures of different tasks are all kept",
+    )
+    p.add_argument(
+        "--equal-weights",
+        action="store_true",
+        help="merge tasks with equal cross-task weights (for a model without the weights its validation stores)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="write into existing --per-task folders")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--disable-tta", action="store_true", help="no mirroring")
     p.add_argument("--step-size", type=float, default=0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from copy import deepcopy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -490,15 +491,19 @@ def test_trainer_step_validation_checkpoint_and_predictor(partial_env, tmp_path,
     # nnunet-ext predict: universal vs single-task predictions through nnU-Net's predictor and export
     import SimpleITK as sitk
 
+    from nnunet_ext.errors import UserError
     from nnunet_ext.universal import load_predictor, predict_tasks
 
     images = partial_env.dataset(502, "partial") / "imagesTs"
     pred, layout = load_predictor(out_base, (0,), device="cpu", tta=False)
+    with pytest.raises(UserError, match="no stored cross-task merge weights"):  # validation never ran
+        predict_tasks(pred, layout, images, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
     maps = {}
     for mode in ("universal", "liver", "kidney", "spleen", "prefix"):
         out = tmp_path / mode
         if mode == "universal":
-            predict_tasks(pred, layout, images, out)
+            predict_tasks(pred, layout, images, out, equal_weights=True)
         elif mode == "prefix":
             done = predict_tasks(pred, layout, images, out, by_prefix=True)
             assert done == {c: c.split("_")[0] for c in done}
@@ -516,6 +521,35 @@ def test_trainer_step_validation_checkpoint_and_predictor(partial_env, tmp_path,
             where = np.isin(uni, labs)
             np.testing.assert_array_equal(single[t][where], uni[where])
         np.testing.assert_array_equal(maps["prefix"][case], maps[case.split("_")[0]][case])
+    # one label map per task, nnU-Net's file names: each equals that task's own prediction
+    predict_tasks(pred, layout, images, tmp_path / "per_task", per_task=True)
+    for t in layout.tasks:
+        for case, own in maps[t].items():
+            np.testing.assert_array_equal(
+                sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "per_task" / t / case))), own
+            )
+    with pytest.raises(UserError, match="already exist"):
+        predict_tasks(pred, layout, images, tmp_path / "per_task", per_task=True)
+
+    # end-of-training validation: each case predicted with its own task; merged map scored separately; the
+    # cross-task weights land in the checkpoint, after which the universal prediction needs no flag
+    trainer.perform_actual_validation()
+    val = Path(trainer.output_folder) / "validation"
+    own = json.loads((val / "summary_tasks.json").read_text())
+    merged = json.loads((val / "summary_tasks_merged.json").read_text())
+    assert own["metric_per_case"] and merged["metric_per_case"] and (val / "summary.json").is_file()
+    weights = json.loads((val / "merge_weights.json").read_text())["weights"]
+    assert len(weights) == 3 and all(0.05 <= w <= 1 for row in weights for w in row)
+    for c in own["metric_per_case"]:
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(val / (c["case"] + ".nii.gz"))))
+        assert set(np.unique(seg)) <= {0, *layout.labels[layout.task_index(c["task"])]}
+        assert (Path(trainer.output_folder) / "validation_merged" / (c["case"] + ".nii.gz")).is_file()
+    assert not (Path(trainer.output_folder) / ".validation_scores").exists()
+    ckpt = torch.load(Path(trainer.output_folder) / "checkpoint_final.pth", weights_only=False)
+    assert float(ckpt["network_weights"]["task_heads.seg_layers.merge_weights_set"]) == 1
+    pred, layout = load_predictor(out_base, (0,), device="cpu", tta=False)
+    predict_tasks(pred, layout, images, tmp_path / "weighted")
+    assert json.loads((tmp_path / "weighted" / "nnunet_ext_predict.json").read_text())["merge_weights_stored"]
 
 
 @pytest.mark.slow
@@ -569,3 +603,151 @@ def test_postprocessing_rules_from_registry():
     out = postprocess_segmentation(seg, rules)
     assert (out[1:7, 1:7, 1:7] == seg[1:7, 1:7, 1:7]).all()
     assert not out[9:, :, :].any() and out[0, 11, 0] == 0
+
+
+# ------------------------------------------------------------------------- cross-task merge (issue 14)
+def _probs_to_logits(p: list[float]) -> torch.Tensor:
+    """(1, T*K, 1, 1, 1) logits whose sigmoid is p (LAYOUT: liver, liver_tumour, kidney, kidney_tumour, spleen, pad)."""
+    t = torch.tensor(p, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    return torch.log(t / (1 - t)).float().view(1, -1, 1, 1, 1)
+
+
+def _exact(net: DoDNet, p: list[float], weights=None) -> int:
+    from nnunet_ext.universal import decode_scores
+
+    scores = torch.tensor(p, dtype=torch.float32).view(-1, 1, 1, 1)
+    return int(decode_scores(net, scores, "merged", weights=weights).flatten()[0])
+
+
+def _stock(net: DoDNet, p: list[float]) -> int:
+    return int(net.universal_logits(_probs_to_logits(p)).argmax(1).flatten()[0])
+
+
+def test_merge_decides_inside_each_task_first():
+    """The old rule compared the tumour-over-organ bonus across tasks: liver p = 0.99 lost to a kidney-tumour p of
+    0.51 from the kidney task. Each task decides first, then the tasks are compared."""
+    net = make_dodnet()
+    case = [0.99, 0.01, 0.6, 0.51, 0.01, 0.0]  # liver task: liver; kidney task: its tumour, barely
+    assert _stock(net, case) == 1 and _exact(net, case) == 1
+    nothing = [0.2, 0.1, 0.4, 0.49, 0.3, 0.9]  # no task claims the voxel (padding channel never counts)
+    assert _stock(net, nothing) == 0 and _exact(net, nothing) == 0
+    # within the task the tumour still wins over its organ
+    assert _stock(net, [0.99, 0.51, 0.01, 0.01, 0.01, 0.0]) == 2
+    assert _exact(net, [0.99, 0.51, 0.01, 0.01, 0.01, 0.0]) == 2
+
+
+def test_merge_never_loses_a_structure_to_a_task_that_does_not_annotate_it():
+    net = make_dodnet()
+    # the liver task claims liver weakly, the other tasks (which do not annotate liver) say background firmly
+    weak = [0.55, 0.01, 0.001, 0.001, 0.001, 0.0]
+    low = torch.full((3, 2), 1.0)
+    low[0, 0] = 0.05  # even with the smallest weight
+    assert _stock(net, weak) == 1 and _exact(net, weak) == 1 and _exact(net, weak, low) == 1
+    net.set_merge_weights(low)
+    assert _stock(net, weak) == 1
+
+
+def test_merge_weights_stop_an_overconfident_task():
+    """A task that fires everywhere (spleen p = 0.99 on a liver voxel) takes the voxel with equal weights; with the
+    own-task validation Dice as weights (spleen 0.1, liver 0.9) the liver task keeps it."""
+    from nnunet_ext.partial import merge_task_decisions
+
+    net = make_dodnet()
+    case = [0.8, 0.01, 0.01, 0.01, 0.99, 0.0]
+    assert _exact(net, case) == 5 and _stock(net, case) == 5
+    w = torch.tensor([[0.9, 0.9], [1.0, 1.0], [0.1, 1.0]])
+    assert _exact(net, case, w) == 1
+    net.set_merge_weights(w)
+    assert net.has_merge_weights and _stock(net, case) == 1
+    # the helper on its own: decisions (B, T, ...) and margins
+    choice = torch.tensor([[1, 0, 1]]).view(1, 3, 1)
+    margin = torch.tensor([[0.6, 0.0, 0.98]]).view(1, 3, 1)
+    assert int(merge_task_decisions(choice, margin, net.structure_labels, w)[0, 0]) == 1
+    assert int(merge_task_decisions(choice, margin, net.structure_labels, torch.ones(3, 2))[0, 0]) == 5
+
+
+def test_exact_decoding_averages_probabilities_before_thresholding():
+    """Mirrors: tumour p 7 x 0.55 and 1 x 0.45 (mean 0.5375 > 0.5: DoDNet says tumour), organ p 0.99. The exact
+    decoding (mean sigmoid, then threshold) gives the tumour; nnU-Net's averaging of the stock logits does not."""
+    from nnunet_ext.universal import decode_scores
+
+    net = make_dodnet()
+    mirrors = [[0.99, 0.55, 0.01, 0.01, 0.01, 0.0]] * 7 + [[0.99, 0.45, 0.01, 0.01, 0.01, 0.0]]
+    mean_p = torch.tensor(mirrors).mean(0).view(-1, 1, 1, 1)
+    assert int(decode_scores(net, mean_p, "own", 0).flatten()[0]) == 2
+    assert int(decode_scores(net, mean_p, "merged").flatten()[0]) == 2
+    stock = torch.stack([net.universal_logits(_probs_to_logits(m)) for m in mirrors]).mean(0)
+    assert int(stock.argmax(1).flatten()[0]) == 1  # the documented approximation of the stock path
+
+
+def test_merge_weights_travel_in_the_state_dict_and_old_checkpoints_load():
+    from nnunet_ext.partial import merge_weights_from_summary
+
+    net = make_dodnet()
+    sd = net.state_dict()
+    assert "task_heads.seg_layers.merge_weights" in sd and "task_heads.seg_layers.merge_weights_set" in sd
+    old = {k: v for k, v in sd.items() if "merge_weights" not in k}
+    other = make_dodnet(seed=1)
+    other.set_merge_weights(torch.full((3, 2), 0.5))
+    other.load_state_dict(old)  # strict: the missing buffers get equal weights, flag not set
+    assert not other.has_merge_weights and torch.all(other.merge_weights == 1)
+    summary = {
+        "metric_per_case": [
+            {
+                "case": "liver_0",
+                "task": "liver",
+                "metrics": {"1": {"Dice": 0.8}, "2": {"Dice": float("nan")}},
+            },
+            {"case": "liver_1", "task": "liver", "metrics": {"1": {"Dice": 0.6}, "2": {"Dice": 0.0}}},
+            {"case": "spleen_0", "task": "spleen", "metrics": {"5": {"Dice": 0.3}}},
+        ]
+    }
+    weights, _ = merge_weights_from_summary(summary, LAYOUT)
+    assert weights == [[pytest.approx(0.7), 0.05], [1.0, 1.0], [pytest.approx(0.3), 1.0]]
+
+
+def test_nested_targets_cover_the_inner_labels():
+    nested = TaskLayout(("liver", "kidney", "spleen"), ((1, 2), (3, 4), (5,)), 6, (True, False, False))
+    table = nested.target_table()
+    assert table[0, 0].nonzero().flatten().tolist() == [1, 2] and table[
+        0, 1
+    ].nonzero().flatten().tolist() == [2]
+    assert table[1, 0].nonzero().flatten().tolist() == [3]
+    assert nested.scoring_regions("liver") == [(1, 2), 2] and nested.scoring_regions("kidney") == [3, 4]
+    assert TaskLayout.from_json(nested.to_json()) == nested
+    target = torch.tensor([0, 1, 2, 3, 4]).view(1, 1, 5, 1, 1).repeat(2, 1, 1, 1, 1)
+    logits = torch.zeros(2, 2, 5, 1, 1)
+    logits[:, 0] = 20 * ((target[:, 0] == 1) | (target[:, 0] == 2)).float() - 10  # organ = organ + tumour
+    logits[:, 1] = 20 * (target[:, 0] == 2).float() - 10
+    ids = torch.tensor([0, 0])
+    nested_loss = float(PartialLabelLoss(nested)(logits, target, ids))  # only the Dice smoothing is left
+    assert nested_loss < 0.3 and float(PartialLabelLoss(LAYOUT)(logits, target, ids)) > nested_loss + 0.5
+    with pytest.raises(ValueError, match="nested"):
+        TaskLayout(("a",), ((1,),), 2, (True,))
+
+
+# ------------------------------------------------------------------------------- TransDoDNet fidelity
+def test_transdodnet_token_pooling_only_on_oversized_axes():
+    gen = make_transdodnet(max_tokens_per_level=300).task_heads.seg_layers
+    shapes = gen.token_shapes([(16, 24, 24), (8, 12, 12), (8, 6, 6)])
+    assert [g for _, g in shapes] == [(8, 6, 6), (8, 6, 6), (8, 6, 6)]  # never coarser than the bottleneck
+    assert shapes[1][0] == (1, 2, 2) and shapes[2][0] == (1, 1, 1)
+    gen.max_tokens_per_level = 64
+    assert [g for _, g in gen.token_shapes([(16, 16, 16)])] == [(4, 4, 4)]
+
+
+def test_transdodnet_adds_the_transformer_memory_to_the_bottleneck():
+    net = make_transdodnet(ds=False, max_tokens_per_level=64).train()
+    gen = net.task_heads.seg_layers
+    assert gen.memory_proj is not None
+    x = torch.randn(2, 1, 16, 16, 16)
+    skips = net.encoder(x)
+    params, new = net.heads_and_skips(skips)
+    assert params.shape == (2, 3, 162) and new[-1].shape == skips[-1].shape
+    assert not torch.allclose(new[-1], skips[-1]) and all(a is b for a, b in zip(new[:-1], skips[:-1]))
+    net(x).sum().backward()
+    assert gen.memory_proj[0].weight.grad is not None and gen.memory_proj[0].weight.grad.abs().sum() > 0
+    plain = make_transdodnet(ds=False, max_tokens_per_level=64, add_memory=False)
+    assert plain.task_heads.seg_layers.memory_proj is None
+    s = plain.encoder(x)
+    assert plain.heads_and_skips(s)[1][-1] is s[-1]

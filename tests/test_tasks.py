@@ -254,3 +254,30 @@ def test_cli_validate_errors(raw_root, capsys, monkeypatch):
     assert "export nnUNet_raw=" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a sub-command is required
         run_cli(["tasks"])
+
+
+# ---------------------------------------------------------------------------------------- nested structures
+def test_nested_flag_is_read_validated_and_written_back():
+    tasks = copy.deepcopy(TASKS)
+    tasks["liver"]["nested"] = True
+    reg = load_task_registry(make_dataset_json(tasks), CASES)
+    assert reg.nested_of("liver") and not reg.nested_of("kidney")
+    assert reg.to_json()["liver"]["nested"] is True and "nested" not in reg.to_json()["kidney"]
+    from nnunet_ext.partial import TaskLayout
+
+    layout, _ = TaskLayout.from_dataset_json(make_dataset_json(tasks))
+    assert layout.nested == (True, False, False)
+
+
+@pytest.mark.parametrize(
+    "task, value, match",
+    [
+        ("spleen", True, "only.*spleen.*inner label"),  # a task without an inner label
+        ("liver", "yes", "must be true or false"),
+    ],
+)
+def test_nested_flag_errors_name_the_fix(task, value, match):
+    tasks = copy.deepcopy(TASKS)
+    tasks[task]["nested"] = value
+    with pytest.raises(TaskRegistryError, match=match):
+        load_task_registry(make_dataset_json(tasks))

@@ -173,6 +173,8 @@ def test_mots_preset_maps_the_seven_tasks_like_the_paper(tmp_path):
     assert [reg.label_names_of(t) for t in ("colon", "lung", "spleen", "hepaticvessel")] == [
         ["colon_tumour"], ["lung_tumour"], ["spleen"], ["hepatic_vessel", "hepatic_vessel_tumour"],
     ]  # fmt: skip
+    # DoDNet's id2trainId: organ = label >= 1 for liver, kidney, pancreas (nested); hepatic vessel == 1 (not)
+    assert [t for t in reg.tasks if reg.nested_of(t)] == ["liver", "kidney", "pancreas"]
     lab = read(target / "labelsTr" / "pancreas_case_000.nii.gz")
     src = read(sources["pancreas"] / "labelsTr" / "case_000.nii.gz")
     np.testing.assert_array_equal(lab, np.select([src == 1, src == 2], [7, 8], 0))

@@ -375,6 +375,8 @@ def test_trainer_predictor_task_prediction_and_fine_tuning(uniseg_env, tmp_path)
     with torch.no_grad():
         val = trainer.validation_step(next(trainer.dataloader_val))
     assert np.isfinite(val["loss"]) and len(val["tp_hard"]) == 5
+    # the official UniSeg_Trainer: 50 iterations per task per epoch
+    assert trainer.num_iterations_per_epoch == 50 * 3
 
     out_base = trainer.output_folder_base
     os.makedirs(os.path.join(out_base, "fold_0"), exist_ok=True)
@@ -406,7 +408,7 @@ def test_trainer_predictor_task_prediction_and_fine_tuning(uniseg_env, tmp_path)
     for mode in ("all", "liver", "kidney", "spleen", "prefix"):
         out = tmp_path / mode
         if mode == "all":
-            predict_tasks(pred, layout, images, out)
+            predict_tasks(pred, layout, images, out, equal_weights=True)
         elif mode == "prefix":
             predict_tasks(pred, layout, images, out, by_prefix=True)
         else:
@@ -424,6 +426,21 @@ def test_trainer_predictor_task_prediction_and_fine_tuning(uniseg_env, tmp_path)
             where = np.isin(merged, labs)
             np.testing.assert_array_equal(single[t][where], merged[where])
         np.testing.assert_array_equal(maps["prefix"][case], maps[case.split("_")[0]][case])
+    predict_tasks(pred, layout, images, tmp_path / "per_task", per_task=True)
+    for t in layout.tasks:
+        for case, own in maps[t].items():
+            got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "per_task" / t / case)))
+            np.testing.assert_array_equal(got, own)
+
+    # own-task validation (the official UniSeg validate(): each case with its own task) + stored weights
+    trainer.perform_actual_validation()
+    val_dir = os.path.join(trainer.output_folder, "validation")
+    own = json.load(open(os.path.join(val_dir, "summary_tasks.json")))
+    assert own["metric_per_case"] and os.path.isfile(os.path.join(val_dir, "summary_tasks_merged.json"))
+    for c in own["metric_per_case"]:
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(val_dir, c["case"] + ".nii.gz")))
+        assert set(np.unique(seg)) <= {0, *layout.labels[layout.task_index(c["task"])]}
+    assert float(torch.load(ckpt, weights_only=False)["network_weights"]["merge_weights_set"]) == 1
 
     # fine-tuning: convert, then nnU-Net's -pretrained_weights loading into the plain trainer of another dataset
     converted = tmp_path / "uniseg_pretrained.pth"
@@ -561,3 +578,63 @@ def test_mixed_modality_merge_trains_and_predicts(tmp_path):
         )[0]
         spleen, tumour = dj["labels"]["spleen"], dj["labels"]["tumour"]
         assert seg.shape == (16, 40, 40) and not np.isin(seg, [spleen, tumour]).any()
+
+
+# ----------------------------------------------------------------------------- fidelity / merge (issue 14)
+def test_prompt_is_initialised_like_the_official_randn():
+    torch.manual_seed(0)
+    net = make_uniseg(ds=False)
+    assert 0.7 < float(net.prompt.detach().std()) < 1.3  # torch.randn (std 1), not std 0.02
+
+
+def test_trainer_iterations_are_50_per_task():
+    from nnunet_ext.trainers import nnUNetTrainerUniSeg
+
+    assert nnUNetTrainerUniSeg.iterations_per_task == 50
+
+
+def test_batch_dice_pools_per_task_and_class():
+    """Local class 1 of the liver task and of the spleen task are different structures: in a mixed batch the
+    batch Dice is the mean over the (task, class) pairs, each pooled over its own samples only."""
+    torch.manual_seed(0)
+    loss = SlicedDCCELoss([3, 3, 2], 3, batch_dice=True, weight_ce=0.0)
+    logits = torch.randn(4, 3, 4, 6, 6)
+    target = torch.randint(0, 3, (4, 1, 4, 6, 6))
+    target[2:] = target[2:].clamp_max(1)  # spleen samples: classes 0/1
+    tasks = torch.tensor([0, 0, 2, 2])
+    mixed = loss(logits, target, tasks)
+    liver = loss(logits[:2], target[:2], tasks[:2])  # 2 pairs (classes 1, 2)
+    spleen = loss(logits[2:], target[2:], tasks[2:])  # 1 pair (class 1)
+    torch.testing.assert_close(mixed, (2 * liver + spleen) / 3)
+
+
+def test_weighted_merge_keeps_an_undertrained_task_off_other_structures():
+    """An under-trained spleen task fires everywhere with a large margin. With equal weights it takes the liver
+    (the failure seen in the benchmark); with the stored own-task Dice weights the liver task keeps its voxel,
+    through the stock forward (nnU-Net's predictor) and the exact decoding alike."""
+    from nnunet_ext.universal import decode_scores
+
+    net = make_uniseg(ds=False).eval()
+    # (B, T, K, 1, 1, 1) probabilities: liver task says liver (0.7), kidney background, spleen says spleen (0.95)
+    prob = torch.zeros(1, 3, 3, 1, 1, 1)
+    prob[0, 0, :, 0, 0, 0] = torch.tensor([0.2, 0.7, 0.1])
+    prob[0, 1, :, 0, 0, 0] = torch.tensor([0.9, 0.05, 0.05])
+    prob[0, 2, :2, 0, 0, 0] = torch.tensor([0.05, 0.95])
+    net.task_probabilities = lambda x, tasks=None: prob  # constructed head outputs
+    x = torch.zeros(1, 1, 1, 1, 1)
+    spleen = TASK_LABELS[2][0]
+    liver = TASK_LABELS[0][0]
+    scores = prob.reshape(1, 9, 1, 1, 1)[0]
+    assert int(net(x).argmax(1).flatten()[0]) == spleen
+    assert int(decode_scores(net, scores, "merged").flatten()[0]) == spleen
+    w = torch.tensor([[0.9, 0.8], [0.9, 0.9], [0.1, 1.0]])
+    net.set_merge_weights(w)
+    assert net.has_merge_weights
+    assert int(net(x).argmax(1).flatten()[0]) == liver
+    assert int(decode_scores(net, scores, "merged", weights=w).flatten()[0]) == liver
+    # a voxel no task claims is background; a structure only the liver task annotates is not lost to the others
+    prob[0, 2, :2, 0, 0, 0] = torch.tensor([0.9, 0.1])
+    assert int(decode_scores(net, scores, "merged", weights=w).flatten()[0]) == liver
+    prob[0, 0, :, 0, 0, 0] = torch.tensor([0.8, 0.1, 0.1])
+    assert int(decode_scores(net, scores, "merged", weights=w).flatten()[0]) == 0
+    assert int(net(x).argmax(1).flatten()[0]) == 0

@@ -193,12 +193,19 @@ class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
         fp = np.zeros(num_fg)
         fn = np.zeros(num_fg)
         axes = tuple(range(1, seg.ndim))
+        members = self.loss.loss.target_table.to(seg.device)[task_ids]  # (B, K, V): values of each structure
+        v = members.shape[2]
         for lab in range(1, num_fg + 1):
             rows = annotated[:, lab]
             if not rows.any():
                 continue
-            p = (seg[rows] == lab) & valid[rows]
-            t = (target[rows] == lab) & valid[rows]
+            # the label values structure `lab` covers in each sample's task (nested: organ = organ + tumour)
+            j = (table[rows] == lab).float().argmax(1)  # (R,)
+            m = members[rows][torch.arange(int(rows.sum()), device=seg.device), j]  # (R, V)
+            flat_p = seg[rows].reshape(m.shape[0], -1).long().clamp(0, v - 1)
+            flat_t = target[rows].reshape(m.shape[0], -1).long().clamp(0, v - 1)
+            p = torch.gather(m, 1, flat_p).reshape(seg[rows].shape) & valid[rows]
+            t = torch.gather(m, 1, flat_t).reshape(target[rows].shape) & valid[rows]
             tp[lab - 1] = float((p & t).sum(axes).sum())
             fp[lab - 1] = float((p & ~t).sum(axes).sum())
             fn[lab - 1] = float((~p & t).sum(axes).sum())
