@@ -64,8 +64,10 @@ __all__ = [
 ]
 
 METHODS = ("nearest", "shape")
-# chosen from the interpolation-only benchmark (docs/labelprop.md, benchmarks/bench_labelprop.py)
-DEFAULT_METHOD = "nearest"
+# chosen from the interpolation-only benchmarks (docs/labelprop.md#benchmark, benchmarks/bench_labelprop.py):
+# shape beats nearest on many adjacent irregular regions (parcellations) and ties on the organ phantom; the
+# official COSMOS code copies the nearest slice (--method nearest)
+DEFAULT_METHOD = "shape"
 OUTSIDE_CHOICES = ("ignore", "background")
 AXIS_NAMES = {"z": 0, "y": 1, "x": 2}
 METADATA_FILE = "labelprop.json"

@@ -382,7 +382,7 @@ def test_cli_interpolate_and_qc(tmp_path):
     src = _toy_dataset(tmp_path)
     env = {**os.environ, "nnUNet_raw": str(tmp_path)}
     proc = run(["nnunet-ext", "labelprop", "interpolate", str(src), "--out-id", "706", "--quiet"], env)
-    assert "Dataset706_ToyLPNearest" in proc.stdout
+    assert "Dataset706_ToyLPShape" in proc.stdout  # the default method
     qc = tmp_path / "qc"
     run(["nnunet-ext", "labelprop", "qc", "706", "-o", str(qc), "--quiet"], env)
     pngs = sorted(qc.glob("*.png"))
