@@ -146,6 +146,14 @@ def test_shape_crop_gives_the_whole_slice_output(monkeypatch):
     assert np.array_equal(out, interpolate_shape(stack, [0, 4], crop=False))
 
 
+def test_shape_crop_reproduces_the_whole_slice_implementation_of_e377ef9():
+    """Frozen outputs of the implementation before the crop (tests/data/labelprop/README.md)."""
+    ref = np.load(Path(__file__).parent / "data" / "labelprop" / "shape_whole_slices_e377ef9.npz")
+    assert np.array_equal(interpolate_shape(ref["a"], ref["ann_a"].tolist()), ref["out_a"])
+    sp = tuple(ref["sampling_b"].tolist())
+    assert np.array_equal(interpolate_shape(ref["b"], ref["ann_b"].tolist(), sp), ref["out_b"])
+
+
 def test_parcellation_phantom_many_adjacent_nonconvex_regions():
     """phantoms.make_parcellation (the benchmark case of many adjacent irregular labels): deterministic, every
     region present, regions touch each other, several are clearly non-convex; shape beats nearest on it."""
