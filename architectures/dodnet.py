@@ -22,16 +22,14 @@ scales share) is applied to the 8-channel reduction of every decoder stage; each
 the same loss and nnU-Net's weights.
 
 **Eval mode: universal logits.** In eval mode ``forward`` returns nnU-Net-style logits over the unified
-label space (B, num_classes, *spatial) built from the per-structure sigmoid probabilities ``p_l``:
-``u_0 = 0`` (background) and ``u_l = (p_l - 0.5) + 0.5 * rank_l * [p_l > 0.5]`` where ``rank_l`` is the
-position of label l in its task's list (organ 0, tumour 1). So argmax (what nnU-Net's export does after
-softmax) gives background unless some structure has p > 0.5; among those, the one listed later in its task
-(the tumour over its organ) wins; among equal ranks, the higher probability. A label segmented by several
-tasks uses the mean of their probabilities; a label no task segments is never predicted (``u = -1``).
-nnU-Net averages these values over overlapping windows and mirrors: for rank-0 labels that is exactly the
-mean probability thresholded at 0.5. ``set_inference_tasks`` restricts the eval output to some tasks (the
-other tasks' labels get ``u = -1``), which is the single-task mode; it is an inference setting, not used in
-training.
+label space (B, num_classes, *spatial) (:meth:`DoDNet.universal_logits`): every task first decides with
+DoDNet's rule (its last structure with sigmoid p > 0.5: tumour over organ, else background), then across tasks
+the claim with the largest ``w * 2 (p - 0.5)`` wins, ``w`` the stored cross-task weight (the structure's
+own-task validation Dice, buffer ``task_heads.seg_layers.merge_weights``; 1 until validation sets it). A voxel
+no task claims is background; a label no task segments is never predicted. nnU-Net's predictor averages these
+logits over windows and mirrors, an approximation of DoDNet's "average the probabilities, then threshold";
+``nnunet-ext predict`` decodes exactly from :meth:`DoDNet.task_scores` (docs/dodnet.md). ``set_inference_tasks``
+restricts the eval output to some tasks (an inference setting, not used in training).
 
 **Pretrained weights.** Every parameter of the head generator lives under ``task_heads.seg_layers.``:
 nnU-Net's ``-pretrained_weights`` neither requires nor transfers ``.seg_layers.`` keys, so a plain nnU-Net

@@ -7,11 +7,14 @@ differs (``task_heads.seg_layers`` is a :class:`TaskQueryTransformer`):
 
 * the last ``n_levels`` (3) encoder outputs are projected to ``d_model`` (192) channels (1x1 conv = linear on
   tokens), flattened to tokens, and get a sinusoidal position code plus a learned level embedding; a level with
-  more than ``max_tokens_per_level`` voxels is average-pooled by 2 per axis until it fits;
+  more than ``max_tokens_per_level`` voxels is average-pooled by 2 along its LARGEST axes until it fits (an
+  anisotropic level keeps its short axis: 8 x 12 x 12 -> 8 x 6 x 6);
 * ``n_enc_layers`` (3) transformer encoder layers (self-attention over the tokens of all levels);
 * ``n_dec_layers`` (3) transformer decoder layers: one learned query per task attends to itself and the
   others (self-attention) and to the multi-scale tokens (cross-attention); 8 heads;
-* an MLP (shared by the queries) maps every final task query to the parameters of that task's dynamic head.
+* an MLP (shared by the queries) maps every final task query to the parameters of that task's dynamic head;
+* ``add_memory`` (the official default ``--add_memory 2``): the bottleneck level's transformer memory, through a
+  1x1 conv + norm + nonlinearity (``memory_proj``), is added to the CNN bottleneck that feeds the decoder.
 
 The paper uses deformable attention (a custom CUDA op); here attention is torch's own
 (``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``, which run scaled dot-product attention), so it

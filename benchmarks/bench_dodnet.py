@@ -8,9 +8,11 @@
    per case of nnUNetTrainerDoDNet / nnUNetTrainerTransDoDNet vs nnUNetTrainer on the same plans.
 2. infer: sliding-window inference time per case (nnU-Net's predictor, no mirroring) of the universal prediction
    (all tasks from one backbone pass) vs one single-task prediction vs T single-task predictions.
-3. accuracy: Dice per structure on the test cases (full truth in labelsTs) of DoDNet trained on all tasks vs
-   plain nnU-Nets trained per task on that task's cases, with the same TOTAL number of iterations (each plain
-   net gets 1/T of them). Each model is scored on the structures it segments.
+3. accuracy: Dice per structure on the test cases (full truth in labelsTs) of DoDNet / TransDoDNet trained on all
+   tasks (fold 'all', then the end-of-training validation that stores the cross-task weights) vs plain nnU-Nets
+   trained per task on that task's cases, with the same TOTAL number of iterations (each plain net gets 1/T of
+   them). The multi-task models are scored three ways (own-task prediction, merged map with exact decoding,
+   stock nnUNetv2_predict map; :func:`score_multitask`). ``--seed`` changes the training seed.
 
 Prints a machine line and the tables; writes <workdir>/bench_dodnet.json. Copy them into docs/benchmarks.md.
 """
@@ -176,37 +178,93 @@ def part_infer(pre: Path, raw: Path, device: torch.device, repeats: int) -> dict
             torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(f)))[None].astype(np.float32))
             for f in images
         ]
-        times = {}
-        for mode, tasks in (
-            ("all tasks (1 pass)", [None]),
-            ("one task", [[0]]),
-            ("each task separately", [[i] for i in range(net.num_tasks)]),
-        ):
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for x in data:
-                    for sel in tasks:
-                        net.set_inference_tasks(sel)
-                        p.predict_sliding_window_return_logits(x)
-                best = min(best, (time.perf_counter() - start) / len(data))
-            times[mode] = best
-        net.set_inference_tasks(None)
+        times = infer_times(p, net, data, repeats)
         out[trainer] = times
         print(trainer, {k: f"{v:.2f} s/case" for k, v in times.items()}, flush=True)
     return out
 
 
-def train(pre: Path, trainer: str, device, epochs: int, iterations: int):
-    """Train in-process with nnU-Net's loop (its final validation pass skipped: the benchmarks score the test
-    cases themselves); returns (trainer, seconds)."""
-    torch.manual_seed(0)
+def infer_times(p, net, data, repeats: int) -> dict:
+    """Seconds per case of the score pass of `nnunet-ext predict` (nnU-Net's sliding window, every task's
+    probabilities from one backbone pass) for all tasks, one task, and each task separately."""
+    from nnunet_ext.universal import predict_task_scores
+
+    times = {}
+    for mode, selections in (
+        ("all tasks (1 pass)", [None]),
+        ("one task", [[0]]),
+        ("each task separately", [[i] for i in range(net.num_tasks)]),
+    ):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for x in data:
+                for sel in selections:
+                    predict_task_scores(p, x, sel)
+            best = min(best, (time.perf_counter() - start) / len(data))
+        times[mode] = best
+    return times
+
+
+def train(
+    pre: Path, trainer: str, device, epochs: int, iterations: int, seed: int = 0, validate: bool = False
+):
+    """Train in-process with nnU-Net's loop on fold 'all'; returns (trainer, seconds). ``validate``: run the
+    end-of-training validation (multi-task models: own-task maps and the stored cross-task weights; with fold
+    'all' the validation cases are the training cases), else it is skipped (the benchmark scores the test
+    cases itself)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
     t = make_trainer(pre, trainer, device, epochs, iterations)
     os.environ["nnUNet_n_proc_DA"] = "0"
-    t.perform_actual_validation = lambda *a, **k: None  # benchmark only
+    validation = t.perform_actual_validation
+    t.perform_actual_validation = lambda *a, **k: None
     start = time.perf_counter()
     t.run_training()
+    if validate:
+        validation()
     return t, time.perf_counter() - start
+
+
+def _dice_from_folder(folder: Path, test_images, truths, labels) -> dict:
+    import SimpleITK as sitk
+
+    dice = {u: [] for u in labels}
+    for img, truth in zip(test_images, truths):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / img.name.replace("_0000", ""))))
+        for u in labels:
+            a, b = seg == u, truth == u
+            if a.sum() + b.sum():
+                dice[u].append(2 * (a & b).sum() / (a.sum() + b.sum()))
+    return {str(u): float(np.mean(v)) if v else float("nan") for u, v in dice.items()}
+
+
+def score_multitask(model: Path, device, raw: Path) -> dict:
+    """Dice per structure of a trained multi-task model folder (fold 'all') on the test cases, three ways:
+    each structure from its own task's prediction (`nnunet-ext predict --per-task`); the merged all-task map
+    with exact decoding and the stored cross-task weights (`nnunet-ext predict`); the stock
+    `nnUNetv2_predict` map (network(x), nnU-Net averages the merge logits)."""
+    from nnunet_ext.universal import load_predictor, predict_tasks
+
+    test_images, truths = test_set(raw)
+    p, layout = load_predictor(model, ("all",), device=device.type, tta=False)
+    all_labels = [v for labs in layout.labels for v in labs]
+    stock = predict_and_score(p, test_images, truths, {v: v for v in all_labels})
+    out = model / "bench_predictions"
+    shutil.rmtree(out, ignore_errors=True)
+    predict_tasks(p, layout, raw / "imagesTs", out / "merged")
+    predict_tasks(p, layout, raw / "imagesTs", out / "own", per_task=True)
+    merged = _dice_from_folder(out / "merged", test_images, truths, all_labels)
+    own = {}
+    for task, labs in zip(layout.tasks, layout.labels):
+        own.update(_dice_from_folder(out / "own" / task, test_images, truths, labs))
+    weights = json.loads((out / "merged" / "nnunet_ext_predict.json").read_text())["merge_weights"]
+    return {
+        "own task": own,
+        "merged (exact)": merged,
+        "merged (stock nnUNetv2_predict)": stock,
+        "weights": weights,
+    }
 
 
 def predict_and_score(predictor, test_images, truths, label_map) -> dict:
@@ -280,19 +338,23 @@ ACCURACY_MODELS = ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet", "per-task"
 
 
 def part_accuracy(
-    pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int, models=ACCURACY_MODELS
+    pre: Path,
+    raw: Path,
+    workdir: Path,
+    device,
+    total_iterations: int,
+    epochs: int,
+    models=ACCURACY_MODELS,
+    seed: int = 0,
 ) -> dict:
-    from nnunet_ext.phantoms import PARTIAL_LABELS
-
     test_images, truths = test_set(raw)
     per_iter = max(1, total_iterations // epochs)
     results = {}
     for trainer in [m for m in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet") if m in models]:
-        ident = {v: v for v in PARTIAL_LABELS.values() if v}
-        results[trainer], secs = train_and_score(
-            pre, trainer, device, epochs, per_iter, test_images, truths, ident
-        )
-        print(trainer, results[trainer], f"{secs:.0f} s", flush=True)
+        t, secs = train(pre, trainer, device, epochs, per_iter, seed=seed, validate=True)
+        results[trainer] = score_multitask(Path(t.output_folder_base), device, raw)
+        results[trainer]["train_seconds"] = secs
+        print(trainer, json.dumps(results[trainer]), f"{secs:.0f} s", flush=True)
     if "per-task" in models:
         results["nnUNetTrainer per task"] = per_task_baselines(
             workdir, raw, device, epochs, per_iter, test_images, truths
@@ -321,6 +383,7 @@ def main() -> None:
         "--iterations", type=int, default=150, help="total training iterations (accuracy part)"
     )
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="torch / numpy seed of the accuracy trainings")
     parser.add_argument(
         "--accuracy-models",
         nargs="+",
@@ -348,12 +411,13 @@ def main() -> None:
         report["inference"] = part_infer(pre, raw, device, args.repeats)
     if "accuracy" in args.parts:
         report["accuracy"] = part_accuracy(
-            pre, raw, workdir, device, args.iterations, args.epochs, args.accuracy_models
+            pre, raw, workdir, device, args.iterations, args.epochs, args.accuracy_models, args.seed
         )
     from nnunet_ext.io import atomic_write_json
 
-    atomic_write_json(workdir / "bench_dodnet.json", report)
-    print(f"wrote {workdir / 'bench_dodnet.json'}")
+    name = f"bench_dodnet_seed{args.seed}.json" if args.seed else "bench_dodnet.json"
+    atomic_write_json(workdir / name, report)
+    print(f"wrote {workdir / name}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@
    calls.
 3. accuracy: Dice per structure on the test cases (full truth in labelsTs) of UniSeg trained on all tasks vs plain
    nnU-Nets trained per task on that task's cases, with the same TOTAL number of iterations (each plain net
-   gets 1/T of them). UniSeg is scored twice: each task's own prediction (``nnunet-ext predict --task``) on that
-   task's labels, the comparison with the per-task nets; and the all-task merged label map (what the stock
-   ``nnUNetv2_predict`` writes). ``--accuracy-models`` picks the models, ``--reuse-trained`` scores an existing
+   gets 1/T of them). UniSeg (fold 'all', then the end-of-training validation that stores the cross-task
+   weights) is scored three ways: each task's own prediction (``nnunet-ext predict --per-task``) on that task's
+   labels, the comparison with the per-task nets; the merged map with exact decoding (``nnunet-ext predict``);
+   the stock ``nnUNetv2_predict`` map. ``--accuracy-models`` picks the models, ``--reuse-trained`` scores an existing
    UniSeg checkpoint.
 
 Uses the phantom and helpers of benchmarks/bench_dodnet.py (same workdir: the prepared data is shared).
@@ -24,9 +25,9 @@ Prints a machine line and the tables; writes <workdir>/bench_uniseg.json. Copy t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dodnet import (  # noqa: E402 (the sibling script's helpers)
     DATASET_ID,
+    infer_times,
     machine,
     make_trainer,
     per_task_baselines,
-    predict_and_score,
     predictor_for,
     prepare,
+    score_multitask,
     test_set,
     train,
 )
@@ -62,69 +64,35 @@ def part_speed(pre: Path, args) -> dict:
 def part_infer(pre: Path, raw: Path, device: torch.device, repeats: int) -> dict:
     import SimpleITK as sitk
 
-    from nnunet_ext.universal import restrict_tasks
-
     images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[:2]
     t = make_trainer(pre, TRAINER, device)
     t.initialize()
     p = predictor_for(t, device)
-    net = t.network
     data = [
         torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(f)))[None].astype(np.float32))
         for f in images
     ]
-    times = {}
-    for mode, selections in (
-        ("all tasks (1 call)", [None]),
-        ("one task", [[0]]),
-        ("each task separately", [[i] for i in range(net.num_tasks)]),
-    ):
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for x in data:
-                for sel in selections:
-                    p.network = restrict_tasks(net, sel)
-                    p.predict_sliding_window_return_logits(x)
-            best = min(best, (time.perf_counter() - start) / len(data))
-        times[mode] = best
-    p.network = net
+    times = infer_times(p, t.network, data, repeats)
     print(TRAINER, {k: f"{v:.2f} s/case" for k, v in times.items()}, flush=True)
     return times
 
 
-def score_uniseg(model: Path, device, test_images, truths) -> tuple[dict, dict]:
-    """Dice per label of the trained UniSeg model (checkpoint_final of fold 'all' in ``model``): (all tasks merged
-    into the global label map, i.e. the stock nnUNetv2_predict output; each task's OWN prediction, the model
-    restricted to that task as `nnunet-ext predict --task` does, scored on that task's labels)."""
-    from nnunet_ext.universal import load_predictor, restrict_tasks
-
-    p, layout = load_predictor(model, ("all",), device=device.type, tta=False)
-    net = p.network
-    merged = predict_and_score(p, test_images, truths, {v: v for labs in layout.labels for v in labs})
-    own = {}
-    for t, labels in enumerate(layout.labels):
-        p.network = restrict_tasks(net, [t])
-        own.update(predict_and_score(p, test_images, truths, {v: v for v in labels}))
-    p.network = net
-    return merged, own
-
-
 def part_accuracy(
-    pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int, models, reuse: bool
-) -> dict:
+    pre: Path, raw: Path, workdir: Path, device, total_iterations: int, epochs: int, models, reuse: bool,
+    seed: int = 0,
+) -> dict:  # fmt: skip
     test_images, truths = test_set(raw)
     per_iter = max(1, total_iterations // epochs)
     results = {}
     if "uniseg" in models:
         model = workdir / "nnUNet_results" / pre.name / f"{TRAINER}__nnUNetPlans__3d_tiny"
+        secs = None
         if not (reuse and (model / "fold_all" / "checkpoint_final.pth").is_file()):
-            _, secs = train(pre, TRAINER, device, epochs, per_iter)
+            _, secs = train(pre, TRAINER, device, epochs, per_iter, seed=seed, validate=True)
             print(f"{TRAINER} trained in {secs:.0f} s", flush=True)
-        merged, own = score_uniseg(model, device, test_images, truths)
-        results[f"{TRAINER} (all tasks merged)"] = merged
-        results[f"{TRAINER} (each task's own prediction)"] = own
-        print(TRAINER, "all tasks merged:", merged, "\neach task's own prediction:", own, flush=True)
+        results[TRAINER] = score_multitask(model, device, raw)
+        results[TRAINER]["train_seconds"] = secs
+        print(TRAINER, json.dumps(results[TRAINER]), flush=True)
     if "per-task" in models:
         results["nnUNetTrainer per task"] = per_task_baselines(
             workdir, raw, device, epochs, per_iter, test_images, truths
@@ -148,6 +116,10 @@ def main() -> None:
         "--iterations", type=int, default=150, help="total training iterations (accuracy part)"
     )
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="torch / numpy seed of the accuracy training")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (1 on a shared machine: read CPU-time rows)"
+    )
     parser.add_argument(
         "--accuracy-models",
         nargs="+",
@@ -164,6 +136,8 @@ def main() -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(args.workdir).resolve()
     os.environ.setdefault("nnUNet_compile", "f")
     from nnunet_ext.training import ext_trainer_env
@@ -179,12 +153,21 @@ def main() -> None:
         report["inference"] = part_infer(pre, raw, device, args.repeats)
     if "accuracy" in args.parts:
         report["accuracy"] = part_accuracy(
-            pre, raw, workdir, device, args.iterations, args.epochs, args.accuracy_models, args.reuse_trained
+            pre,
+            raw,
+            workdir,
+            device,
+            args.iterations,
+            args.epochs,
+            args.accuracy_models,
+            args.reuse_trained,
+            args.seed,
         )
     from nnunet_ext.io import atomic_write_json
 
-    atomic_write_json(workdir / "bench_uniseg.json", report)
-    print(f"wrote {workdir / 'bench_uniseg.json'}")
+    name = f"bench_uniseg_seed{args.seed}.json" if args.seed else "bench_uniseg.json"
+    atomic_write_json(workdir / name, report)
+    print(f"wrote {workdir / name}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
-"""DoDNet / TransDoDNet inference commands: ``nnunet-ext predict`` (universal, single-task or by case-name prefix)
-and ``nnunet-ext postprocess`` (DoDNet-style connected-component clean-up). See docs/dodnet.md.
+"""Multi-task inference commands: ``nnunet-ext predict`` (DoDNet / TransDoDNet / UniSeg: all tasks merged, one
+task, each case's own task, or one label map per task) and ``nnunet-ext postprocess`` (DoDNet-style
+connected-component clean-up). See docs/dodnet.md and docs/uniseg.md.
 
-The stock ``nnUNetv2_predict -tr nnUNetTrainerDoDNet`` already writes the universal label map (every task's
-structures from one backbone pass; the network's eval output is softmax-compatible logits over the unified
-label space). ``nnunet-ext predict`` runs the same nnU-Net predictor with the network restricted to some
-tasks (``DoDNet.set_inference_tasks``): ``--task liver`` outputs only that task's structures, ``--by-prefix``
-gives every case the task its file name's prefix names in the model's task registry.
+``nnunet-ext predict`` decodes exactly: the network's ``task_scores`` (per (task, structure) probabilities: DoDNet
+sigmoids, UniSeg per-task softmaxes; every task from one backbone pass) go through nnU-Net's own sliding window,
+mirroring and fold averaging, are resampled to the original grid like nnU-Net's logits, and only then does every
+task decide (DoDNet: threshold 0.5, the later structure of the task wins; UniSeg: argmax) and the cross-task rule
+merge (:func:`nnunet_ext.partial.merge_task_decisions`, weighted by the own-task validation Dice stored in the
+checkpoint). ``--per-task`` writes ``OUT/<task>/CASE`` for every task (overlapping structures all kept). The stock
+``nnUNetv2_predict`` averages the networks' merge logits instead (an approximation, documented).
 
-UniSeg models (``-tr nnUNetTrainerUniSeg``, docs/uniseg.md) take the same options: their eval forward merges all
-tasks (encoder once, the task decoders batched); ``--task`` / ``--by-prefix`` hand the predictor a wrapper
-whose ``forward(x)`` is ``UniSeg.forward_global(x, tasks)`` (no task attribute on the network). Cases may
-omit the channels their task does not have (the network zero-pads them, as the merged dataset does).
+The same functions give the own-task end-of-training validation (:class:`nnunet_ext.partial.TaskRegistryTrainerMixin`).
 """
 
 from __future__ import annotations
