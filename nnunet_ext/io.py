@@ -25,6 +25,8 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "existing_datasets_with_id",
+    "make_temp_dir",
+    "new_file_mode",
     "refuse_existing",
     "replace_dataset",
     "to_jsonable",
@@ -48,11 +50,35 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(path: str | os.PathLike) -> int:
+    """The permission bits a file written to ``path`` gets: those of the file it replaces, else what the
+    umask gives a new file (``tempfile`` would make every file 0600 and every folder 0700)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def make_temp_dir(prefix: str, dir: str | os.PathLike) -> Path:
+    """A new hidden temporary folder in ``dir`` with the umask's permissions (it becomes a dataset or output
+    folder once renamed into place, so it must not stay 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    folder.chmod(0o777 & ~_umask())
+    return folder
+
+
 def _temp_path(path: Path, suffix: str) -> Path:
     fd, name = tempfile.mkstemp(
         prefix=f"{path.name[: -len(suffix)] if suffix else path.name}.tmp-", suffix=suffix, dir=path.parent
     )
     os.close(fd)
+    os.chmod(name, new_file_mode(path))
     return Path(name)
 
 
@@ -149,7 +175,7 @@ def replace_dataset(tmp: str | os.PathLike, target: str | os.PathLike, dataset_i
     tmp, target = Path(tmp), Path(target)
     trash = []
     for old in existing_datasets_with_id(target.parent, dataset_id):
-        aside = Path(tempfile.mkdtemp(prefix=f".{old.name}.old-", dir=target.parent))
+        aside = make_temp_dir(f".{old.name}.old-", target.parent)
         os.replace(old, aside / old.name)
         trash.append(aside)
     os.replace(tmp, target)

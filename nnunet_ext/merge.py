@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_json
+from nnunet_ext.io import atomic_write_json, make_temp_dir
 from nnunet_ext.tasks import TASKS_KEY, load_task_registry, resolve_dataset_folder
 
 __all__ = [
@@ -352,7 +351,7 @@ def merge_datasets(
             f"dataset id {dataset_id} already exists: {[str(p) for p in existing]}; pass --force to replace it."
         )
     ending = plan.file_ending
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=out_root))
+    tmp = make_temp_dir(f".{target.name}.tmp-", out_root)
     try:
         for sub in ("imagesTr", "labelsTr"):
             (tmp / sub).mkdir()

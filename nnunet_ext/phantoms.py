@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from nnunet_ext.io import (
     atomic_write_image,
     atomic_write_json,
     existing_datasets_with_id,
+    make_temp_dir,
     refuse_existing,
     replace_dataset,
 )
@@ -652,7 +652,7 @@ def write_phantom_dataset(
         registry = load_task_registry(dataset_json, train_ids)
     num_channels = 2 if kind == "multimodal" else 1
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.tmp-", dir=raw_root))
+    tmp = make_temp_dir(f".{folder_name}.tmp-", raw_root)
     try:
         subdirs = ["imagesTr", "labelsTr", "imagesTs", "labelsTs"]
         subdirs += {"partial": ["labelsTr_full"], "sparse": ["labelsTr_dense"]}.get(kind, [])

@@ -16,13 +16,12 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from nnunet_ext.challenges import get_challenge
 from nnunet_ext.challenges.base import META_KEY, Challenge, image_files, strip_suffix
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import refuse_existing
+from nnunet_ext.io import make_temp_dir, refuse_existing
 
 MARKER = ".nnunet_ext_submission"  # written into every submission folder: --overwrite replaces only these
 
@@ -113,12 +112,12 @@ def submit(
             f"--overwrite does not replace it; choose a new OUT folder."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(f".{out.name}.tmp-", out.parent)
     try:
         written = challenge.write_submission({cid: predictions[cid] for cid in expected}, meta, tmp)
         (tmp / MARKER).write_text(f"written by nnunet-ext submit {challenge.name}\n", encoding="utf-8")
         if out.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            aside = make_temp_dir(f".{out.name}.old-", out.parent)
             os.replace(out, aside / out.name)
             shutil.rmtree(aside, ignore_errors=True)
         os.replace(tmp, out)

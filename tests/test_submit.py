@@ -217,7 +217,7 @@ def test_kipa22_download_to_submission_with_the_stock_commands(tmp_path):
     run([*predict, "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
     proc = run(["nnunet-ext", "submit", "kipa22", str(pred), str(tmp_path / "submission"), "-d", "220"], env)
     assert "wrote 1 files" in proc.stdout
-    assert sorted(p.name for p in (tmp_path / "submission").iterdir()) == ["71.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "submission").glob("*.nii.gz")) == ["71.nii.gz"]
     run(
         ["nnunet-ext", "evaluate", str(pred), str(dataset / "labelsTs"), "--challenge", "kipa22", "--quiet"],
         env,

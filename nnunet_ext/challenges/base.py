@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_json, existing_datasets_with_id, replace_dataset
+from nnunet_ext.io import atomic_write_json, existing_datasets_with_id, make_temp_dir, replace_dataset
 
 META_KEY = "nnunet_ext_challenge"
 FILE_ENDING = ".nii.gz"
@@ -445,7 +444,7 @@ class RawDatasetWriter:
                 f"replace it, or choose another --id."
             )
         self.link = link
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.raw_root))
+        self.tmp = make_temp_dir(f".{self.target.name}.tmp-", self.raw_root)
         self.files: dict[str, list[Path]] = {}
         self.group = ""
 
