@@ -922,6 +922,8 @@ def pseudo_label_dataset(
 
     from nnunet_ext.training import ext_trainer_env
 
+    if int(num_processes) < 0:
+        raise UserError(f"--num-processes must be 0 (no worker processes) or more, got {num_processes}.")
     raw_root = _raw_root(out)
     model = Path(model)
     folder = _resolve_raw(source)
