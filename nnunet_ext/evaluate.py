@@ -92,6 +92,8 @@ def evaluate_folders(
     for what, d in (("prediction", pred_dir), ("reference", gt_dir)):
         if not d.is_dir():
             raise UserError(f"{what} folder {d} does not exist.")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UserError(f"--tolerance must be a distance in mm >= 0, got {tolerance}.")
     metrics = tuple(metrics or challenge.rules.metrics)
     unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,6 +318,38 @@ def geometry_mismatch(image: Path, label: Path) -> str | None:
     return "; ".join(diffs) or None
 
 
+def incomplete_image(path: Path) -> str | None:
+    """None if the image file holds every voxel its header promises; else what is wrong. SimpleITK reads a
+    truncated NIfTI without an error and fills the missing voxels with 0, so every NIfTI file is read to its end
+    (decompressed) and its size compared with the header's; other formats are read fully by SimpleITK."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        try:
+            _sitk().ReadImage(str(path))
+        except RuntimeError as e:
+            return f"{path.name} cannot be read: {str(e).strip().splitlines()[-1]}"
+        return None
+    import nibabel
+
+    try:
+        header = nibabel.load(str(path)).header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * int(
+            header.get_data_dtype().itemsize
+        )
+    except Exception as e:  # noqa: BLE001 - any header problem is a problem of this file
+        return f"{path.name} has no readable NIfTI header (truncated, or not a NIfTI file): {e}"
+    size = 0
+    try:
+        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                size += len(chunk)
+    except (EOFError, OSError, zlib.error) as e:
+        return f"{path.name} is truncated or corrupt ({e})"
+    if size < expected:
+        return f"{path.name} is truncated: {size} bytes of the {expected} its header promises"
+    return None
+
+
 def read_label_array(path: Path) -> np.ndarray:
     try:
         return _sitk().GetArrayFromImage(_sitk().ReadImage(str(path)))
@@ -333,7 +366,11 @@ def bad_label_values(array: np.ndarray, allowed: set[int]) -> list:
 
 def check_case(case: SourceCase, allowed: set[int]) -> list[str]:
     """Problems of a copy-converted case: missing files, label values, geometry of every image vs label."""
-    problems = [f"missing file {p}" for p in [*case.images, case.label] if p is not None and not p.is_file()]
+    files = [p for p in [*case.images, case.label] if p is not None]
+    problems = [f"missing file {p}" for p in files if not p.is_file()]
+    if problems:
+        return problems
+    problems = [problem for p in files if (problem := incomplete_image(p))]
     if problems:
         return problems
     if case.label is not None:
@@ -383,7 +420,20 @@ class LabelVolume:
 
 def read_label_volume(path: Path, reader: str | None = None) -> LabelVolume:
     """SimpleITK, or nibabel for files SimpleITK refuses (non-orthonormal direction cosines, as in AMOS);
-    ``reader`` forces one."""
+    ``reader`` forces one. A truncated or corrupt file is refused (SimpleITK would read it as zeros)."""
+    _refuse_incomplete(path)
+    return _read_volume(path, reader)
+
+
+def _refuse_incomplete(path: Path) -> None:
+    problem = incomplete_image(path)
+    if problem:
+        raise UserError(
+            f"{path} {problem.removeprefix(path.name + ' ')}; replace the file with a complete copy."
+        )
+
+
+def _read_volume(path: Path, reader: str | None = None) -> LabelVolume:
     if reader in (None, "sitk"):
         try:
             image = _sitk().ReadImage(str(path))
@@ -403,12 +453,15 @@ def read_label_volume(path: Path, reader: str | None = None) -> LabelVolume:
 
 
 def read_label_pair(a: Path, b: Path) -> tuple[LabelVolume, LabelVolume]:
-    """Both files with the same reader (nibabel for both if SimpleITK refuses either)."""
-    first = read_label_volume(a)
+    """Both files with the same reader (nibabel for both if SimpleITK refuses either); truncated or corrupt
+    files are refused."""
+    _refuse_incomplete(a)
+    _refuse_incomplete(b)
+    first = _read_volume(a)
     try:
-        second = read_label_volume(b, first.reader)
+        second = _read_volume(b, first.reader)
     except RuntimeError:
-        return read_label_volume(a, "nibabel"), read_label_volume(b, "nibabel")
+        return _read_volume(a, "nibabel"), _read_volume(b, "nibabel")
     return first, second
 
 
@@ -434,6 +487,7 @@ class RawDatasetWriter:
         if not name or not name.replace("_", "").replace("-", "").isalnum():
             raise UserError(f"invalid dataset name {name!r}; use letters, digits, '_' and '-'.")
         self.raw_root = Path(raw_root)
+        self.created_root = not self.raw_root.exists()  # removed again by abort(), so a failure leaves nothing
         self.raw_root.mkdir(parents=True, exist_ok=True)
         self.id = int(dataset_id)
         self.target = self.raw_root / f"Dataset{self.id:03d}_{name}"
@@ -453,28 +507,63 @@ class RawDatasetWriter:
         self.group = case_id
 
     def _dst(self, case_id: str, sub: str, name: str) -> Path:
-        (self.tmp / sub).mkdir(exist_ok=True)
         dst = self.tmp / sub / name
+        try:
+            dst.parent.mkdir(exist_ok=True)
+        except OSError as e:
+            raise self._write_error(dst.parent, e) from e
         if dst.exists():
             raise UserError(f"two source cases map to the same output file {sub}/{name}; rename one of them.")
         self.files.setdefault(self.group or case_id, []).append(dst)
         return dst
 
+    def _write_error(self, dst: Path, error: Exception) -> UserError:
+        """A failed write into the new dataset: never a problem of the source case, never skipped."""
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1]
+        return UserError(
+            f"cannot write {dst.relative_to(self.tmp)} of the new dataset in {self.raw_root}: {reason}; nothing "
+            f"was written (the partial dataset was removed). Free space on that disk or make it writable "
+            f"(or pass another --out), then rerun."
+        )
+
     def _copy(self, src: Path, dst: Path) -> None:
         low = src.name.lower()
-        if low.endswith(".nii.gz"):
-            if self.link:
-                try:
-                    os.link(src, dst)
-                    return
-                except OSError:
-                    pass
-            shutil.copyfile(src, dst)
-        elif low.endswith(".nii"):  # gzip the bytes: a gzipped .nii is a valid .nii.gz
-            with open(src, "rb") as fi, gzip.open(dst, "wb", compresslevel=1) as fo:
-                shutil.copyfileobj(fi, fo, 1 << 22)
+        if low.endswith(".nii.gz") and self.link:
+            try:
+                os.link(src, dst)
+                return
+            except OSError:
+                pass
+        if low.endswith((".nii.gz", ".nii")):  # a gzipped .nii is a valid .nii.gz
+            self._copy_bytes(src, dst, compress=low.endswith(".nii"))
         else:
-            _sitk().WriteImage(_sitk().ReadImage(str(src)), str(dst), True)
+            image = _sitk().ReadImage(str(src))  # a read error is the source's problem
+            self._write_sitk(image, dst)
+
+    def _copy_bytes(self, src: Path, dst: Path, compress: bool) -> None:
+        """Copy ``src`` to ``dst`` (gzipped if ``compress``); read errors propagate as they are (a problem of
+        the source case), write errors become :meth:`_write_error`."""
+        with open(src, "rb") as fi:
+            try:
+                fo = gzip.open(dst, "wb", compresslevel=1) if compress else open(dst, "wb")
+            except OSError as e:
+                raise self._write_error(dst, e) from e
+            with fo:
+                while chunk := fi.read(1 << 22):
+                    try:
+                        fo.write(chunk)
+                    except OSError as e:
+                        raise self._write_error(dst, e) from e
+                try:
+                    fo.flush()
+                except OSError as e:
+                    raise self._write_error(dst, e) from e
+
+    def _write_sitk(self, image, dst: Path) -> None:
+        try:
+            _sitk().WriteImage(image, str(dst), True)
+        except (RuntimeError, OSError) as e:
+            raise self._write_error(dst, e) from e
 
     def copy_image(self, src: Path, case_id: str, channel: int, split: str = "Tr") -> None:
         self._copy(src, self._dst(case_id, f"images{split}", f"{case_id}_{channel:04d}{FILE_ENDING}"))
@@ -484,21 +573,33 @@ class RawDatasetWriter:
 
     def write_image(self, image, case_id: str, channel: int, split: str = "Tr") -> None:
         dst = self._dst(case_id, f"images{split}", f"{case_id}_{channel:04d}{FILE_ENDING}")
-        _sitk().WriteImage(image, str(dst), True)
+        self._write_sitk(image, dst)
 
     def write_label(self, array: np.ndarray, reference, case_id: str, split: str = "Tr") -> None:
-        write_label_like(self._dst(case_id, f"labels{split}", f"{case_id}{FILE_ENDING}"), array, reference)
+        dst = self._dst(case_id, f"labels{split}", f"{case_id}{FILE_ENDING}")
+        try:
+            write_label_like(dst, array, reference)
+        except (RuntimeError, OSError) as e:
+            raise self._write_error(dst, e) from e
 
     def drop_case(self, case_id: str) -> None:
         for p in self.files.pop(case_id, []):
             p.unlink(missing_ok=True)
 
     def finish(self, dataset_json: dict) -> Path:
-        atomic_write_json(self.tmp / "dataset.json", dataset_json)
-        return replace_dataset(self.tmp, self.target, self.id)
+        try:
+            atomic_write_json(self.tmp / "dataset.json", dataset_json)
+            return replace_dataset(self.tmp, self.target, self.id)
+        except OSError as e:
+            raise self._write_error(self.tmp / "dataset.json", e) from e
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.created_root:
+            try:
+                self.raw_root.rmdir()
+            except OSError:  # not empty: something else was put there meanwhile
+                pass
 
 
 def raw_root(out: str | os.PathLike | None) -> Path:

@@ -1,0 +1,107 @@
+"""Bad input to `nnunet-ext convert / evaluate / submit`: exit 1, one line naming the problem and the fix, no
+traceback, nothing written or changed (checksums of the trees before and after)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_ext.challenges import base
+from nnunet_ext.cli import main
+from tests.test_convert import fake_kipa
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def truncate(path: Path, fraction: float = 1 / 3) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def run_refused(argv, capsys, root: Path, message: str) -> None:
+    before = tree(root)
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err, err
+    assert "Traceback" not in err
+    assert tree(root) == before
+
+
+@pytest.mark.parametrize(
+    "fraction, message",
+    [(0.9, "2.nii.gz is truncated or corrupt"), (0.05, "2.nii.gz has no readable NIfTI header (truncated")],
+)
+def test_convert_refuses_a_truncated_image(tmp_path, capsys, fraction, message):
+    src = fake_kipa(tmp_path)
+    truncate(src / "train" / "image" / "2.nii.gz", fraction)
+    argv = ["convert", "kipa22", str(src), "--id", "11", "--out", str(tmp_path / "raw")]
+    run_refused(argv, capsys, tmp_path, message)
+    # --skip-bad leaves the truncated case out and says so (a problem of the source)
+    assert main([*argv, "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "KiPA_2" in out
+        and not (tmp_path / "raw" / "Dataset011_KiPA22" / "imagesTr" / "KiPA_2_0000.nii.gz").exists()
+    )
+
+
+class _FullDisk(io.RawIOBase):
+    """A file that accepts a few bytes, then fails as a full disk does."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if len(b) > self.budget:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.budget -= len(b)
+        return len(b)
+
+
+def test_a_write_failure_is_never_blamed_on_the_source_nor_skipped(tmp_path, capsys, monkeypatch):
+    src = fake_kipa(tmp_path)
+    real_open = open
+
+    def open_for_output(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".tmp-" in str(path) and str(path).endswith("KiPA_2_0000.nii.gz"):
+            return _FullDisk(100)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(base, "open", open_for_output, raising=False)
+    argv = ["convert", "kipa22", str(src), "--id", "11", "--out", str(tmp_path / "raw"), "--skip-bad"]
+    run_refused(argv, capsys, tmp_path, "No space left on device; nothing was written")
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv_tail, message",
+    [
+        (["--tolerance", "-1"], "--tolerance must be a distance in mm >= 0, got -1.0"),
+        (["--tolerance", "nan"], "--tolerance must be a distance in mm >= 0"),
+        ([], "c.nii.gz is truncated or corrupt"),
+    ],
+)
+def test_evaluate_refuses_bad_tolerances_and_truncated_files(tmp_path, capsys, argv_tail, message):
+    label = np.zeros((8, 10, 12), np.uint8)
+    label[2:6, 3:7, 3:9] = 1
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(tmp_path / folder / "c.nii.gz"))
+    if not argv_tail:
+        truncate(tmp_path / "pred" / "c.nii.gz", 0.9)
+    argv = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--challenge", "kits21", "--quiet"]
+    run_refused([*argv, *argv_tail], capsys, tmp_path, message)
