@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_ext.challenges.base import geometry_mismatch
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_json, make_temp_dir
+from nnunet_ext.io import atomic_write_json, make_temp_dir, replace_dataset
 from nnunet_ext.tasks import TASKS_KEY, load_task_registry, resolve_dataset_folder
 
 __all__ = [
@@ -306,18 +307,20 @@ def _dataset_json(plan: MergePlan, name: str = "Merged") -> dict:
     return dj
 
 
-def _remap_label(src: Path, dst: Path, lut: np.ndarray, where: str) -> None:
+def _remap_label(src: Path, dst: Path, lut: np.ndarray, declared: set[int]) -> list:
+    """Write ``src`` with its values mapped through ``lut`` to ``dst``; return the values of ``src`` that its
+    dataset.json does not declare (then nothing is written: such voxels must not silently become background)."""
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(src))
     arr = sitk.GetArrayViewFromImage(image)
-    values = np.unique(arr)
-    bad = [int(v) for v in values if v < 0 or v >= len(lut) or v != int(v)]
+    bad = [v.item() for v in np.unique(arr) if v != np.round(v) or int(v) not in declared]
     if bad:
-        raise UserError(f"{where}: {src.name} holds values {bad} that are not labels of its dataset.json.")
+        return bad
     out = sitk.GetImageFromArray(lut[arr.astype(np.int64)].astype(np.uint8 if lut.max() < 256 else np.uint16))
     out.CopyInformation(image)
     sitk.WriteImage(out, str(dst), True)
+    return []
 
 
 def merge_datasets(
@@ -352,12 +355,14 @@ def merge_datasets(
         )
     ending = plan.file_ending
     tmp = make_temp_dir(f".{target.name}.tmp-", out_root)
+    problems: list[str] = []  # every bad case of every task, refused together at the end
     try:
         for sub in ("imagesTr", "labelsTr"):
             (tmp / sub).mkdir()
         n_channels = len(plan.channel_names)
         for task in plan.tasks:
             lut = plan.lut(task)
+            declared = set(_int_labels(task.dataset_json, task.source).values())
             for sub_img, sub_lab, cases in (
                 ("imagesTr", "labelsTr", task.cases),
                 ("imagesTs", "labelsTs", task.test_cases),
@@ -378,14 +383,34 @@ def merge_datasets(
                             shutil.copy2(src, dst)
                     lab = task.source / sub_lab / f"{case}{ending}"
                     if lab.is_file():
+                        for c in range(n_channels):
+                            image = task.source / sub_img / f"{case}_{c:04d}{ending}"
+                            diff = geometry_mismatch(image, lab)
+                            if diff:
+                                problems.append(
+                                    f"task {task.name!r} {sub_lab}/{lab.name}: geometry differs "
+                                    f"from {image.name}: {diff}"
+                                )
                         (tmp / sub_lab).mkdir(exist_ok=True)
-                        _remap_label(lab, tmp / sub_lab / f"{new}{ending}", lut, f"task {task.name!r}")
+                        bad = _remap_label(lab, tmp / sub_lab / f"{new}{ending}", lut, declared)
+                        if bad:
+                            problems.append(
+                                f"task {task.name!r} {sub_lab}/{lab.name}: label values {bad} that its "
+                                f"dataset.json does not declare ({sorted(declared)})"
+                            )
                 if progress and cases:
                     print(f"  {task.name}: {len(cases)} case(s) from {task.source / sub_img}", flush=True)
+        if problems:
+            raise UserError(
+                f"{len(problems)} problem(s) in the sources (nothing was written):\n  "
+                + "\n  ".join(problems)
+                + "\nDeclare every label value in the source's dataset.json (or fix the label files), and give "
+                "images and labels the same geometry; the sources are never modified."
+            )
         atomic_write_json(tmp / "dataset.json", _dataset_json(plan, name))
-        for p in existing:
-            shutil.rmtree(p)
-        os.rename(tmp, target)
+        replace_dataset(
+            tmp, target, int(dataset_id)
+        )  # the old dataset goes only once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -488,7 +513,7 @@ def add_merge_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "merge", help=text, description=text + " (see docs/dodnet.md). Sources are never modified."
     )
-    p.add_argument("--id", type=int, required=True, help="id of the merged dataset")
+    p.add_argument("-d", "--id", type=int, required=True, help="id of the merged dataset")
     p.add_argument(
         "--name", default=None, help="name of the merged dataset (default: the preset's/spec's, or Merged)"
     )

@@ -178,3 +178,55 @@ def test_mots_preset_maps_the_seven_tasks_like_the_paper(tmp_path):
     lab = read(target / "labelsTr" / "pancreas_case_000.nii.gz")
     src = read(sources["pancreas"] / "labelsTr" / "case_000.nii.gz")
     np.testing.assert_array_equal(lab, np.select([src == 1, src == 2], [7, 8], 0))
+
+
+def test_merge_refuses_undeclared_label_values_and_geometry_mismatches(sources, tmp_path, capsys):
+    """Undeclared values used to become background silently (spleen voxels lost) and geometry was unchecked."""
+    raw, liver, spleen = sources
+    lab = read(spleen / "labelsTr" / "case_000.nii.gz")
+    lab[0, 0, :3] = 5  # a value dataset.json does not declare
+    bad = sitk.GetImageFromArray(lab)
+    bad.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(bad, str(spleen / "labelsTr" / "case_000.nii.gz"))
+    moved = sitk.ReadImage(str(spleen / "labelsTr" / "case_001.nii.gz"))
+    moved.SetOrigin((0.0, 0.0, 7.0))
+    sitk.WriteImage(moved, str(spleen / "labelsTr" / "case_001.nii.gz"))
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "tasks": {
+                    "liver": {"source": str(liver), "labels": {"1": "liver", "2": "liver_tumour"}},
+                    "spleen": {"source": str(spleen), "labels": {"1": "spleen", "2": None}},
+                }
+            }
+        )
+    )
+    before = tree_hash(raw)
+    rc = main(["tasks", "merge", "--spec", str(spec), "-d", "30", "--out", str(raw)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "labelsTr/case_000.nii.gz: label values [5] that its dataset.json does not declare" in err
+    assert "labelsTr/case_001.nii.gz: geometry differs from case_001_0000.nii.gz: origin" in err
+    assert tree_hash(raw) == before and not list(raw.glob("Dataset030_*")) and not list(raw.glob(".*"))
+
+
+def test_merge_force_keeps_the_old_dataset_until_the_new_one_is_in_place(sources, tmp_path, monkeypatch):
+    raw, liver, spleen = sources
+    spec = {"tasks": {"liver": {"source": str(liver), "labels": {"1": "liver", "2": "liver_tumour"}}}}
+    old, _ = merge_datasets(spec, raw, 30)
+    old_hash = tree_hash(old)
+    import nnunet_ext.merge as merge
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merge, "atomic_write_json", fail)  # the new dataset fails at its last file
+    with pytest.raises(OSError):
+        merge_datasets(spec, raw, 30, force=True)
+    assert tree_hash(old) == old_hash  # the old dataset is untouched
+    assert sorted(p.name for p in raw.iterdir()) == [
+        "Dataset011_Liver",
+        "Dataset012_Spleen",
+        "Dataset030_Merged",
+    ]
