@@ -44,6 +44,7 @@ def run_demo(
     from nnunet_ext.phantoms import write_phantom_dataset
     from nnunet_ext.plans import load_plans, save_plans, tiny_configuration
     from nnunet_ext.training import (
+        RunLock,
         ext_trainer_env,
         find_trainer,
         nnunet_command,
@@ -63,6 +64,8 @@ def run_demo(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     workdir = Path(workdir).resolve()
+    lock = RunLock(workdir / "demo.lock", f"the demo in {workdir}")
+    lock.check()  # a demo still running here (or a training it started): refuse before touching anything
     if force and workdir.exists():
         if not (workdir / "demo.log").exists() and any(workdir.iterdir()):
             raise UserError(
@@ -74,104 +77,108 @@ def run_demo(
         folder.mkdir(parents=True, exist_ok=True)
     log = workdir / "demo.log"
     log.touch()
-    env = ext_trainer_env()
-    env.update(nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res))
-    env.setdefault("nnUNet_n_proc_DA", "2")
-    env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")
-    timings: dict[str, float] = {}
-    total_steps = 5 + 2 * len(trainers)  # phantom, preprocess, tiny, (train, predict) x N, evaluate, figure
-    step = 0
+    with lock:
+        env = ext_trainer_env()
+        env.update(nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res))
+        env.setdefault("nnUNet_n_proc_DA", "2")
+        env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")
+        timings: dict[str, float] = {}
+        total_steps = 5 + 2 * len(
+            trainers
+        )  # phantom, preprocess, tiny, (train, predict) x N, evaluate, figure
+        step = 0
 
-    def announce(text: str) -> None:
-        nonlocal step
-        step += 1
-        print(f"\n[{step}/{total_steps}] {text}", flush=True)
+        def announce(text: str) -> None:
+            nonlocal step
+            step += 1
+            print(f"\n[{step}/{total_steps}] {text}", flush=True)
 
-    announce("phantom dataset")
-    existing = list(raw.glob(f"Dataset{DATASET_ID:03d}_*"))
-    if existing:
-        dataset_folder = existing[0]
-        print(f"  exists: {dataset_folder}")
-    else:
-        dataset_folder = write_phantom_dataset(
-            raw, DATASET_ID, kind="full", num_train=num_train, num_test=num_test, seed=seed
-        )
-        print(f"  wrote {dataset_folder}")
-    dataset_name = dataset_folder.name
-
-    announce("nnUNetv2_plan_and_preprocess (3d_fullres)")
-    plans_file = pre / dataset_name / "nnUNetPlans.json"
-    if (pre / dataset_name / "nnUNetPlans_3d_fullres").is_dir() and plans_file.is_file():
-        print("  done before")
-    else:
-        timings["preprocess"] = run_logged(
-            [
-                nnunet_command("nnUNetv2_plan_and_preprocess"),
-                "-d",
-                str(DATASET_ID),
-                "-c",
-                "3d_fullres",
-                "-np",
-                "2",
-                "--verify_dataset_integrity",
-            ],
-            env,
-            log,
-            quiet,
-        )
-
-    announce(f"tiny configuration {CONFIGURATION}")
-    plans = load_plans(plans_file)
-    if CONFIGURATION not in plans["configurations"]:
-        tiny_configuration(plans, "3d_fullres", CONFIGURATION)
-        save_plans(plans_file, plans)
-    cfg = plans["configurations"][CONFIGURATION]
-    print(
-        f"  patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
-        f"features {cfg['architecture']['arch_kwargs']['features_per_stage']}"
-    )
-
-    predictions = {}
-    for trainer in trainers:
-        announce(f"nnUNetv2_train {DATASET_ID} {CONFIGURATION} 0 -tr {trainer} -device {device}")
-        model = res / dataset_name / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
-        if (model / "checkpoint_final.pth").is_file():
-            print("  done before")
+        announce("phantom dataset")
+        existing = list(raw.glob(f"Dataset{DATASET_ID:03d}_*"))
+        if existing:
+            dataset_folder = existing[0]
+            print(f"  exists: {dataset_folder}")
         else:
-            resume = ["--c"] if (model / "checkpoint_latest.pth").is_file() else []
-            cmd = train_command(DATASET_ID, CONFIGURATION, 0, trainer, device, *resume)
-            timings[f"train {trainer}"] = run_logged(cmd, env, log, quiet)
-        announce(f"nnUNetv2_predict -tr {trainer} on {dataset_name}/imagesTs")
-        out = workdir / "predictions" / trainer
-        if out.is_dir() and len(list(out.glob("*.nii.gz"))) == len(
-            list((dataset_folder / "labelsTs").glob("*.nii.gz"))
-        ):
-            print("  done before")
-        else:
-            cmd = predict_command(
-                dataset_folder / "imagesTs", out, DATASET_ID, CONFIGURATION, 0, trainer, device
+            dataset_folder = write_phantom_dataset(
+                raw, DATASET_ID, kind="full", num_train=num_train, num_test=num_test, seed=seed
             )
-            timings[f"predict {trainer}"] = run_logged(cmd, env, log, quiet)
-        predictions[trainer] = out
+            print(f"  wrote {dataset_folder}")
+        dataset_name = dataset_folder.name
 
-    announce("evaluate on the test cases (nnU-Net's Dice)")
-    scores = evaluate(dataset_folder, predictions)
-    announce("figure")
-    figure = workdir / "demo.png"
-    save_figure(dataset_folder, predictions, figure)
-    saved_timings = (
-        json.loads((workdir / "timings.json").read_text()) if (workdir / "timings.json").is_file() else {}
-    )
-    saved_timings.update(timings)
-    from nnunet_ext.io import atomic_write_json
+        announce("nnUNetv2_plan_and_preprocess (3d_fullres)")
+        plans_file = pre / dataset_name / "nnUNetPlans.json"
+        if (pre / dataset_name / "nnUNetPlans_3d_fullres").is_dir() and plans_file.is_file():
+            print("  done before")
+        else:
+            timings["preprocess"] = run_logged(
+                [
+                    nnunet_command("nnUNetv2_plan_and_preprocess"),
+                    "-d",
+                    str(DATASET_ID),
+                    "-c",
+                    "3d_fullres",
+                    "-np",
+                    "2",
+                    "--verify_dataset_integrity",
+                ],
+                env,
+                log,
+                quiet,
+                lock,
+            )
 
-    atomic_write_json(workdir / "timings.json", saved_timings)
-    result = {"scores": scores, "timings": saved_timings, "figure": str(figure), "device": device}
-    atomic_write_json(workdir / "results.json", result)
-    print()
-    print(format_table(scores, saved_timings))
-    print(f"\nfigure: {figure}\nlog: {log}\nresults: {workdir / 'results.json'}")
-    return result
+        announce(f"tiny configuration {CONFIGURATION}")
+        plans = load_plans(plans_file)
+        if CONFIGURATION not in plans["configurations"]:
+            tiny_configuration(plans, "3d_fullres", CONFIGURATION)
+            save_plans(plans_file, plans)
+        cfg = plans["configurations"][CONFIGURATION]
+        print(
+            f"  patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
+            f"features {cfg['architecture']['arch_kwargs']['features_per_stage']}"
+        )
+
+        predictions = {}
+        for trainer in trainers:
+            announce(f"nnUNetv2_train {DATASET_ID} {CONFIGURATION} 0 -tr {trainer} -device {device}")
+            model = res / dataset_name / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
+            if (model / "checkpoint_final.pth").is_file():
+                print("  done before")
+            else:
+                resume = ["--c"] if (model / "checkpoint_latest.pth").is_file() else []
+                cmd = train_command(DATASET_ID, CONFIGURATION, 0, trainer, device, *resume)
+                timings[f"train {trainer}"] = run_logged(cmd, env, log, quiet, lock)
+            announce(f"nnUNetv2_predict -tr {trainer} on {dataset_name}/imagesTs")
+            out = workdir / "predictions" / trainer
+            if out.is_dir() and len(list(out.glob("*.nii.gz"))) == len(
+                list((dataset_folder / "labelsTs").glob("*.nii.gz"))
+            ):
+                print("  done before")
+            else:
+                cmd = predict_command(
+                    dataset_folder / "imagesTs", out, DATASET_ID, CONFIGURATION, 0, trainer, device
+                )
+                timings[f"predict {trainer}"] = run_logged(cmd, env, log, quiet, lock)
+            predictions[trainer] = out
+
+        announce("evaluate on the test cases (nnU-Net's Dice)")
+        scores = evaluate(dataset_folder, predictions)
+        announce("figure")
+        figure = workdir / "demo.png"
+        save_figure(dataset_folder, predictions, figure)
+        saved_timings = (
+            json.loads((workdir / "timings.json").read_text()) if (workdir / "timings.json").is_file() else {}
+        )
+        saved_timings.update(timings)
+        from nnunet_ext.io import atomic_write_json
+
+        atomic_write_json(workdir / "timings.json", saved_timings)
+        result = {"scores": scores, "timings": saved_timings, "figure": str(figure), "device": device}
+        atomic_write_json(workdir / "results.json", result)
+        print()
+        print(format_table(scores, saved_timings))
+        print(f"\nfigure: {figure}\nlog: {log}\nresults: {workdir / 'results.json'}")
+        return result
 
 
 def evaluate(dataset_folder: Path, predictions: dict[str, Path]) -> dict:

@@ -52,15 +52,17 @@ def evaluate_case(
             f"{gt_vol.spacing}; predictions must be in the reference's geometry."
         )
     allowed = challenge.allowed_label_values()
-    for what, volume, fix in (
-        ("prediction", pred_vol, "predict with a model trained on the converted dataset"),
+    ignore = {challenge.rules.ignore_label} - {None}  # references may mark unannotated voxels (COSMOS22)
+    for what, volume, values, fix in (
+        ("prediction", pred_vol, allowed, "predict with a model trained on the converted dataset"),
         (
             "reference",
             gt_vol,
-            "pass the reference labels of this challenge (labelsTr/labelsTs of the converted dataset)",
+            allowed | ignore,
+            "pass this challenge's reference labels (the converted dataset's)",
         ),
     ):
-        bad = bad_label_values(volume.array, allowed)
+        bad = bad_label_values(volume.array, values)
         if bad:
             raise UserError(
                 f"{case_id}: the {what} holds label values {bad} that {challenge.title} does not define "

@@ -18,7 +18,6 @@ Rerunning with other options is refused (``--restart`` discards the state).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -136,9 +135,8 @@ class _State:
                     f"to replace its datasets), or use another --out-id / --state."
                 )
             self.data = data
-        else:
+        else:  # written by the first step that starts: a refused run leaves no state file behind
             self.data = {"version": STATE_VERSION, "options": recorded, "done": {}, "started": []}
-            self.save()
 
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
@@ -178,10 +176,13 @@ def _model_dir(dataset_id: int, trainer: str, opts: RecipeOptions) -> Path:
     return require_folder_var("nnUNet_results") / name / f"{trainer}__{opts.plans}__{opts.configuration}"
 
 
-def _run(cmd: list[str], env: dict, log) -> None:
+def _run(cmd: list[str], env: dict, log, lock=None) -> None:
+    from nnunet_ext.training import child_process
+
     log(f"$ {' '.join(cmd)}")
     sys.stdout.flush()
-    proc = subprocess.run(cmd, env=env)
+    with child_process(cmd, env, lock) as proc:
+        pass
     if proc.returncode != 0:
         raise UserError(
             f"`{' '.join(cmd)}` failed (exit {proc.returncode}); see its output above. Fix the cause and rerun "
@@ -189,7 +190,7 @@ def _run(cmd: list[str], env: dict, log) -> None:
         )
 
 
-def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | None = None) -> None:
+def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | None = None, lock=None) -> None:
     """Plan and preprocess the first dataset (``nnUNetv2_extract_fingerprint``, its foreground statistics without
     the ignore label, ``nnUNetv2_plan_and_preprocess``, + 3d_tiny when asked); later
     rounds reuse its plans unchanged (``nnUNetv2_extract_fingerprint``, ``nnUNetv2_move_plans_between_datasets``,
@@ -203,9 +204,9 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
     cfg = "3d_fullres" if tiny else opts.configuration
     n_proc = str(opts.num_processes)
     if plans_from is not None:
-        _run([_exe("nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", n_proc], env, log)
+        _run([_exe("nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", n_proc], env, log, lock)
         cmd = [_exe("nnUNetv2_move_plans_between_datasets"), "-s", str(plans_from), "-t", str(dataset_id)]
-        _run([*cmd, "-sp", opts.plans, "-tp", opts.plans], env, log)
+        _run([*cmd, "-sp", opts.plans, "-tp", opts.plans], env, log, lock)
         # nnUNetv2_preprocess reads <preprocessed>/<dataset>/dataset.json, which only the planner copies there
         import json
 
@@ -215,7 +216,7 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
         target = require_folder_var("nnUNet_preprocessed") / raw.name / "dataset.json"
         atomic_write_json(target, json.loads((raw / "dataset.json").read_text()))
         cmd = [_exe("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", opts.plans, "-c", cfg]
-        _run([*cmd, "-np", n_proc], env, log)
+        _run([*cmd, "-np", n_proc], env, log, lock)
         return
     # the fingerprint first, then its foreground statistics without the ignore label (nnunet_ext.fingerprint:
     # nnU-Net counts ignore voxels as foreground); the planner below reuses the corrected fingerprint
@@ -227,14 +228,14 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
         n_proc,
         "--verify_dataset_integrity",
     ]
-    _run(cmd, env, log)
+    _run(cmd, env, log, lock)
     from nnunet_ext.fingerprint import exclude_ignore_from_fingerprint
 
     exclude_ignore_from_fingerprint(dataset_id, opts.num_processes, extract=False, log=log)
     cmd = [_exe("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", cfg, "-np", n_proc]
     if opts.planner:
         cmd += ["-pl", opts.planner]
-    _run(cmd, env, log)
+    _run(cmd, env, log, lock)
     if tiny:
         from nnunet_ext.plans import load_plans, locate_plans, save_plans, tiny_configuration
 
@@ -246,14 +247,14 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
             log(f"added the 3d_tiny configuration to {plans_file}")
 
 
-def _train(step: dict, opts: RecipeOptions, device: str, resume: bool, log) -> None:
+def _train(step: dict, opts: RecipeOptions, device: str, resume: bool, log, lock=None) -> None:
     from nnunet_ext.training import ext_trainer_env
 
     cmd = [_exe("nnUNetv2_train"), str(step["dataset"]), opts.configuration, str(step["fold"])]
     cmd += ["-tr", step["trainer"], "-p", opts.plans, "-device", device]
     if resume:
         cmd.append("--c")
-    _run(cmd, ext_trainer_env(), log)
+    _run(cmd, ext_trainer_env(), log, lock)
 
 
 def _qc(dataset: Path, state_file: Path, opts: RecipeOptions, log) -> None:
@@ -298,6 +299,10 @@ def run_recipe(
             check_fold(f, n_folds, trainer)
     state_file = Path(state_file) if state_file else default_state_file(opts.out_id)
     state = _State(state_file, opts, restart)
+    from nnunet_ext.training import RunLock
+
+    lock = RunLock(state_file.with_suffix(".lock"), f"the labelprop run of {state_file}")
+    lock.check()  # a previous run (or a training it started) still alive: refuse before writing anything
     if restart:
         log(f"starting over: {state_file}")
     steps = recipe_steps(opts)
@@ -312,6 +317,20 @@ def run_recipe(
                     f"to replace it or choose another --out-id."
                 )
     log(f"state file: {state_file} ({len(state.data['done'])}/{len(steps)} steps done)")
+    with lock:
+        _run_steps(steps, state, state_file, source, method, device, opts, force, lock, log)
+    final = _model_dir(opts.out_id + opts.rounds, opts.trainer_b, opts)
+    log(f"finished. Final model: {final}")
+    log(
+        f"predict: nnUNetv2_predict -i IMAGES -o OUT -d {opts.out_id + opts.rounds} -c {opts.configuration} "
+        f"-tr {opts.trainer_b} -p {opts.plans} -f {' '.join(opts.folds)}"
+    )
+    return state.data
+
+
+def _run_steps(steps, state, state_file, source, method, device, opts, force, lock, log) -> None:
+    from nnunet_ext import labelprop as lp
+
     for i, step in enumerate(steps, 1):
         key = step["key"]
         if state.done(key):
@@ -336,7 +355,7 @@ def run_recipe(
             log(f"wrote {path}")
             _qc(path, state_file, opts, log)
         elif kind == "preprocess":
-            _preprocess(step["dataset"], opts, log, step.get("plans_from"))
+            _preprocess(step["dataset"], opts, log, step.get("plans_from"), lock)
         elif kind == "train":
             model = _model_dir(step["dataset"], step["trainer"], opts) / f"fold_{step['fold']}"
             if was_started and (model / "checkpoint_final.pth").is_file():
@@ -345,7 +364,7 @@ def run_recipe(
                 resume = was_started and any(
                     (model / c).is_file() for c in ("checkpoint_latest.pth", "checkpoint_best.pth")
                 )
-                _train(step, opts, device, resume, log)
+                _train(step, opts, device, resume, log, lock)
         elif kind == "pseudo":
             model = _model_dir(step["model_dataset"], step["model_trainer"], opts)
             path = lp.pseudo_label_dataset(
@@ -363,13 +382,6 @@ def run_recipe(
             log(f"wrote {path}")
             _qc(path, state_file, opts, log)
         state.finish(key, time.time() - t0)
-    final = _model_dir(opts.out_id + opts.rounds, opts.trainer_b, opts)
-    log(f"finished. Final model: {final}")
-    log(
-        f"predict: nnUNetv2_predict -i IMAGES -o OUT -d {opts.out_id + opts.rounds} -c {opts.configuration} "
-        f"-tr {opts.trainer_b} -p {opts.plans} -f {' '.join(opts.folds)}"
-    )
-    return state.data
 
 
 def _raw_root_or_none() -> Path | None:

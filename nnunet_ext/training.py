@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,27 +103,130 @@ def predict_command(
     ]
 
 
-def run_logged(cmd: list[str], env: dict, log: Path, quiet: bool = False) -> float:
+# ----------------------------------------------------------------------------- child processes and run locks
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def child_process(cmd: list[str], env: dict, lock: RunLock | None = None, **popen):
+    """Run ``cmd`` in its own process group and yield the ``Popen``; on leaving, wait for it.
+
+    While it runs, SIGINT / SIGTERM / SIGHUP sent to us are forwarded to the child's whole group (nnU-Net's
+    data-loader workers too) and we wait for it to end before stopping ourselves (KeyboardInterrupt for SIGINT,
+    exit 128 + signal otherwise): killing a command never leaves its training running. ``lock`` records the
+    child's pid while it runs (see :class:`RunLock`)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, **popen)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, forward) for s in _FORWARDED} if main_thread else {}
+    try:
+        if lock is not None:
+            lock.hold(proc.pid)
+        try:
+            yield proc
+        finally:
+            proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if lock is not None:
+            lock.hold(None)
+    if received:
+        if received[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + received[0])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (ended, not yet reaped) is not running anything
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class RunLock:
+    """A lock file beside a resumable run's state: which process runs it and which child it is waiting for.
+
+    :meth:`acquire` refuses while a previous run of the same state is alive (its command, or a training it
+    started and that outlived it), so a resumed run never starts a second training into the same folder.
+    A lock whose processes are all gone is stale and taken over."""
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path, self.what = Path(path), what
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def check(self) -> None:
+        """Refuse (:class:`UserError`) while the run recorded in the lock file, or its child, is alive."""
+        held = self._read()
+        for key, role in (("child", "its child process"), ("pid", "its command")):
+            pid = held.get(key)
+            if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+                raise UserError(
+                    f"{self.what} is still running ({role}, pid {pid}, recorded in {self.path}); wait for it to "
+                    f"finish or stop it (kill -TERM -{held.get('child') or pid}), then rerun this command."
+                )
+
+    def acquire(self) -> RunLock:
+        self.check()
+        self.hold(None)
+        return self
+
+    def hold(self, child: int | None) -> None:
+        from nnunet_ext.io import atomic_write_json
+
+        atomic_write_json(self.path, {"pid": os.getpid(), "child": child})
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def run_logged(
+    cmd: list[str], env: dict, log: Path, quiet: bool = False, lock: RunLock | None = None
+) -> float:
     """Run a stock nnU-Net command, streaming its output (and appending it to ``log``); return seconds."""
     print(f"$ {' '.join([Path(cmd[0]).name, *cmd[1:]])}", flush=True)
     start = time.perf_counter()
     with open(log, "a", encoding="utf-8") as logf:
         logf.write(f"\n$ {' '.join(cmd)}\n")
         # unbuffered: nnU-Net's progress lines arrive as they are printed, not in blocks
-        proc = subprocess.Popen(
+        with child_process(
             cmd,
-            env={**env, "PYTHONUNBUFFERED": "1"},
+            {**env, "PYTHONUNBUFFERED": "1"},
+            lock,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             encoding="utf-8",
             errors="replace",
-        )
-        for line in proc.stdout:
-            logf.write(line)
-            if not quiet and line.strip():
-                print(f"    {line.rstrip()}", flush=True)
-        code = proc.wait()
+        ) as proc:
+            for line in proc.stdout:
+                logf.write(line)
+                if not quiet and line.strip():
+                    print(f"    {line.rstrip()}", flush=True)
+        code = proc.returncode
     if code != 0:
         raise UserError(f"`{Path(cmd[0]).name}` failed with exit code {code}; see the log {log}")
     return time.perf_counter() - start

@@ -1,0 +1,119 @@
+"""Stopping a command never leaves its nnU-Net child running, and a resumed run refuses to start while a
+previous one (or a training it started) is still alive."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nnunet_ext.cli import main
+from nnunet_ext.training import RunLock
+
+PARENT = textwrap.dedent(
+    """
+    import sys
+    from nnunet_ext.training import RunLock, child_process
+    with RunLock(sys.argv[1], "the test run") as lock:
+        with child_process([sys.executable, "-c", "import time; time.sleep(120)"], {}, lock):
+            pass
+    """
+)
+
+
+def wait_for(predicate, timeout=60.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
+def test_a_signal_to_the_command_stops_its_child_and_frees_the_lock(tmp_path, sig, code):
+    lock = tmp_path / "run.lock"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(lock)], env=env)
+    assert wait_for(lambda: lock.is_file() and json.loads(lock.read_text() or "{}").get("child"))
+    child = json.loads(lock.read_text())["child"]
+    assert alive(child)
+    parent.send_signal(sig)
+    # an uncaught KeyboardInterrupt ends Python with SIGINT itself: -2
+    assert parent.wait(timeout=60) in (code, -int(sig))
+    assert wait_for(lambda: not alive(child), 30), "the child outlived its command"
+    assert not lock.exists()
+
+
+def test_resume_refuses_while_a_previous_training_is_alive(tmp_path, capsys, monkeypatch):
+    """A lock naming a live child (a training that outlived a SIGKILLed command) blocks `labelprop run`; nothing
+    is written; once the child is gone the stale lock is taken over."""
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    from nnunet_ext.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(
+        tmp_path / "raw", 570, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
+    )
+    state = tmp_path / "state.json"
+    training = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        state.with_suffix(".lock").write_text(json.dumps({"pid": 999999, "child": training.pid}))
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        argv = [
+            "labelprop",
+            "run",
+            "570",
+            "--out-id",
+            "571",
+            "-c",
+            "3d_tiny",
+            "-f",
+            "0",
+            "--state",
+            str(state),
+        ]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"is still running (its child process, pid {training.pid}" in err and "Traceback" not in err
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no state file, nothing else
+    finally:
+        training.kill()
+        training.wait()
+    RunLock(state.with_suffix(".lock"), "x").check()  # stale now: no error
+
+
+def test_a_refused_run_writes_no_state_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    from nnunet_ext.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(
+        tmp_path / "raw", 572, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
+    )
+    write_phantom_dataset(
+        tmp_path / "raw", 573, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
+    )
+    state = tmp_path / "state.json"
+    argv = ["labelprop", "run", "572", "--out-id", "573", "-c", "3d_tiny", "-f", "0", "--state", str(state)]
+    assert main(argv) == 1  # Dataset573 exists: refused without --force
+    assert "already exists" in capsys.readouterr().err
+    assert not state.exists() and not state.with_suffix(".lock").exists()
