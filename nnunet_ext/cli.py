@@ -4,6 +4,7 @@ exposes ``add_parser(subparsers)`` which registers its parser(s) and sets ``func
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from nnunet_ext import __version__
@@ -27,6 +28,10 @@ COMMAND_MODULES = [
     "uniseg",
     "medseqft",
 ]
+
+
+# a write that fails for these reasons is the machine's problem, not a bug: one line, exit 1, no traceback
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except UserError as e:
         print(f"nnunet-ext {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(
+            f"nnunet-ext {args.command}: error: {e.strerror}{where}; make the folder writable, free space on its disk "
+            f"or choose another output location, then rerun (our outputs are written atomically: nothing "
+            f"half-written is left under its final name).",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("nnunet-ext: interrupted", file=sys.stderr)

@@ -105,3 +105,21 @@ def test_evaluate_refuses_bad_tolerances_and_truncated_files(tmp_path, capsys, a
         truncate(tmp_path / "pred" / "c.nii.gz", 0.9)
     argv = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--challenge", "kits21", "--quiet"]
     run_refused([*argv, *argv_tail], capsys, tmp_path, message)
+
+
+def test_an_unwritable_output_is_one_line_without_traceback(tmp_path, capsys, monkeypatch):
+    """A full disk or read-only output folder (simulated: root ignores permissions) ends every command with a
+    one-line error, exit 1."""
+    import nnunet_ext.evaluate as evaluate
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate, "atomic_write_json", full_disk)
+    label = np.zeros((8, 10, 12), np.uint8)
+    label[2:6, 3:7, 3:9] = 1
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(tmp_path / folder / "c.nii.gz"))
+    argv = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--challenge", "kits21", "--quiet"]
+    run_refused(argv, capsys, tmp_path, "error: No space left on device (")
