@@ -34,9 +34,16 @@ __all__ = [
 
 
 def _unwrap(network):
+    """The method's network behind DDP and torch.compile (either order)."""
     from torch._dynamo import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel
 
-    return network._orig_mod if isinstance(network, OptimizedModule) else network
+    for _ in range(3):
+        if isinstance(network, DistributedDataParallel):
+            network = network.module
+        elif isinstance(network, OptimizedModule):
+            network = network._orig_mod
+    return network
 
 
 def _task_score_network_class():
