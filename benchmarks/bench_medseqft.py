@@ -12,7 +12,9 @@ Parts:
   (``nnUNetTrainer``) vs LoRA (``nnUNetTrainerLoRA``'s defaults) vs a MedSeqFT step (LoRA + a buffer batch in
   the same forward pass + feature distillation against 2 frozen teachers), all in ONE process on the same
   network, interleaved in rounds (full, LoRA, MedSeqFT, ...); ratios are medians of per-round ratios.
-* ``sequence``: the forgetting matrices of MedSeqFT vs sequential vs parallel full fine-tuning on the phantom
+* ``memory``: activation memory (bytes autograd saves for backward) of full fine-tuning at batch B vs the
+  MedSeqFT student's one forward pass over B task + ``kd_batch_size`` buffer patches (B and 1);
+* ``sequence``: the forgetting matrices of MedSeqFT (with and without the expert stage) vs sequential vs parallel full fine-tuning on the phantom
   task sequence (liver -> kidney -> spleen, binary datasets, ``nnunet-ext medseqft phantoms``) from M_0 =
   ``nnUNetTrainer`` on the full phantom, all with the tiny configuration and the same ``--epochs`` x
   ``--iterations`` per training (``nnunet-ext medseqft run``).
@@ -215,6 +217,67 @@ def efficiency(args) -> dict:
     return result
 
 
+def saved_for_backward_mb(net: nn.Module, fn) -> float:
+    """Activation memory of one training forward pass: the bytes of every tensor autograd saves for backward
+    (unique storages; the network's own parameters excluded), in MB. Device independent, so it can be
+    measured on CPU; peak training memory on a GPU is this plus weights, gradients, optimizer state and the
+    transient buffers of the largest layer."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values()) / 2**20
+
+
+def memory(args) -> dict:
+    """Activation memory of full fine-tuning (batch B) vs the MedSeqFT student over task + buffer patches
+    (B + kd_batch_size, kd_batch_size in {B, 1}); the frozen teachers / expert run without gradients and save
+    nothing."""
+    from nnunet_ext import lora
+    from nnunet_ext.medseqft import FeatureTap
+    from nnunet_ext.trainers import nnUNetTrainerLoRA as T
+
+    if args.plans:
+        base, patch = plans_network(args.plans, args.configuration)
+    else:
+        base, patch = default_network(), list(args.patch)
+    patch = list(args.patch) if args.patch else patch
+    full = copy.deepcopy(base)
+    adapted = copy.deepcopy(base)
+    lora.inject_lora(
+        adapted,
+        lora.LoRAConfig(rank=T.lora_rank, alpha=T.lora_alpha, target=T.lora_target, exclude=T.lora_exclude),
+    )
+    lora.mark_trainable(adapted, T.lora_train_also)
+    student = FeatureTap(adapted)
+    b = args.batch
+    result = {"patch": patch, "batch": b, "machine": machine_line(), "unit": "MB saved for backward"}
+    result["full"] = saved_for_backward_mb(full, lambda: full(torch.randn(b, 1, *patch)))
+    result["lora"] = saved_for_backward_mb(adapted, lambda: adapted(torch.randn(b, 1, *patch)))
+    for kd in sorted({b, 1}, reverse=True):
+        result[f"medseqft_kd{kd}"] = saved_for_backward_mb(
+            student, lambda kd=kd: student(torch.randn(b + kd, 1, *patch), features=True)
+        )
+    print(f"\nmachine: {result['machine']}; patch {patch}, batch {b}: activation memory (saved for backward)")
+    print("| step | patches in the forward pass | MB | x full fine-tuning |")
+    print("|---|---|---|---|")
+    rows = [("full fine-tuning", b, "full"), ("LoRA", b, "lora")]
+    rows += [
+        (f"MedSeqFT, kd_batch_size {kd}", b + kd, f"medseqft_kd{kd}") for kd in sorted({b, 1}, reverse=True)
+    ]
+    for label, n, key in rows:
+        print(f"| {label} | {n} | {result[key]:.0f} | {result[key] / result['full']:.2f} |")
+    return result
+
+
 def _sh(cmd: list[str], env: dict) -> None:
     exe = Path(sys.executable).parent / cmd[0]
     subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], env=env, check=True)
@@ -297,7 +360,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--parts", nargs="+", choices=["efficiency", "sequence"], default=["efficiency"])
+    parser.add_argument(
+        "--parts", nargs="+", choices=["efficiency", "memory", "sequence"], default=["efficiency"]
+    )
     parser.add_argument(
         "--plans", default=None, help="efficiency: plans file (default: nnU-Net's default U-Net)"
     )
@@ -322,7 +387,7 @@ def main() -> int:
     parser.add_argument(
         "--strategies",
         nargs="+",
-        default=["medseqft", "sequential", "parallel"],
+        default=["medseqft", "medseqft_noexpert", "sequential", "parallel"],
         help="sequence: strategies to train and compare",
     )
     parser.add_argument(
@@ -338,6 +403,8 @@ def main() -> int:
         for name in ("full", "lora", "medseqft"):
             out["efficiency"][name].pop("times", None)
             out["efficiency"][name].pop("cpu_times", None)
+    if "memory" in args.parts:
+        out["memory"] = memory(args)
     if "sequence" in args.parts:
         out["sequence"] = sequence(args)
     if args.json or "sequence" in args.parts:

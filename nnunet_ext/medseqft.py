@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.errors import UserError
@@ -155,6 +156,37 @@ class FeatureTap(nn.Module):
         return unet_features(self.net, x)
 
 
+def feature_mse(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], normalise: bool = False
+) -> torch.Tensor:
+    """Mean over stages of the MSE between student and teacher feature maps (float32). ``normalise``: each
+    stage's MSE divided by the teacher's feature variance of that stage (ResidualEncoderUNet stages are not
+    normalised after the residual add, so raw MSEs differ in scale between stages and networks)."""
+    if [f.shape for f in teacher] != [f.shape for f in student]:
+        raise RuntimeError(
+            "teacher and student feature maps differ in shape: the teacher checkpoint does not have this "
+            "network's architecture (use the same plans for every task)"
+        )
+    values = []
+    for s, t in zip(student, teacher):
+        s, t = s.float(), t.detach().float()
+        value = F.mse_loss(s, t)
+        values.append(value / (t.var() + 1e-6) if normalise else value)
+    return torch.stack(values).mean()
+
+
+def logit_distillation(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0, regions: bool = False
+) -> torch.Tensor:
+    """Per-voxel output distillation: KL(teacher || student) of the softmax at ``temperature`` (times T^2, averaged
+    over voxels and batch); region (sigmoid) outputs: MSE between the sigmoid probabilities at ``temperature``."""
+    s, t = student.float() / temperature, teacher.detach().float() / temperature
+    if regions:
+        return F.mse_loss(torch.sigmoid(s), torch.sigmoid(t)) * temperature**2
+    kl = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="batchmean")
+    return kl * temperature**2 / float(np.prod(s.shape[2:]))
+
+
 def has_objective_head(weights: dict) -> bool:
     return any(".seg_layers." in k for k in weights)
 
@@ -203,6 +235,40 @@ def _preprocessed(dataset: str | int, configuration: str, plans_identifier: str)
     if not ids:
         raise UserError(f"{folder} holds no preprocessed cases; re-run nnUNetv2_preprocess -d {dataset}")
     return name, base, folder, cls, ids, cm
+
+
+def fold_training_keys(base: Path, ids: list[str], fold: int | str) -> list[str]:
+    """The training keys of ``fold`` exactly as nnU-Net's ``nnUNetTrainer.do_split`` picks them (its
+    ``splits_final.json`` when present, else the seeded 5-fold split nnU-Net would write, else nnU-Net's
+    seeded 80:20 split for a fold beyond the file); ``"all"``: every case. Writes nothing."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    if str(fold) == "all":
+        return sorted(ids)
+    try:
+        fold = int(fold)
+    except ValueError as e:
+        raise UserError(f"fold must be an integer or 'all' (got {fold!r})") from e
+    splits_file = base / "splits_final.json"
+    if splits_file.is_file():
+        splits = load_json(str(splits_file))
+    else:
+        splits = generate_crossval_split(sorted(ids), seed=12345, n_splits=5)
+    if fold < len(splits):
+        keys = list(splits[fold]["train"])
+    else:  # nnU-Net's fallback for a fold the split file lacks
+        rnd = np.random.RandomState(seed=12345 + fold)
+        all_keys = np.sort(list(ids))
+        idx_tr = rnd.choice(len(all_keys), int(len(all_keys) * 0.8), replace=False)
+        keys = [str(all_keys[i]) for i in idx_tr]
+    unknown = [k for k in keys if k not in set(ids)]
+    if unknown:
+        raise UserError(
+            f"{splits_file} names cases that are not preprocessed (e.g. {unknown[:3]}); fix the split file or "
+            f"re-run nnUNetv2_preprocess"
+        )
+    return sorted(keys)
 
 
 def _views(data: np.ndarray, patch: tuple[int, ...], n: int, rng: np.random.Generator):
@@ -265,20 +331,25 @@ def select_buffer(
     reference: str | int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    fold: int | str = 0,
 ) -> dict:
-    """Score every training case of ``dataset`` under the foundation model; return the selection record
-    (``buffer``: the K lowest-scoring cases, ``scores``: every case's score, and the settings)."""
+    """Score every training case of ``fold`` of ``dataset`` (nnU-Net's split: the fold's validation cases are
+    never scored nor buffered) under the foundation model; return the selection record (``buffer``: the K
+    lowest-scoring cases, ``scores``: every scored case's score, and the settings)."""
     if score not in SCORES:
         raise UserError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if views < 1:
         raise UserError(f"--views must be >= 1 (got {views})")
-    name, _, folder, dataset_class, ids, cm = _preprocessed(dataset, configuration, plans_identifier)
+    name, base, folder, dataset_class, all_ids, cm = _preprocessed(dataset, configuration, plans_identifier)
+    ids = fold_training_keys(base, all_ids, fold)
     if k is None:
         if not 0 < fraction <= 1:
             raise UserError(f"--fraction must be in (0, 1] (got {fraction})")
         k = max(1, round(fraction * len(ids)))
     if not 1 <= k <= len(ids):
-        raise UserError(f"-k must be between 1 and the {len(ids)} training cases of {name} (got {k})")
+        raise UserError(
+            f"-k must be between 1 and the {len(ids)} training cases of fold {fold} of {name} (got {k})"
+        )
     foundation = load_checkpoint_network(checkpoint, device)
     net = foundation["network"]
     used = score
@@ -332,6 +403,7 @@ def select_buffer(
         "score": used,
         "views": int(views),
         "seed": int(seed),
+        "fold": str(fold) if str(fold) == "all" else int(fold),
         "k": int(k),
         "reference": None if reference is None else str(reference),
         "buffer": ranked[:k],
@@ -347,7 +419,7 @@ def buffer_path(dataset: str | int, plans_identifier: str = "nnUNetPlans", confi
     return Path(str(nnUNet_preprocessed)) / name / BUFFER_FILE
 
 
-SETTINGS = ("checkpoint", "configuration", "plans", "score", "views", "seed", "k", "reference")
+SETTINGS = ("checkpoint", "configuration", "plans", "score", "views", "seed", "fold", "k", "reference")
 
 
 def write_buffer(record: dict, path: Path, overwrite: bool) -> Path:
@@ -459,12 +531,14 @@ def _cmd_select(args: argparse.Namespace) -> int:
         plans_identifier=args.plans,
         reference=args.reference,
         device=args.device,
+        fold=args.fold,
     )
     path = Path(args.output) if args.output else buffer_path(args.dataset, args.plans)
     write_buffer(record, path, args.overwrite)
     scores = record["scores"]
     print(
-        f"MDS ({record['score']}, {record['views']} views, seed {record['seed']}): {len(scores)} cases scored"
+        f"MDS ({record['score']}, {record['views']} views, seed {record['seed']}): {len(scores)} training cases "
+        f"of fold {record['fold']} scored"
     )
     for case in record["buffer"]:
         print(f"  buffer  {case}  {scores[case]:.5f}")
@@ -519,6 +593,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sel.add_argument("--fraction", type=float, default=0.2, help="buffer size as a fraction (default 0.2)")
     sel.add_argument("--views", type=int, default=8, help="random views per case (default 8)")
     sel.add_argument("--seed", type=int, default=0)
+    sel.add_argument(
+        "-f",
+        "--fold",
+        default="0",
+        help="nnU-Net fold the buffer is for: only its training cases are scored (default 0; 'all': every case)",
+    )
     sel.add_argument("--score", choices=SCORES, default="auto", help="default auto: objective if available")
     sel.add_argument("--reference", default=None, help="features score: pre-training dataset as reference")
     sel.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")

@@ -2,8 +2,11 @@
 
 For every strategy and task t (in order):
 
-* ``medseqft``: MDS buffer of D_t under M_0 (``medseqft_buffer.json`` in D_t's preprocessed folder), then
-  ``nnUNetTrainerMedSeqFT`` on D_t from M_{t-1} (M_0 for t = 1) -> M_t (LoRA merged);
+* ``medseqft``: MDS buffer of D_t under M_0 (``medseqft_buffer.json`` in D_t's preprocessed folder, from the
+  fold's training cases), then ``nnUNetTrainerMedSeqFT`` on D_t from M_{t-1} (M_0 for t = 1): it first trains
+  the full fine-tuning expert M_t^FFT (``nnUNetTrainerMedSeqFTExpert``, same schedule, in this strategy's
+  results), then the LoRA student that distils it -> M_t (LoRA merged); the expert's time counts;
+* ``medseqft_noexpert``: the same without the expert stage (``nnUNetTrainerMedSeqFTNoExpert``);
 * ``sequential``: plain full fine-tuning, ``nnUNetTrainer`` on D_t from M_{t-1} of this strategy;
 * ``parallel``: ``nnUNetTrainer`` on D_t from M_0 (one independent fine-tune per task; its task-1 model IS
   the sequential task-1 model, which is reused instead of trained twice).
@@ -39,7 +42,11 @@ import torch
 
 from nnunet_ext.errors import UserError
 
-STRATEGIES = ("medseqft", "sequential", "parallel")
+STRATEGIES = ("medseqft", "medseqft_noexpert", "sequential", "parallel")
+MEDSEQFT_TRAINERS = {
+    "medseqft": "nnUNetTrainerMedSeqFT",
+    "medseqft_noexpert": "nnUNetTrainerMedSeqFTNoExpert",
+}
 SUFFIX = {"full": "", "smoke": "_smoke", "demo": "_demo"}
 
 
@@ -323,8 +330,8 @@ def run_sequence(
         for strategy in strategies:
             root = out / strategy
             start = time.perf_counter()
-            if strategy == "medseqft":
-                print(f"[medseqft] MDS selection on {name}", flush=True)
+            if strategy in MEDSEQFT_TRAINERS:
+                print(f"[{strategy}] MDS selection on {name}", flush=True)
                 record = select_buffer(
                     pretrained,
                     name,
@@ -336,11 +343,13 @@ def run_sequence(
                     score,
                     plans_identifier,
                     device=device,
+                    progress=False,
+                    fold=fold,
                 )
                 write_buffer(record, buffer_path(name, plans_identifier), overwrite)
-                print(f"[medseqft] buffer: {record['buffer']}", flush=True)
+                print(f"[{strategy}] buffer: {record['buffer']}", flush=True)
                 init = models[strategy][-1] if t else pretrained
-                trainer = f"nnUNetTrainerMedSeqFT{suffix}"
+                trainer = f"{MEDSEQFT_TRAINERS[strategy]}{suffix}"
             elif strategy == "sequential":
                 init = models[strategy][-1] if t else pretrained
                 trainer = f"nnUNetTrainer{suffix}"
@@ -364,7 +373,7 @@ def run_sequence(
                     dev,
                     epochs,
                     iterations,
-                    medseqft_settings if strategy == "medseqft" else None,
+                    medseqft_settings if strategy in MEDSEQFT_TRAINERS else None,
                 )
             )
             times[strategy] += time.perf_counter() - start

@@ -360,7 +360,13 @@ def _ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
     torch.manual_seed(100 + rank)  # different data per rank
     data, buffer = torch.randn(2, 1, 8, 16, 16), torch.randn(2, 1, 8, 16, 16)
     target = torch.randint(0, 3, (2, 8, 16, 16))
+    adapters = [p for n, p in net.named_parameters() if p.requires_grad and lora.is_adapter_parameter(n)]
     for _ in range(2):
+        # MedSeqFT's per-term gradient norms: a side pass through the unwrapped module + autograd.grad must
+        # leave DDP's reduction of the real step alone
+        side_out, _ = model.module(torch.cat((data, buffer)), features=True)
+        side = torch.autograd.grad(side_out[0][:2].square().mean(), adapters, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in side)
         opt.zero_grad(set_to_none=True)
         out, feats = model(torch.cat((data, buffer)), features=True)
         with torch.no_grad():

@@ -67,6 +67,25 @@ def test_cli_errors_name_the_fix(tmp_path, capsys, monkeypatch):
     assert cli(args) == 1 and "--kd-weight must be >= 0" in capsys.readouterr().err
 
 
+def test_feature_mse_normalised_by_teacher_variance_is_scale_free():
+    from nnunet_ext.medseqft import feature_mse, logit_distillation
+
+    torch.manual_seed(0)
+    s = [torch.randn(2, 4, 4, 8, 8), torch.randn(2, 8, 2, 4, 4)]
+    t = [torch.randn_like(f) for f in s]
+    raw, norm = feature_mse(s, t), feature_mse(s, t, normalise=True)
+    scaled = [10 * f for f in s], [10 * f for f in t]
+    torch.testing.assert_close(feature_mse(*scaled), 100 * raw)
+    torch.testing.assert_close(feature_mse(*scaled, normalise=True), norm)
+    assert float(feature_mse(t, t, normalise=True)) == 0.0
+    with pytest.raises(RuntimeError, match="architecture"):
+        feature_mse(s, t[:1])
+    logits = torch.randn(2, 3, 4, 8, 8)
+    assert float(logit_distillation(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(logit_distillation(logits, torch.randn_like(logits))) > 0
+    assert float(logit_distillation(logits, logits, regions=True)) == 0.0
+
+
 # ------------------------------------------------------------------------------------ on phantoms
 
 
@@ -132,6 +151,82 @@ def task_sequence(phantom_workspace, monkeypatch):
 
 
 @pytest.mark.slow
+def test_kg_rft_expert_student_merge_and_resume(phantom_workspace, task_sequence, monkeypatch, tmp_path):
+    """nnUNetTrainerMedSeqFT from M_{t-1}: trains the full fine-tuning expert M_t^FFT first, then the LoRA student
+    that distils it (and M_{t-1} on the MDS buffer of the fold's training cases); M_t loads strictly into the
+    stock network; --c resumes with the same expert (not retrained)."""
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_ext.medseqft import buffer_path, fold_training_keys, select_buffer, write_buffer
+    from tests.test_lora import make_trainer
+
+    _, ckpt = foundation_checkpoint(phantom_workspace)
+    _env(monkeypatch, phantom_workspace, tmp_path)
+    dataset = task_sequence[1]
+    record = select_buffer(ckpt, dataset, "3d_tiny", k=2, views=1, progress=False, fold=0)
+    pre = Path(phantom_workspace.env["nnUNet_preprocessed"]) / dataset
+    folder = str(pre / "nnUNetPlans_3d_fullres")  # the tiny configuration's data identifier
+    ids = sorted(infer_dataset_class(folder).get_identifiers(folder))
+    train_keys = fold_training_keys(pre, ids, 0)
+    assert set(record["scores"]) == set(train_keys)
+    assert 0 < len(train_keys) < len(ids)  # the fold's validation cases are left out
+    assert record["fold"] == 0 and set(record["buffer"]) <= set(train_keys)
+    write_buffer(record, buffer_path(dataset), overwrite=True)
+
+    trainer = make_trainer("nnUNetTrainerMedSeqFT_smoke", dataset)
+    trainer.num_iterations_per_epoch = 2
+    trainer.lora_lr = 0.05
+    maybe_load_checkpoint(trainer, False, False, ckpt)  # nnUNetv2_train -pretrained_weights M_{t-1}
+    trainer.run_training()
+    expert_path = trainer.expert_checkpoint()
+    assert "nnUNetTrainerMedSeqFTExpert_smoke__nnUNetPlans__3d_tiny" in str(expert_path)
+    expert = torch.load(expert_path, weights_only=False)
+    m0 = torch.load(ckpt, weights_only=False)["network_weights"]
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    assert not torch.equal(expert["network_weights"][key], m0[key])  # fully fine-tuned from M_{t-1}
+    assert expert["current_epoch"] == 1  # the student's schedule
+    log = next(Path(trainer.output_folder).glob("training_log_*.txt")).read_text()
+    assert "training the full fine-tuning expert" in log
+    assert "expert distillation loss" in log and "(x kd_weight 1.0)" in log
+    norms = [line for line in log.splitlines() if "gradient norm on the adapters" in line]
+    assert norms and all(f"{t} " in norms[0] for t in ("segmentation", "expert", "retention"))
+    values = [float(v.split()[-1]) for v in norms[0].split("first batch): ", 1)[1].split(", ")]
+    assert all(v > 0 and math.isfinite(v) for v in values)  # every term reaches the adapters
+
+    final = torch.load(Path(trainer.output_folder) / "checkpoint_final.pth", weights_only=False)
+    stock = nnUNetTrainer.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 1, 2, False
+    )
+    stock.load_state_dict(final["network_weights"], strict=True)  # M_t: stock nnU-Net weights
+    assert all(k.endswith(".weight") and (".lora_A." in k or ".lora_B." in k) for k in final["lora_state"])
+
+    # --c: adapters back from the checkpoint, the same expert from disk (not retrained), one more epoch
+    stamp = expert_path.stat().st_mtime
+    resumed = make_trainer("nnUNetTrainerMedSeqFT_smoke", dataset)
+    resumed.num_iterations_per_epoch, resumed.num_epochs = 1, 2
+    resumed.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+    assert resumed.lora_injected and resumed.current_epoch == 1
+    resumed.run_training()
+    assert expert_path.stat().st_mtime == stamp
+    assert (
+        torch.load(Path(resumed.output_folder) / "checkpoint_final.pth", weights_only=False)["current_epoch"]
+        == 2
+    )
+    log = "".join(p.read_text() for p in Path(resumed.output_folder).glob("training_log_*.txt"))
+    assert f"expert M_t^FFT from {expert_path}" in log
+
+    # a buffer with a validation case of the fold is refused
+    val_case = sorted(set(ids) - set(train_keys))[0]
+    bad = make_trainer("nnUNetTrainerMedSeqFTNoExpert_smoke", dataset)
+    bad.initialize()
+    bad.buffer_record = {**record, "buffer": [val_case]}
+    with pytest.raises(RuntimeError, match="not training cases of fold 0"):
+        bad.get_buffer_dataloader()
+
+
+@pytest.mark.slow
 def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkeypatch, tmp_path):
     """M_0 -> liver -> kidney -> spleen with MedSeqFT, sequential and parallel fine-tuning (smoke schedule)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -157,7 +252,7 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
         kd_weight=0.5,
     )
     strategies = result["strategies"]
-    assert set(strategies) == {"medseqft", "sequential", "parallel"}
+    assert set(strategies) == {"medseqft", "medseqft_noexpert", "sequential", "parallel"}
     for name, entry in strategies.items():
         matrix = entry["matrix"]
         assert [len(row) for row in matrix] == [1, 2, 3], name  # M_t on tasks 1..t
@@ -166,7 +261,11 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
     assert strategies["parallel"]["models"][0] == strategies["sequential"]["models"][0]
     assert "medseqft" in strategies["medseqft"]["models"][2]
     report = (out / "forgetting.md").read_text()
-    assert report.count("| M_3 |") == 3
+    assert report.count("| M_3 |") == 4
+    for name in task_sequence:  # K&G RFT's expert per task, only in the medseqft strategy
+        experts = out / "medseqft" / name / "nnUNetTrainerMedSeqFTExpert_smoke__nnUNetPlans__3d_tiny"
+        assert (experts / "fold_0" / "checkpoint_final.pth").is_file()
+        assert not (out / "medseqft_noexpert" / name / experts.name).exists()
     for name, entry in strategies.items():  # the summary table first: one row per strategy
         assert f"| {name} | {entry['final']:.3f} | {entry['bwt']:+.3f} |" in report.split("\n\n")[0]
     for name in task_sequence:  # one MDS buffer per task, in nnU-Net's preprocessed folder

@@ -17,6 +17,8 @@ from nnunet_ext.trainers.nnUNetTrainerLabelPropA import nnUNetTrainerLabelPropA
 from nnunet_ext.trainers.nnUNetTrainerLabelPropB import nnUNetTrainerLabelPropB
 from nnunet_ext.trainers.nnUNetTrainerLoRA import nnUNetTrainerLoRA
 from nnunet_ext.trainers.nnUNetTrainerMedSeqFT import nnUNetTrainerMedSeqFT
+from nnunet_ext.trainers.nnUNetTrainerMedSeqFTExpert import nnUNetTrainerMedSeqFTExpert
+from nnunet_ext.trainers.nnUNetTrainerMedSeqFTNoExpert import nnUNetTrainerMedSeqFTNoExpert
 from nnunet_ext.trainers.nnUNetTrainerTransDoDNet import nnUNetTrainerTransDoDNet
 from nnunet_ext.trainers.nnUNetTrainerUniSeg import nnUNetTrainerUniSeg
 from nnunet_ext.trainers.nnUNetTrainerUniSegFT import nnUNetTrainerUniSegFT
@@ -39,6 +41,8 @@ TRAINERS: list[type] = [
     # fine-tune a pretrained checkpoint (-pretrained_weights), so not compared from scratch in demo/benchmarks
     nnUNetTrainerLoRA,
     nnUNetTrainerMedSeqFT,
+    nnUNetTrainerMedSeqFTExpert,  # MedSeqFT's full fine-tuning expert M_t^FFT
+    nnUNetTrainerMedSeqFTNoExpert,  # MedSeqFT without the expert stage
 ]
 
 __all__ = [t.__name__ for t in TRAINERS]
