@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.training import device_arg
 
 
 def _rss_mb() -> float:
@@ -473,7 +474,7 @@ def add_parser(sub) -> None:
     p.add_argument("-tr", "--trainer", required=True, help="trainer to measure, e.g. nnUNetTrainerBANet")
     p.add_argument("--baseline", default="nnUNetTrainer", help="baseline trainer (default nnUNetTrainer)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--iterations", type=int, default=5, help="timed train steps (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
     p.add_argument("--cases", type=int, default=2, help="validation cases for inference timing (default 2)")

@@ -34,10 +34,17 @@ COMMAND_MODULES = [
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with our error convention: a bad argument is one line naming it and where the help is, exit 1."""
+
+    def error(self, message: str):
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nnunet-ext",
         description="nnunet_ext: published 3D segmentation methods as nnU-Net v2 plugins. "
         "Train and predict with the stock nnUNetv2_* commands after "

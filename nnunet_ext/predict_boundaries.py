@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.training import device_arg
 
 
 class BoundaryView:
@@ -179,7 +180,9 @@ def add_parser(sub) -> None:
     p.add_argument("-m", "--model-folder", help="model folder instead of -d/-c/-tr/-p")
     p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to ensemble (default 0)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
-    p.add_argument("-device", "--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument(
+        "-device", "--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)"
+    )
     p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=_cmd)

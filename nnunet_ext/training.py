@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +18,16 @@ from pathlib import Path
 
 from nnunet_ext import trainer_dir
 from nnunet_ext.errors import UserError
+
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
+
+
+def device_arg(value: str) -> str:
+    """argparse type of every ``--device``: auto, cpu, cuda, cuda:N or mps (checked without importing torch)."""
+    device = value.strip().lower()
+    if not _DEVICE.fullmatch(device):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def ext_trainer_env(env: dict | None = None) -> dict:

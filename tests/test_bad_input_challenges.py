@@ -123,3 +123,22 @@ def test_an_unwritable_output_is_one_line_without_traceback(tmp_path, capsys, mo
         sitk.WriteImage(sitk.GetImageFromArray(label), str(tmp_path / folder / "c.nii.gz"))
     argv = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--challenge", "kits21", "--quiet"]
     run_refused(argv, capsys, tmp_path, "error: No space left on device (")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["demo", "--device", "gpu0"],
+            "argument --device: 'gpu0' is not a device; use auto, cpu, cuda, cuda:N or mps",
+        ),
+        (["bench", "--device", "cuda:x"], "'cuda:x' is not a device"),
+        (["evaluate", "p", "g"], "the following arguments are required: --challenge"),
+    ],
+)
+def test_bad_arguments_are_one_line_with_exit_1(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 1 and message in err and len(err.splitlines()) == 1, err
+    assert err.endswith(f"(see nnunet-ext {argv[0]} --help)")
