@@ -56,7 +56,7 @@ def merge_mixed_modalities(
     import SimpleITK as sitk
 
     from nnunet_ext.io import atomic_write_json
-    from nnunet_ext.merge import MergePlan, _dataset_json, _remap_label, plan_merge
+    from nnunet_ext.merge import MergePlan, _dataset_json, _int_labels, _remap_label, plan_merge
     from nnunet_ext.tasks import TASKS_KEY, load_task_registry
 
     if not 1 <= int(dataset_id) <= 999:
@@ -159,7 +159,14 @@ def merge_mixed_modalities(
                     lab = task.source / sub_lab / f"{case}{ending}"
                     if lab.is_file():
                         (tmp / sub_lab).mkdir(exist_ok=True)
-                        _remap_label(lab, tmp / sub_lab / f"{new}{ending}", lut, f"task {task.name!r}")
+                        declared = set(_int_labels(task.dataset_json, task.source).values())
+                        bad = _remap_label(lab, tmp / sub_lab / f"{new}{ending}", lut, declared)
+                        if bad:  # undeclared values must not silently become background
+                            raise UserError(
+                                f"task {task.name!r} {sub_lab}/{lab.name}: label values {bad} that its "
+                                f"dataset.json does not declare ({sorted(declared)}); declare them in the "
+                                f"source's dataset.json or fix the label file (nothing was written)."
+                            )
         atomic_write_json(tmp / "dataset.json", dj)
         for p in existing:
             shutil.rmtree(p)
