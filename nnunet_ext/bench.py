@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.training import device_arg
+from nnunet_ext.training import count_arg, device_arg
 
 
 def _rss_mb() -> float:
@@ -475,23 +475,28 @@ def add_parser(sub) -> None:
     p.add_argument("--baseline", default="nnUNetTrainer", help="baseline trainer (default nnUNetTrainer)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--iterations", type=int, default=5, help="timed train steps (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
-    p.add_argument("--cases", type=int, default=2, help="validation cases for inference timing (default 2)")
-    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--iterations", type=count_arg(1), default=5, help="timed train steps (default 5)")
+    p.add_argument("--warmup", type=count_arg(0), default=2, help="untimed warm-up steps (default 2)")
+    p.add_argument(
+        "--cases", type=count_arg(1), default=2, help="validation cases for inference timing (default 2)"
+    )
+    p.add_argument("--fold", type=count_arg(0), default=0, help="fold whose split is used (default 0)")
     p.add_argument("--no-mirroring", action="store_true", help="time inference without test-time mirroring")
     p.add_argument(
         "--rounds",
-        type=int,
+        type=count_arg(0),
         default=10,
         help="rounds of the interleaved train-step timing, both trainers in one process (default 10; 0: skip)",
     )
     p.add_argument(
-        "--steps-per-round", type=int, default=2, help="train steps per trainer and round (default 2)"
+        "--steps-per-round",
+        type=count_arg(1),
+        default=2,
+        help="train steps per trainer and round (default 2)",
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=count_arg(1),
         help="torch CPU threads in the workers (default: torch's). On a shared machine use 1 and read the CPU-time "
         "rows: process CPU time per step does not grow with other jobs' load the way wall time does",
     )

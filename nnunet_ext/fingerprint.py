@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.training import count_arg
 
 FINGERPRINT = "dataset_fingerprint.json"
 KEY = "foreground_intensity_properties_per_channel"
@@ -180,7 +181,7 @@ def add_parser(subparsers):
         "one up. Then plan as usual: nnUNetv2_plan_and_preprocess -d ID (without --clean) reuses it.",
     )
     p.add_argument("-d", required=True, help="dataset id or name (nnUNet_raw)")
-    p.add_argument("-np", type=int, default=2, help="processes (default 2)")
+    p.add_argument("-np", type=count_arg(1), default=2, help="processes (default 2)")
     p.add_argument(
         "--no-extract", action="store_true", help="fail instead of running nnUNetv2_extract_fingerprint"
     )

@@ -83,6 +83,7 @@ DEFAULT_NAMES = {
     "multimodal": "PhantomMultimodal",
 }
 MIN_SHAPE = (16, 40, 40)
+MAX_VOXELS = 128 * 512 * 512  # a case is built in memory as several float64 volumes
 DEFAULT_SHAPE = (32, 64, 64)
 DEFAULT_SPACING = (2.5, 1.2, 1.2)
 FILE_ENDING = ".nii.gz"
@@ -544,6 +545,11 @@ def _validate(kind, dataset_id, name, num_train, num_test, shape, spacing, seed,
         raise UserError(
             f"--shape {tuple(shape)} is too small for the organs, tumours and vessels; use at least "
             f"{' '.join(map(str, MIN_SHAPE))} (Z Y X), e.g. the default {' '.join(map(str, DEFAULT_SHAPE))}."
+        )
+    if int(np.prod([int(s) for s in shape])) > MAX_VOXELS:
+        raise UserError(
+            f"--shape {tuple(shape)} has {int(np.prod([int(s) for s in shape])):,} voxels per case; phantoms are "
+            f"generated in memory, so at most {MAX_VOXELS:,} (e.g. 128 512 512); pick a smaller --shape."
         )
     if len(spacing) != 3 or not all(np.isfinite(float(s)) and float(s) > 0 for s in spacing):
         raise UserError(

@@ -30,6 +30,21 @@ def device_arg(value: str) -> str:
     return device
 
 
+def count_arg(minimum: int):
+    """argparse type: a whole number >= ``minimum`` (counts of steps, cases, processes)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
 def ext_trainer_env(env: dict | None = None) -> dict:
     """A copy of ``env`` (default: os.environ) whose nnUNet_extTrainer includes our trainer folder."""
     env = dict(os.environ if env is None else env)

@@ -134,6 +134,15 @@ def test_an_unwritable_output_is_one_line_without_traceback(tmp_path, capsys, mo
         ),
         (["bench", "--device", "cuda:x"], "'cuda:x' is not a device"),
         (["evaluate", "p", "g"], "the following arguments are required: --challenge"),
+        (["fingerprint", "-d", "1", "-np", "0"], "argument -np: must be at least 1, got 0"),
+        (
+            ["bench", "1", "3d_fullres", "-tr", "X", "--iterations", "0"],
+            "argument --iterations: must be at least 1",
+        ),
+        (
+            ["bench", "1", "3d_fullres", "-tr", "X", "--threads", "two"],
+            "argument --threads: 'two' is not a whole",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line_with_exit_1(tmp_path, capsys, argv, message):
@@ -142,3 +151,22 @@ def test_bad_arguments_are_one_line_with_exit_1(tmp_path, capsys, argv, message)
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 1 and message in err and len(err.splitlines()) == 1, err
     assert err.endswith(f"(see nnunet-ext {argv[0]} --help)")
+
+
+def test_phantom_sizes_are_bounded(tmp_path, capsys):
+    argv = [
+        "phantoms",
+        "full",
+        "--id",
+        "5",
+        "--shape",
+        "2000",
+        "2000",
+        "2000",
+        "--out",
+        str(tmp_path / "raw"),
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "8,000,000,000 voxels per case" in err and "pick a smaller --shape" in err
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
