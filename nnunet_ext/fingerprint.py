@@ -18,7 +18,6 @@ old file is backed up). Plan after it: ``nnUNetv2_plan_and_preprocess`` without 
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.io import read_json
 from nnunet_ext.training import count_arg
 
 FINGERPRINT = "dataset_fingerprint.json"
@@ -111,7 +111,7 @@ def exclude_ignore_from_fingerprint(
     from nnunet_ext.environment import require_folder_var, resolve_dataset
 
     raw = resolve_dataset(dataset, "nnUNet_raw")
-    dataset_json = json.loads((raw / "dataset.json").read_text())
+    dataset_json = read_json(raw / "dataset.json", "the dataset's", "fix the dataset's dataset.json")
     if ignore_label_of(dataset_json) is None:
         log(f"{raw.name} has no ignore label: nnU-Net's fingerprint is already right, nothing to do.")
         return None
@@ -135,7 +135,9 @@ def exclude_ignore_from_fingerprint(
         log(f"$ {' '.join(cmd)}")
         if subprocess.run(cmd).returncode != 0:
             raise UserError(f"`{' '.join(cmd)}` failed; see its output above.")
-    fingerprint = json.loads(target.read_text())
+    fingerprint = read_json(
+        target, "the fingerprint", "delete it and rerun (nnUNetv2_extract_fingerprint writes it again)"
+    )
     if fingerprint.get(MARK):
         log(f"{target} already excludes the ignore label.")
         return target

@@ -27,6 +27,7 @@ __all__ = [
     "existing_datasets_with_id",
     "make_temp_dir",
     "new_file_mode",
+    "read_json",
     "refuse_existing",
     "replace_dataset",
     "to_jsonable",
@@ -99,6 +100,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as JSON (``indent=2``) to ``path`` atomically; numpy values are converted."""
     return atomic_write_text(path, json.dumps(obj, indent=2, default=to_jsonable) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "", fix: str = "", expect: type = dict) -> Any:
+    """The JSON in ``path``; a missing, truncated, non-UTF-8 or wrongly shaped file (top level not ``expect``) is
+    a :class:`UserError` naming the file, the problem and ``fix`` (default: repair or regenerate the file)."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    fix = fix or "repair the file or write it again"
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{label} does not exist; {fix}.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{label} is not UTF-8 text ({e.reason} at byte {e.start}); {fix}.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{label} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}."
+        ) from None
+    if not isinstance(data, expect):
+        raise UserError(
+            f"{label} holds a JSON {type(data).__name__}, not the {expect.__name__} expected; {fix}."
+        )
+    return data
 
 
 def _image_suffix(path: Path) -> str:

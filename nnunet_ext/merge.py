@@ -29,7 +29,7 @@ import numpy as np
 
 from nnunet_ext.challenges.base import geometry_mismatch
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_json, make_temp_dir, replace_dataset
+from nnunet_ext.io import atomic_write_json, make_temp_dir, read_json, replace_dataset
 from nnunet_ext.tasks import TASKS_KEY, load_task_registry, resolve_dataset_folder
 
 __all__ = [
@@ -111,8 +111,9 @@ def _read_json(folder: Path) -> dict:
     path = folder / "dataset.json"
     if not path.is_file():
         raise UserError(f"{folder} has no dataset.json; pass nnU-Net raw dataset folders (or ids / names).")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(
+        path, "the source's", "fix the source dataset's dataset.json (the merge never changes it)"
+    )
 
 
 def _case_ids(folder: Path, sub: str, ending: str) -> list[str]:
@@ -459,10 +460,9 @@ def spec_and_sources_from_args(
     if preset:
         spec = json.loads(json.dumps(presets[preset]))
     elif args.spec:
-        try:
-            spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read the merge spec {args.spec}: {e}") from e
+        spec = read_json(
+            args.spec, "the merge spec", 'write {"tasks": {TASK: {"source": ..., "labels": ...}}}'
+        )
     else:
         if not args.map:
             raise UserError(

@@ -13,7 +13,6 @@ preprocessed / results folders themselves or any ``DatasetXXX_*`` folder inside 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from nnunet_ext.challenges import get_challenge
 from nnunet_ext.challenges.base import META_KEY, Challenge, image_files, strip_suffix
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import make_temp_dir, refuse_existing
+from nnunet_ext.io import make_temp_dir, read_json, refuse_existing
 
 MARKER = ".nnunet_ext_submission"  # written into every submission folder: --overwrite replaces only these
 
@@ -31,7 +30,7 @@ def dataset_meta(challenge: Challenge, folder: Path) -> dict:
     dj_path = folder / "dataset.json"
     if not dj_path.is_file():
         raise UserError(f"{folder} has no dataset.json; pass the dataset written by `nnunet-ext convert`.")
-    dj = json.loads(dj_path.read_text(encoding="utf-8"))
+    dj = read_json(dj_path, "the dataset's dataset.json", "convert the challenge's data again")
     if hasattr(challenge, "submission_meta"):
         return challenge.submission_meta(folder, dj)
     meta = dj.get(META_KEY)

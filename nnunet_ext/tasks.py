@@ -18,13 +18,13 @@ defines the task index 0..T-1. See docs/task-registry.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.io import read_json
 
 __all__ = [
     "TASKS_KEY",
@@ -276,9 +276,9 @@ def load_task_registry(dataset_json: Mapping, case_ids: Sequence[str] | None = N
             )
         if nested and len(values) < 2:
             raise TaskRegistryError(
-                f"task {task!r} is marked \"nested\" but lists only {names}: nesting needs an outer label and at least "
-                f"one inner label listed after it (e.g. [\"liver\", \"liver_tumour\"]). Add the inner label or remove "
-                f"\"nested\" from {where}."
+                f'task {task!r} is marked "nested" but lists only {names}: nesting needs an outer label and at least '
+                f'one inner label listed after it (e.g. ["liver", "liver_tumour"]). Add the inner label or remove '
+                f'"nested" from {where}.'
             )
         specs.append(TaskSpec(task, tuple(prefixes), tuple(values), tuple(names), nested))
 
@@ -344,10 +344,9 @@ def _read_dataset_json(folder: Path) -> dict:
             f"(e.g. $nnUNet_raw/Dataset501_Name), or a dataset id/name."
         )
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TaskRegistryError(f"{path} is not valid JSON ({e}); fix the file.") from e
+        return read_json(path, "the dataset's", "fix the file")
+    except UserError as e:
+        raise TaskRegistryError(str(e)) from None
 
 
 def load_task_registry_from_folder(folder: str | os.PathLike) -> TaskRegistry:
@@ -413,7 +412,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
                 unassigned += 1
     rows = [["index", "task", "prefixes", "labels", "cases"]]
     for i, s in enumerate(registry.specs):
-        labels = ", ".join(f"{n} ({v})" for n, v in zip(s.label_names, s.labels)) + (" [nested]" if s.nested else "")
+        labels = ", ".join(f"{n} ({v})" for n, v in zip(s.label_names, s.labels)) + (
+            " [nested]" if s.nested else ""
+        )
         rows.append([str(i), s.name, ", ".join(s.prefixes), labels, str(counts[s.name]) if counts else "-"])
     print(f"{folder}: {registry.num_tasks} task(s)")
     print(_format_table(rows))

@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_ext.challenges import base
+from nnunet_ext.challenges import get_challenge as base_challenge
 from nnunet_ext.cli import main
 from tests.test_convert import fake_kipa
 
@@ -170,3 +171,27 @@ def test_phantom_sizes_are_bounded(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "8,000,000,000 voxels per case" in err and "pick a smaller --shape" in err
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"labels": {"background": 0', "is not valid JSON (Expecting"),
+        (b"\xff\xfe{}", "is not UTF-8 text"),
+        (b"[1, 2]", "holds a JSON list, not the dict expected"),
+    ],
+)
+def test_broken_json_is_one_line_naming_the_file(tmp_path, capsys, content, message):
+    """A truncated, non-UTF-8 or wrongly shaped JSON file: the dataset.json `submit` reads, a merge spec."""
+    raw = tmp_path / "raw"
+    result = base.convert(base_challenge("kipa22"), fake_kipa(tmp_path), 11, out=raw, progress=False)
+    (result.folder / "dataset.json").write_bytes(content)
+    (tmp_path / "pred").mkdir()
+    argv = ["submit", "kipa22", str(tmp_path / "pred"), str(tmp_path / "sub"), "-d", str(result.folder)]
+    run_refused(
+        argv, capsys, tmp_path, f"the dataset's dataset.json {result.folder / 'dataset.json'} {message}"
+    )
+    spec = tmp_path / "spec.json"
+    spec.write_bytes(content)
+    argv = ["tasks", "merge", "--spec", str(spec), "-d", "30", "--out", str(raw)]
+    run_refused(argv, capsys, tmp_path, f"the merge spec {spec} {message}")
