@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -51,42 +53,94 @@ def locate_plans(dataset: str, plans_identifier: str = DEFAULT_PLANS) -> Path:
     return path
 
 
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+PLANS_FIX = "restore it from its backup (<file>.bak-*) or re-plan with nnUNetv2_plan_experiment"
+
+
 def load_plans(path: Path) -> dict:
-    try:
-        plans = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+    """Read a plans file; refuse anything that is not an nnU-Net plans file (unreadable, not UTF-8,
+    truncated, wrong JSON types) with one line naming the problem and the fix."""
+    from nnunet_ext.io import read_json
+
+    plans = read_json(path, "plans file", PLANS_FIX, expect=dict)
+    configs = plans.get("configurations")
+    if not isinstance(configs, dict):
+        found = "no 'configurations'" if configs is None else f"'configurations' is {_json_type(configs)}"
         raise UserError(
-            f"{path} is not valid JSON ({e}). Restore it from a backup (*.bak-*) or re-plan."
-        ) from e
-    if not isinstance(plans, dict) or not isinstance(plans.get("configurations"), dict):
-        raise UserError(f"{path} is not an nnU-Net plans file (no 'configurations'). Pass a plans file.")
+            f"{path} is not an nnU-Net plans file ({found}, expected an object of configurations); pass the "
+            f"plans .json of a dataset, or {PLANS_FIX}."
+        )
+    for name, cfg in configs.items():
+        if not isinstance(cfg, dict):
+            raise UserError(
+                f"{path}: configuration {name!r} is {_json_type(cfg)}, not an object; {PLANS_FIX}."
+            )
+        parent = cfg.get("inherits_from")
+        if parent is not None and not isinstance(parent, str):
+            raise UserError(
+                f"{path}: 'inherits_from' of configuration {name!r} is {_json_type(parent)}, not the name "
+                f"of a configuration; {PLANS_FIX}."
+            )
     return plans
 
 
-def save_plans(path: Path, plans: dict) -> Path:
-    """Back up ``path`` (``<name>.bak-<timestamp>``), then replace it atomically. Returns the backup."""
-    from nnunet_ext.io import atomic_write_json
+def _is_read_only(path: Path) -> bool:
+    try:
+        return not (path.stat().st_mode & stat.S_IWUSR)
+    except FileNotFoundError:
+        return False
+
+
+def save_plans(path: Path, plans: dict, force: bool = False) -> Path:
+    """Back up ``path`` (``<name>.bak-<timestamp>``), then replace it atomically. Returns the backup.
+
+    The replaced file keeps its permission bits (:mod:`nnunet_ext.io`). A read-only file (no write bit
+    for its owner) is refused unless ``force``; it stays read-only when forced. If anything fails, the
+    plans file is unchanged and no backup is left behind."""
+    from nnunet_ext import io
 
     path = Path(path)
+    if _is_read_only(path) and not force:
+        raise UserError(
+            f"{path} is read-only (mode {stat.S_IMODE(path.stat().st_mode):04o}); pass --force to replace "
+            f"it anyway (it stays read-only; force=True from Python), or make it writable first "
+            f"(chmod u+w)."
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     backup = path.with_name(f"{path.name}.bak-{stamp}")
     n = 1
     while backup.exists():
         backup = path.with_name(f"{path.name}.bak-{stamp}-{n}")
         n += 1
-    shutil.copy2(path, backup)
-    atomic_write_json(path, plans)
+    made_backup = False
+    try:
+        shutil.copy2(path, backup)
+        made_backup = True
+        io.atomic_write_json(path, plans)
+    except OSError as e:
+        if made_backup:
+            backup.unlink(missing_ok=True)
+        raise UserError(
+            f"cannot write {path}: {e.strerror or e}. The plans file is unchanged; free disk space or make "
+            f"{path.parent} writable, then rerun."
+        ) from e
     return backup
 
 
 def dataset_json_for(plans_path: Path) -> dict:
+    from nnunet_ext.io import read_json
+
     path = Path(plans_path).parent / "dataset.json"
     if not path.is_file():
         raise UserError(f"no dataset.json beside {plans_path}; it is needed to know the channels and labels")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from e
+    return read_json(
+        path, "dataset.json", "copy it again from the dataset's folder in nnUNet_raw", expect=dict
+    )
 
 
 # ----------------------------------------------------------------------------------- configurations
@@ -127,62 +181,235 @@ def _prod(values) -> int:
 def stride_products(arch_kwargs: dict) -> list[int]:
     """Total downsampling factor per axis (product of all stage strides)."""
     strides = arch_kwargs["strides"]
-    dim = len(strides[0]) if isinstance(strides[0], (list, tuple)) else None
+    dim = len(strides[0]) if strides and isinstance(strides[0], (list, tuple)) else None
     if dim is None:
         raise UserError("architecture strides must be a list of per-axis lists, e.g. [[1,1,1],[2,2,2]]")
     return [_prod(s[a] for s in strides) for a in range(dim)]
 
 
-def validate(plans: dict, name: str) -> dict:
-    """Check that configuration ``name`` describes a consistent network; return it resolved."""
-    cfg = resolve(plans, name)
-    where = f"configuration {name!r}"
+# Values beyond these are almost certainly typos (a patch of 4096^3 voxels, a batch of 1e8); ``--force``
+# (``force=True``) allows them. nnU-Net's own plans stay far below: patches of at most ~2-4 M voxels, batch
+# sizes up to a few hundred for small 2D images, at most 320 (3D) / 512 (2D) features, 5-8 stages.
+LIMITS = {
+    "patch_axis": 2048,
+    "patch_voxels": 512**3,
+    "batch_size": 4096,
+    "batch_voxels": 2**30,  # batch size x patch voxels: 4 GiB for one float32 input channel
+    "features": 4096,
+    "n_stages": 12,
+    "spacing": (1e-6, 1e6),
+}
+CONFIGURATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_name(name) -> str:
+    """Refuse configuration names that nnU-Net's folder names cannot carry (empty, '/', '__', ...)."""
+    if not isinstance(name, str) or not CONFIGURATION_NAME.fullmatch(name) or "__" in name or len(name) > 100:
+        raise UserError(
+            f"configuration name {name!r} is not allowed: use up to 100 letters, digits, '_', '-' and '.', "
+            "starting with a letter or digit and without '__' (nnU-Net joins trainer, plans and "
+            "configuration with '__' in folder names), e.g. 3d_fullres_big"
+        )
+    return name
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
+def structure_problem(cfg: dict) -> str | None:
+    """What makes a resolved configuration unusable as data (a key of the wrong JSON type), or None.
+
+    Only types are checked here; values (lengths, signs, divisibility, limits) are :func:`validate`'s."""
     for key in ("patch_size", "batch_size", "spacing", "architecture"):
         if key not in cfg:
-            raise UserError(
-                f"{where} has no {key!r}; derive it from a complete configuration (inherits_from)"
-            )
+            return f"has no {key!r}; derive it from a complete configuration (inherits_from)"
+    if not _int_list(cfg["patch_size"]):
+        return f"patch_size {cfg['patch_size']!r} is not a list of integers"
+    if not _is_int(cfg["batch_size"]):
+        return f"batch_size {cfg['batch_size']!r} is not an integer"
+    spacing = cfg["spacing"]
+    if not isinstance(spacing, list) or not all(_is_number(s) for s in spacing):
+        return f"spacing {spacing!r} is not a list of numbers"
+    if "data_identifier" in cfg and not isinstance(cfg["data_identifier"], str):
+        return f"data_identifier {cfg['data_identifier']!r} is not a string"
     arch = cfg["architecture"]
-    if "network_class_name" not in arch or "arch_kwargs" not in arch:
-        raise UserError(f"{where}: architecture needs 'network_class_name' and 'arch_kwargs'")
+    if (
+        not isinstance(arch, dict)
+        or not isinstance(arch.get("network_class_name"), str)
+        or not isinstance(arch.get("arch_kwargs"), dict)
+    ):
+        return "'architecture' needs 'network_class_name' (a dotted class path) and 'arch_kwargs' (an object)"
     kw = arch["arch_kwargs"]
+    if "n_stages" in kw and not _is_int(kw["n_stages"]):
+        return f"n_stages {kw['n_stages']!r} is not an integer"
+    for key in (*PER_STAGE_KEYS, *DECODER_KEYS):
+        if (
+            key in kw
+            and key not in ("kernel_sizes", "strides")
+            and not (_is_int(kw[key]) or _int_list(kw[key]))
+        ):
+            return f"{key} {kw[key]!r} is not an integer or a list of integers"
+    for key in ("kernel_sizes", "strides"):
+        if key in kw and not (isinstance(kw[key], list) and all(_int_list(e) for e in kw[key])):
+            return f"{key} {kw[key]!r} is not a list of per-axis integer lists, e.g. [[1, 1, 1], [2, 2, 2]]"
+    return None
+
+
+def _check_structure(plans: dict, name: str) -> dict:
+    cfg = resolve(plans, name)
+    problem = structure_problem(cfg)
+    if problem:
+        raise UserError(
+            f"configuration {name!r} is malformed in the plans: {problem}. Fix it in the plans file or "
+            "restore the file from its backup (<file>.bak-*)"
+        )
+    return cfg
+
+
+def _beyond_limits(cfg: dict) -> str | None:
+    patch, batch = cfg["patch_size"], cfg["batch_size"]
+    kw = cfg["architecture"]["arch_kwargs"]
+    features = kw.get("features_per_stage")
+    features = features if isinstance(features, list) else [features] if _is_int(features) else []
+    low, high = LIMITS["spacing"]
+    checks = [
+        (
+            max(patch) > LIMITS["patch_axis"],
+            f"patch_size {patch} exceeds {LIMITS['patch_axis']} voxels on an axis",
+        ),
+        (
+            _prod(patch) > LIMITS["patch_voxels"],
+            f"patch_size {patch} has {_prod(patch):,} voxels (more than 512^3 = {LIMITS['patch_voxels']:,})",
+        ),
+        (batch > LIMITS["batch_size"], f"batch_size {batch} exceeds {LIMITS['batch_size']}"),
+        (
+            batch * _prod(patch) > LIMITS["batch_voxels"],
+            f"batch_size {batch} x patch_size {patch} = {batch * _prod(patch):,} voxels per batch "
+            f"(more than {LIMITS['batch_voxels']:,})",
+        ),
+        (
+            any(f > LIMITS["features"] for f in features),
+            f"features_per_stage {features} exceeds {LIMITS['features']} features",
+        ),
+        (
+            kw.get("n_stages", 0) > LIMITS["n_stages"],
+            f"n_stages {kw.get('n_stages')} exceeds {LIMITS['n_stages']}",
+        ),
+        (
+            any(not low <= s <= high for s in cfg["spacing"]),
+            f"spacing {cfg['spacing']} lies outside {low:g}..{high:g}",
+        ),
+    ]
+    return next((what for bad, what in checks if bad), None)
+
+
+def validate(plans: dict, name: str, force: bool = False) -> dict:
+    """Check that configuration ``name`` describes a consistent network; return it resolved.
+
+    Values beyond :data:`LIMITS` (almost certainly typos) are refused unless ``force``."""
+    cfg = _check_structure(plans, name)
+    where = f"configuration {name!r}"
+    kw = cfg["architecture"]["arch_kwargs"]
     patch, spacing, batch = cfg["patch_size"], cfg["spacing"], cfg["batch_size"]
     dim = len(patch)
     if dim not in (2, 3):
         raise UserError(f"{where}: patch_size {patch} must have 2 or 3 entries")
-    if not all(isinstance(p, int) and p > 0 for p in patch):
+    if not all(p > 0 for p in patch):
         raise UserError(f"{where}: patch_size {patch} must be positive integers")
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+    if batch < 1:
         raise UserError(f"{where}: batch_size {batch!r} must be an integer >= 1")
-    if len(spacing) != dim or not all(isinstance(s, (int, float)) and s > 0 for s in spacing):
-        raise UserError(f"{where}: spacing {spacing} must be {dim} positive numbers (one per patch axis)")
+    if len(spacing) != dim or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise UserError(
+            f"{where}: spacing {spacing} must be {dim} finite positive numbers (one per patch axis)"
+        )
     if "n_stages" in kw:
         n = kw["n_stages"]
-        if not isinstance(n, int) or n < 1:
+        if n < 1:
             raise UserError(f"{where}: n_stages {n!r} must be an integer >= 1")
         for key in PER_STAGE_KEYS:
-            if isinstance(kw.get(key), (list, tuple)) and len(kw[key]) != n:
+            if isinstance(kw.get(key), list) and len(kw[key]) != n:
                 raise UserError(f"{where}: {key} has {len(kw[key])} entries but n_stages is {n}")
         for key in DECODER_KEYS:
-            if isinstance(kw.get(key), (list, tuple)) and len(kw[key]) != n - 1:
+            if isinstance(kw.get(key), list) and len(kw[key]) != n - 1:
                 raise UserError(f"{where}: {key} has {len(kw[key])} entries but needs n_stages - 1 = {n - 1}")
-        features = kw.get("features_per_stage")
-        if isinstance(features, (list, tuple)) and not all(isinstance(f, int) and f > 0 for f in features):
-            raise UserError(f"{where}: features_per_stage {features} must be positive integers")
+        for key in ("features_per_stage", "n_conv_per_stage", "n_blocks_per_stage", *DECODER_KEYS):
+            values = kw.get(key)
+            values = values if isinstance(values, list) else [values] if values is not None else []
+            if not all(v > 0 for v in values):
+                raise UserError(f"{where}: {key} {kw[key]} must be positive integers")
         for key in ("kernel_sizes", "strides"):
             for entry in kw.get(key, []):
-                if not isinstance(entry, (list, tuple)) or len(entry) != dim:
-                    raise UserError(f"{where}: every entry of {key} needs {dim} values (one per patch axis)")
-        if "strides" in kw:
-            products = stride_products(kw)
-            bad = [a for a in range(dim) if patch[a] % products[a]]
-            if bad:
-                fixed = [max(products[a], round(patch[a] / products[a]) * products[a]) for a in range(dim)]
-                raise UserError(
-                    f"{where}: patch_size {patch} is not divisible by the network's total stride {products} "
-                    f"on axis {', '.join(map(str, bad))}. Use e.g. --patch-size {' '.join(map(str, fixed))}"
-                )
+                if len(entry) != dim or not all(v > 0 for v in entry):
+                    raise UserError(
+                        f"{where}: every entry of {key} needs {dim} positive values (one per patch axis)"
+                    )
+    if not force:
+        beyond = _beyond_limits(cfg)
+        if beyond:
+            raise UserError(
+                f"{where}: {beyond}, beyond the limits that catch typos. Use a smaller value, or pass "
+                "--force if you mean it (force=True from Python)"
+            )
+    if "n_stages" in kw and kw.get("strides"):
+        products = stride_products(kw)
+        bad = [a for a in range(dim) if patch[a] % products[a]]
+        if bad:
+            fixed = [max(products[a], round(patch[a] / products[a]) * products[a]) for a in range(dim)]
+            raise UserError(
+                f"{where}: patch_size {patch} is not divisible by the network's total stride {products} "
+                f"on axis {', '.join(map(str, bad))}. Use e.g. --patch-size {' '.join(map(str, fixed))}"
+            )
     return cfg
+
+
+def descendants(plans: dict, name: str) -> list[str]:
+    """The configurations that inherit from ``name``, directly or through others."""
+    configs = plans["configurations"]
+    found = []
+    for other, cfg in configs.items():
+        seen, current = {other}, cfg.get("inherits_from")
+        while current in configs and current not in seen:
+            if current == name:
+                found.append(other)
+                break
+            seen.add(current)
+            current = configs[current].get("inherits_from")
+    return found
+
+
+def validate_affected(before: dict, after: dict, name: str, force: bool = False) -> None:
+    """Validate configuration ``name`` of the edited plans ``after`` and every configuration inheriting from
+    it. A configuration that was valid in ``before`` and is not any more refuses the edit (nnU-Net merges
+    ``inherits_from`` shallowly, so a parent's patch or strides can break a child that keeps its own)."""
+    validate(after, name, force)
+    for child in descendants(after, name):
+        try:
+            validate(after, child, force)
+        except UserError as e:
+            try:
+                validate(before, child, force)
+            except UserError:
+                continue  # broken already before this edit: not its doing
+            raise UserError(
+                f"this edit of {name!r} would break {child!r}, which inherits from it ({str(e).rstrip('.')}). "
+                f"Give {child!r} its own values first (`nnunet-ext plans set DATASET {child} ...`) or edit "
+                f"{name!r} differently"
+            ) from e
+
+
+def _commit(plans: dict, work: dict) -> None:
+    """Make the edited copy ``work`` the plans (edits work on a copy: a refused edit changes nothing)."""
+    plans.clear()
+    plans.update(work)
 
 
 def _own_architecture(plans: dict, name: str) -> dict:
@@ -242,19 +469,29 @@ def add_configuration(
     force: bool = False,
     report: EditReport | None = None,
 ) -> None:
-    """Add configuration ``name`` inheriting from ``parent``, optionally swapping in architecture ``arch``."""
+    """Add configuration ``name`` inheriting from ``parent``, optionally swapping in architecture ``arch``.
+
+    ``force`` replaces an existing configuration of that name and allows values beyond :data:`LIMITS`.
+    Works on a copy: a refused edit leaves ``plans`` unchanged."""
     report = report if report is not None else EditReport()
+    check_name(name)
     configs = plans["configurations"]
     if name in configs and not force:
         raise UserError(f"configuration {name!r} already exists in the plans; pass --force to replace it")
     if name == parent:
         raise UserError(f"a configuration cannot inherit from itself ({name!r}); choose another name")
-    parent_cfg = resolve(plans, parent)
+    parent_cfg = _check_structure(plans, parent)
+    work = copy.deepcopy(plans)
     child: dict = {"inherits_from": parent}
     if arch is not None:
         spec = architecture_spec(arch)
         kw = parent_cfg["architecture"]["arch_kwargs"]
         if spec.kwargs != "any":
+            if not _is_int(kw.get("n_stages")):
+                raise UserError(
+                    f"configuration {parent!r} has no n_stages in its arch_kwargs, so its kwargs cannot be "
+                    f"converted for {spec.name}; derive from a U-Net configuration such as 3d_fullres"
+                )
             kw = _convert_kwargs(kw, spec.kwargs)
         child["architecture"] = {
             **copy.deepcopy(parent_cfg["architecture"]),
@@ -262,14 +499,20 @@ def add_configuration(
             "arch_kwargs": kw,
         }
         report.add(f"{name}: architecture {spec.name} ({spec.network_class_name}) with {parent}'s kwargs")
-    configs[name] = child
+    work["configurations"][name] = child
     report.add(f"{name}: inherits_from {parent}")
-    validate(plans, name)
+    validate_affected(plans, work, name, force)
+    _commit(plans, work)
 
 
 def _stride_for_new_stage(patch: list[int], products: list[int]) -> list[int]:
     # downsample an axis while at least 8 voxels would remain there at the new bottleneck
     return [2 if patch[a] // (products[a] * 2) >= 4 else 1 for a in range(len(patch))]
+
+
+def _positive(flag: str, value: int) -> None:
+    if value < 1:
+        raise UserError(f"{flag} must be >= 1 (got {value})")
 
 
 def edit_configuration(
@@ -283,12 +526,16 @@ def edit_configuration(
     base_features: int | None = None,
     max_features: int | None = None,
     n_stages: int | None = None,
+    force: bool = False,
     report: EditReport | None = None,
 ) -> None:
-    """Change one configuration in place (validated afterwards). See ``nnunet-ext plans set --help``."""
+    """Change one configuration (see ``nnunet-ext plans set --help``). The edited configuration and every
+    configuration inheriting from it are validated; values beyond :data:`LIMITS` need ``force``. Works on
+    a copy: a refused edit leaves ``plans`` unchanged."""
     report = report if report is not None else EditReport()
-    cfg = resolve(plans, name)
-    own = plans["configurations"][name]
+    cfg = _check_structure(plans, name)
+    work = copy.deepcopy(plans)
+    own = work["configurations"][name]
     if batch_size is not None:
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1 (got {batch_size})")
@@ -297,23 +544,34 @@ def edit_configuration(
     if patch_size is not None:
         if len(patch_size) != len(cfg["patch_size"]):
             raise UserError(f"{name} is {len(cfg['patch_size'])}d: give {len(cfg['patch_size'])} patch sizes")
+        if any(p < 1 for p in patch_size):
+            raise UserError(f"--patch-size must be positive integers (got {' '.join(map(str, patch_size))})")
         own["patch_size"] = [int(p) for p in patch_size]
         report.add(f"{name}: patch_size {cfg['patch_size']} -> {own['patch_size']}")
     if spacing is not None:
-        if len(spacing) != len(cfg["spacing"]) or any(s <= 0 for s in spacing):
-            raise UserError(f"spacing must be {len(cfg['spacing'])} positive numbers (got {spacing})")
+        if len(spacing) != len(cfg["spacing"]) or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise UserError(
+                f"--spacing must be {len(cfg['spacing'])} finite positive numbers "
+                f"(got {' '.join(map(str, spacing))})"
+            )
         own["spacing"] = [float(s) for s in spacing]
         report.add(f"{name}: spacing {cfg['spacing']} -> {own['spacing']}")
-        if own.get("data_identifier", cfg["data_identifier"]) == cfg["data_identifier"] and own[
-            "spacing"
-        ] != list(cfg["spacing"]):
+        identifier = cfg.get("data_identifier")
+        if own.get("data_identifier", identifier) == identifier and own["spacing"] != list(cfg["spacing"]):
             own["data_identifier"] = f"{plans.get('plans_name', DEFAULT_PLANS)}_{name}"
             report.add(
                 f"{name}: data_identifier -> {own['data_identifier']} (new spacing needs its own data)"
             )
         report.needs_preprocessing.append(name)
     if n_stages is not None or features is not None or base_features is not None or max_features is not None:
-        arch = _own_architecture(plans, name)
+        kw = cfg["architecture"]["arch_kwargs"]
+        missing = [k for k in ("n_stages", "strides", "kernel_sizes", "features_per_stage") if k not in kw]
+        if missing or not isinstance(kw["features_per_stage"], list):
+            raise UserError(
+                f"the architecture of {name!r} has no per-stage lists ({', '.join(missing) or 'features_per_stage'}"
+                "); --n-stages and the --*features options edit nnU-Net U-Net kwargs only"
+            )
+        arch = _own_architecture(work, name)
         kw = arch["arch_kwargs"]
         if n_stages is not None:
             _set_n_stages(kw, n_stages, own.get("patch_size", cfg["patch_size"]), report, name)
@@ -321,6 +579,8 @@ def edit_configuration(
         if features is not None:
             if len(features) != n:
                 raise UserError(f"--features needs one value per stage: {n} values (got {len(features)})")
+            if any(f < 1 for f in features):
+                raise UserError(f"--features must be positive integers (got {' '.join(map(str, features))})")
             kw["features_per_stage"] = [int(f) for f in features]
         elif base_features is not None or max_features is not None:
             old = kw["features_per_stage"]
@@ -328,10 +588,17 @@ def edit_configuration(
             cap = max_features if max_features is not None else max(old)
             if base < 1 or cap < 1:
                 raise UserError("--base-features and --max-features must be >= 1")
+            if base > cap:
+                raise UserError(
+                    f"--base-features {base} exceeds the cap of {cap} ("
+                    + ("--max-features" if max_features is not None else "the largest current stage")
+                    + f"), so every stage would get {cap}; lower --base-features or raise --max-features"
+                )
             kw["features_per_stage"] = [min(base * 2**i, cap) for i in range(n)]
         if features is not None or base_features is not None or max_features is not None:
             report.add(f"{name}: features_per_stage -> {kw['features_per_stage']}")
-    validate(plans, name)
+    validate_affected(plans, work, name, force)
+    _commit(plans, work)
 
 
 def _set_n_stages(kw: dict, n: int, patch: list[int], report: EditReport, name: str) -> None:
@@ -389,10 +656,25 @@ def tiny_configuration(
     parent's preprocessed data are reused (no new preprocessing).
     """
     report = report if report is not None else EditReport()
-    name = name or ("3d_tiny" if parent.startswith("3d") else f"{parent}_tiny")
-    add_configuration(plans, name, parent, force=force, report=report)
-    cfg = resolve(plans, parent)
+    name = ("3d_tiny" if parent.startswith("3d") else f"{parent}_tiny") if name is None else name
+    for option, value in (
+        ("max_stages", max_stages),
+        ("base_features", base_features),
+        ("max_features", max_features),
+        ("max_voxels", max_voxels),
+        ("batch_size", batch_size),
+    ):
+        if not _is_int(value) or value < 1:
+            raise UserError(f"tiny: {option} must be an integer >= 1 (got {value!r})")
+    cfg = _check_structure(plans, parent)
     kw = cfg["architecture"]["arch_kwargs"]
+    if not _is_int(kw.get("n_stages")) or not kw.get("strides"):
+        raise UserError(
+            f"configuration {parent!r} has no n_stages/strides in its arch_kwargs; derive the tiny "
+            "configuration from a U-Net configuration such as 3d_fullres (--from)"
+        )
+    work = copy.deepcopy(plans)
+    add_configuration(work, name, parent, force=force, report=report)
     n = min(kw["n_stages"], max_stages)
     products = [_prod(s[a] for s in kw["strides"][:n]) for a in range(len(cfg["patch_size"]))]
     patch = [max(products[a], (p // products[a]) * products[a]) for a, p in enumerate(cfg["patch_size"])]
@@ -402,11 +684,18 @@ def tiny_configuration(
             break
         axis = max(shrinkable, key=lambda a: patch[a])
         patch[axis] -= products[axis]
-    plans["configurations"][name]["patch_size"] = patch
-    plans["configurations"][name]["batch_size"] = batch_size
+    work["configurations"][name]["patch_size"] = patch
+    work["configurations"][name]["batch_size"] = batch_size
     edit_configuration(
-        plans, name, n_stages=n, base_features=base_features, max_features=max_features, report=report
+        work,
+        name,
+        n_stages=n,
+        base_features=base_features,
+        max_features=max_features,
+        force=force,
+        report=report,
     )
+    _commit(plans, work)
     report.add(f"{name}: patch_size {patch}, batch_size {batch_size} (reuses {parent}'s preprocessed data)")
     return name
 
@@ -423,8 +712,11 @@ def list_presets() -> dict[str, dict]:
 def apply_preset(
     plans: dict, preset: str | dict, force: bool = False, report: EditReport | None = None
 ) -> EditReport:
-    """Apply a preset (name of a file in plans/ or a dict with ``steps``) to ``plans`` in place."""
+    """Apply a preset (name of a file in plans/ or a dict with ``steps``) to ``plans`` in place; every step
+    or none (a refused step leaves ``plans`` unchanged). ``force`` replaces configurations the preset adds
+    and allows values beyond :data:`LIMITS`."""
     report = report if report is not None else EditReport()
+    work = copy.deepcopy(plans)
     if isinstance(preset, str):
         presets = list_presets()
         if preset not in presets:
@@ -436,20 +728,20 @@ def apply_preset(
         step = dict(step)
         op = step.pop("op", None)
         parent = step.get("from", step.get("configuration"))
-        if step.pop("optional", False) and parent not in plans["configurations"]:
+        if step.pop("optional", False) and parent not in work["configurations"]:
             report.add(f"skipped step {i + 1} ({op}): these plans have no {parent!r} configuration")
             continue
         try:
             if op == "add":
                 add_configuration(
-                    plans, step.pop("name"), step.pop("from"), step.pop("arch", None), force, report
+                    work, step.pop("name"), step.pop("from"), step.pop("arch", None), force, report
                 )
             elif op == "set":
-                edit_configuration(plans, step.pop("configuration"), report=report, **step)
+                edit_configuration(work, step.pop("configuration"), force=force, report=report, **step)
                 step = {}
             elif op == "tiny":
                 tiny_configuration(
-                    plans,
+                    work,
                     step.pop("from", "3d_fullres"),
                     step.pop("name", None),
                     force=force,
@@ -463,6 +755,7 @@ def apply_preset(
             raise UserError(f"preset step {i + 1} ({op}) is malformed: {e}") from e
         if step:
             raise UserError(f"preset step {i + 1} ({op}) has unknown keys: {', '.join(step)}")
+    _commit(plans, work)
     return report
 
 
@@ -475,14 +768,26 @@ def check_configuration(
     trainer: str | None = None,
     batch_size: int | None = None,
     iterations: int = 2,
+    force: bool = False,
 ) -> dict:
-    """Build the configuration's network, time forward+backward at its patch and batch size."""
+    """Build the configuration's network, time forward+backward at its patch and batch size (or
+    ``batch_size``). Sizes beyond :data:`LIMITS` need ``force``."""
     import torch
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    validate(plans, name)
-    plans_manager = PlansManager(copy.deepcopy(plans))
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise UserError(f"--batch-size must be an integer >= 1 (got {batch_size!r})")
+    if not _is_int(iterations) or iterations < 1:
+        raise UserError(f"--iterations must be an integer >= 1 (got {iterations!r})")
+    dev = parse_device(device)
+    plans = copy.deepcopy(plans)
+    if batch_size is not None:
+        if "batch_size" not in plans["configurations"].get(name, {}):
+            _check_structure(plans, name)  # a clear error for an unknown or incomplete configuration
+        plans["configurations"][name]["batch_size"] = batch_size
+    validate(plans, name, force)
+    plans_manager = PlansManager(plans)
     cm = plans_manager.get_configuration(name)
     try:
         label_manager = plans_manager.get_label_manager(dataset_json)
@@ -490,11 +795,6 @@ def check_configuration(
     except (KeyError, TypeError, AssertionError) as e:
         raise UserError(f"dataset.json is malformed ({e!r}): it needs 'channel_names' and 'labels'") from e
     n_out = label_manager.num_segmentation_heads
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
     build = _network_builder(trainer, plans_manager, cm, n_in, n_out)
     arch = cm.network_arch_class_name
     try:
@@ -509,14 +809,19 @@ def check_configuration(
             f"network {arch} rejected the configuration's arch_kwargs: {e}. "
             "Fix 'arch_kwargs' in the plans (`nnunet-ext plans show` lists them)."
         ) from e
-    bs = batch_size or cm.batch_size
-    x = torch.randn((bs, n_in, *cm.patch_size), device=dev)
+    except RuntimeError as e:
+        raise UserError(
+            f"building the network of {name} on {dev} failed: {str(e).splitlines()[0]}. "
+            "Use fewer features or stages, or another --device."
+        ) from e
+    bs = cm.batch_size
     params = sum(p.numel() for p in network.parameters())
     network.train()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
     try:
+        x = torch.randn((bs, n_in, *cm.patch_size), device=dev)
         for _ in range(iterations + 1):  # the first iteration is warm-up
             start = time.perf_counter()
             out = network(x)
@@ -544,6 +849,31 @@ def check_configuration(
         "peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
     }
     return result
+
+
+def parse_device(device: str):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch device; anything else is a one-line error."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"invalid --device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps requested but MPS is not available here; use --device cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    return dev
 
 
 def _flatten(out):
@@ -585,12 +915,14 @@ def _describe(plans: dict, name: str) -> str:
             f"patch {cfg['patch_size']} batch {cfg['batch_size']} spacing {[round(s, 3) for s in cfg['spacing']]}"
             + (f"  (inherits {parent})" if parent else "")
         )
-    except (UserError, KeyError) as e:
+    except (UserError, KeyError, TypeError, AttributeError) as e:
         return f"{name:<22} (incomplete: {e})"
 
 
-def _write(path: Path, plans: dict, report: EditReport, dataset_hint: str, plans_id: str) -> None:
-    backup = save_plans(path, plans)
+def _write(
+    path: Path, plans: dict, report: EditReport, dataset_hint: str, plans_id: str, force: bool = False
+) -> None:
+    backup = save_plans(path, plans, force=force)
     for line in report.lines:
         print(f"  {line}")
     print(f"wrote {path} (backup: {backup.name})")
@@ -620,7 +952,7 @@ def _cmd_add(args):
     plans = load_plans(path)
     report = EditReport()
     add_configuration(plans, args.name, args.parent, args.arch, args.force, report)
-    _write(path, plans, report, _dataset_hint(path), args.plans)
+    _write(path, plans, report, _dataset_hint(path), args.plans, args.force)
     print("  " + _describe(plans, args.name))
 
 
@@ -638,6 +970,7 @@ def _cmd_set(args):
         base_features=args.base_features,
         max_features=args.max_features,
         n_stages=args.n_stages,
+        force=args.force,
         report=report,
     )
     if not report.lines:
@@ -645,7 +978,7 @@ def _cmd_set(args):
             "nothing to change: give at least one of --patch-size, --batch-size, --spacing, "
             "--features, --base-features, --max-features, --n-stages"
         )
-    _write(path, plans, report, _dataset_hint(path), args.plans)
+    _write(path, plans, report, _dataset_hint(path), args.plans, args.force)
     print("  " + _describe(plans, args.configuration))
 
 
@@ -654,7 +987,7 @@ def _cmd_tiny(args):
     plans = load_plans(path)
     report = EditReport()
     name = tiny_configuration(plans, args.parent, args.name, force=args.force, report=report)
-    _write(path, plans, report, _dataset_hint(path), args.plans)
+    _write(path, plans, report, _dataset_hint(path), args.plans, args.force)
     print("  " + _describe(plans, name))
     print(
         f"next: nnUNetv2_train {_dataset_hint(path)} {name} 0 -p {args.plans} -tr nnUNetTrainer_demo -device cpu"
@@ -670,7 +1003,7 @@ def _cmd_apply(args):
     path = locate_plans(args.dataset, args.plans)
     plans = load_plans(path)
     report = apply_preset(plans, args.preset, force=args.force)
-    _write(path, plans, report, _dataset_hint(path), args.plans)
+    _write(path, plans, report, _dataset_hint(path), args.plans, args.force)
 
 
 def _cmd_archs(args):
@@ -691,6 +1024,7 @@ def _cmd_check(args):
         args.trainer,
         args.batch_size,
         args.iterations,
+        args.force,
     )
     if args.json:
         print(json.dumps(r, indent=2))
@@ -706,6 +1040,8 @@ def _cmd_check(args):
 
 
 def add_parser(sub) -> None:
+    from nnunet_ext.training import count_arg, device_arg
+
     plans = sub.add_parser(
         "plans",
         help="edit nnU-Net plans: derive configurations, swap architectures, tiny preset, check",
@@ -739,7 +1075,11 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--arch", help="architecture to swap in (`nnunet-ext plans archs`), kwargs taken from the parent"
     )
-    p.add_argument("--force", action="store_true", help="replace an existing configuration of that name")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing configuration of that name; also allows values beyond the typo limits and replacing a read-only plans file",
+    )
     p.set_defaults(func=_cmd_add)
 
     p = ps.add_parser("set", help="change patch/batch size, spacing, features or stages of a configuration")
@@ -759,6 +1099,12 @@ def add_parser(sub) -> None:
     p.add_argument("--base-features", type=int, help="features of the first stage, doubled per stage")
     p.add_argument("--max-features", type=int, help="cap for --base-features doubling")
     p.add_argument("--n-stages", type=int, help="number of resolution stages (truncates or adds stages)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow values beyond the limits that catch typos (see docs/plans.md) and replace a read-only "
+        "plans file",
+    )
     p.set_defaults(func=_cmd_set)
 
     p = ps.add_parser("tiny", help="add a tiny configuration that trains in minutes on 2 CPU cores")
@@ -767,16 +1113,32 @@ def add_parser(sub) -> None:
         "--from", dest="parent", default="3d_fullres", help="parent configuration (default 3d_fullres)"
     )
     p.add_argument("--name", help="name (default 3d_tiny, or <parent>_tiny for 2d)")
-    p.add_argument("--force", action="store_true", help="replace an existing configuration of that name")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing configuration of that name; also allows values beyond the typo limits and replacing a read-only plans file",
+    )
     p.set_defaults(func=_cmd_tiny)
 
     p = ps.add_parser("check", help="build a configuration's network and time one forward+backward pass")
     common(p, configuration=True)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        type=device_arg,
+        default="auto",
+        help="cpu, cuda, cuda:1 or auto (default: cuda if available)",
+    )
     p.add_argument("--trainer", help="build the network the way this trainer does (e.g. nnUNetTrainerBANet)")
-    p.add_argument("--batch-size", type=int, help="override the configuration's batch size")
-    p.add_argument("--iterations", type=int, default=2, help="timed iterations after one warm-up (default 2)")
+    p.add_argument("--batch-size", type=count_arg(1), help="override the configuration's batch size")
+    p.add_argument(
+        "--iterations", type=count_arg(1), default=2, help="timed iterations after one warm-up (default 2)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run even with a patch or batch beyond the limits that catch typos",
+    )
     p.set_defaults(func=_cmd_check)
 
     p = ps.add_parser("presets", help="list the plan presets shipped in plans/")
@@ -786,7 +1148,10 @@ def add_parser(sub) -> None:
     common(p)
     p.add_argument("preset", help="preset name")
     p.add_argument(
-        "--force", action="store_true", help="replace configurations the preset adds if they exist"
+        "--force",
+        action="store_true",
+        help="replace configurations the preset adds if they exist; also allows values beyond the typo "
+        "limits and replacing a read-only plans file",
     )
     p.set_defaults(func=_cmd_apply)
 
