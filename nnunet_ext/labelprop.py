@@ -907,7 +907,7 @@ def pseudo_label_dataset(
     out: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
-    num_processes: int = 3,
+    num_processes: int | None = None,
 ) -> Path:
     """Predict the source's training scans with ``model`` (an nnU-Net model folder; ``folds`` ensembled,
     default all folds with ``checkpoint``), write the annotated voxels back over the predictions and write
@@ -916,13 +916,15 @@ def pseudo_label_dataset(
     Prediction is nnU-Net's ``nnUNetPredictor.predict_from_files`` (mirroring on unless ``tta=False``): up to
     ``num_processes`` background processes read and preprocess the next cases and as many resample and write
     the finished predictions while the network predicts (nnUNetv2_predict's ``-npp``/``-nps``);
-    ``num_processes=0`` predicts case by case in this process (``predict_from_files_sequential``). The
-    annotated voxels are then written back in ``max(1, num_processes)`` threads."""
+    ``num_processes=0`` predicts case by case in this process (``predict_from_files_sequential``). Default: 3
+    on a GPU, 0 on the CPU (where the network already uses every core and the workers only compete; on 2 cores
+    they made 8 small cases slower, docs/labelprop.md). The annotated voxels are then written back in
+    ``max(1, num_processes)`` threads."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_ext.training import ext_trainer_env
 
-    if int(num_processes) < 0:
+    if num_processes is not None and int(num_processes) < 0:
         raise UserError(f"--num-processes must be 0 (no worker processes) or more, got {num_processes}.")
     raw_root = _raw_root(out)
     model = Path(model)
@@ -951,6 +953,7 @@ def pseudo_label_dataset(
             f"{model}: no {checkpoint} for fold(s) {', '.join(missing) or '(any)'}; available: "
             f"{', '.join(available) or 'none'}. Finish those trainings or pass -f with available folds."
         )
+    torch_device = _device(device)
     writer = _DatasetWriter(raw_root, out_id, name, force)
     try:
         os.environ.update({"nnUNet_extTrainer": ext_trainer_env()["nnUNet_extTrainer"]})
@@ -958,7 +961,7 @@ def pseudo_label_dataset(
             tile_step_size=0.5,
             use_gaussian=True,
             use_mirroring=tta,
-            device=_device(device),
+            device=torch_device,
             verbose=False,
             allow_tqdm=progress,
         )
@@ -969,6 +972,8 @@ def pseudo_label_dataset(
         pred_dir.mkdir()
         inputs = [[str(p) for p in case.images] for case in src.cases]
         outputs = [str(pred_dir / case.case_id) for case in src.cases]
+        if num_processes is None:
+            num_processes = 3 if torch_device.type == "cuda" else 0
         if num_processes > 0:
             n = min(int(num_processes), len(inputs))
             predictor.predict_from_files(inputs, outputs, False, True, n, n)
@@ -1133,9 +1138,10 @@ def add_parser(subparsers):
         "-np",
         "--num-processes",
         type=int,
-        default=3,
+        default=None,
         help="background processes that preprocess the next cases and export finished predictions while the "
-        "network predicts (as nnUNetv2_predict -npp/-nps; default 3); 0: case by case, no worker processes",
+        "network predicts (as nnUNetv2_predict -npp/-nps; default 3 on a GPU, 0 on the CPU); 0: case by case, "
+        "no worker processes",
     )
     p.set_defaults(func=_cmd_pseudo)
 

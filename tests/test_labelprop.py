@@ -411,6 +411,14 @@ def test_cli_interpolate_and_qc(tmp_path):
     assert proc.returncode == 1 and "already exists" in proc.stderr and "--force" in proc.stderr
 
 
+def test_pseudo_refuses_negative_worker_count(tmp_path):
+    from nnunet_ext.labelprop import pseudo_label_dataset
+
+    with pytest.raises(UserError, match="--num-processes must be 0"):
+        pseudo_label_dataset(tmp_path, tmp_path, 5, num_processes=-1, out=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def _untrained_model(workspace, folder: Path) -> Path:
     """An nnU-Net model folder (plans, dataset.json, fold_0/checkpoint_final.pth) of a randomly initialised
     nnUNetTrainer network of the full phantom's 3d_tiny plans: no training needed to exercise prediction."""
