@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from nnunet_ext.plans import (
     add_configuration,
     apply_preset,
     check_configuration,
+    descendants,
     edit_configuration,
     list_presets,
     resolve,
@@ -242,3 +244,98 @@ def test_banet_configuration_builds_through_nnunet(plans):
         deep_supervision=False,
     )
     assert type(net).__name__ == "BANet"
+
+
+# ---------------------------------------------------------------- issue 17: what a refusal leaves possible
+def _deep_child(plans: dict) -> None:
+    """3d_deep: its own 6-stage network (total stride 32 per axis) on 3d_fullres's 32x64x64 patch."""
+    arch = json.loads(json.dumps(plans["configurations"]["3d_fullres"]["architecture"]))
+    arch["arch_kwargs"].update(
+        n_stages=6,
+        strides=[[1, 1, 1]] + [[2, 2, 2]] * 5,
+        kernel_sizes=[[3, 3, 3]] * 6,
+        features_per_stage=[32, 64, 128, 256, 320, 320],
+        n_conv_per_stage=[2] * 6,
+        n_conv_per_stage_decoder=[2] * 5,
+    )
+    plans["configurations"]["3d_deep"] = {"inherits_from": "3d_fullres", "architecture": arch}
+
+
+def test_descendants_and_a_parent_edit_that_breaks_a_child(plans):
+    _deep_child(plans)
+    add_configuration(plans, "grandchild", "3d_deep")
+    assert descendants(plans, "3d_fullres") == ["3d_deep", "grandchild"]
+    assert descendants(plans, "3d_deep") == ["grandchild"]
+    validate(plans, "3d_deep")
+    before = json.loads(json.dumps(plans))
+    with pytest.raises(UserError, match="would break '3d_deep'"):
+        edit_configuration(plans, "3d_fullres", patch_size=[32, 80, 80], n_stages=5)
+    assert plans == before  # edits work on a copy: a refused edit changes nothing
+    # the fix the message names: give the child its own values first, then edit the parent
+    edit_configuration(plans, "3d_deep", patch_size=[32, 64, 64])
+    edit_configuration(plans, "3d_fullres", patch_size=[32, 80, 80], n_stages=5)
+    assert resolve(plans, "3d_fullres")["patch_size"] == [32, 80, 80]
+    assert (
+        validate(plans, "3d_deep")["patch_size"]
+        == validate(plans, "grandchild")["patch_size"]
+        == [32, 64, 64]
+    )
+
+
+def test_a_child_broken_before_the_edit_does_not_block_it(plans):
+    plans["configurations"]["broken"] = {"inherits_from": "3d_fullres", "patch_size": [30, 64, 64]}
+    with pytest.raises(UserError, match="not divisible"):
+        validate(plans, "broken")
+    edit_configuration(plans, "3d_fullres", batch_size=3)
+    assert resolve(plans, "3d_fullres")["batch_size"] == 3
+
+
+def test_refused_edits_leave_the_plans_unchanged(plans):
+    before = json.loads(json.dumps(plans))
+    with pytest.raises(UserError):
+        tiny_configuration(plans, max_voxels=0)
+    with pytest.raises(UserError):
+        apply_preset(plans, {"steps": [{"op": "add", "name": "ok", "from": "3d_fullres"}, {"op": "explode"}]})
+    with pytest.raises(UserError):
+        add_configuration(plans, "", "3d_fullres")
+    with pytest.raises(UserError, match="--force"):
+        edit_configuration(plans, "3d_fullres", batch_size=2, patch_size=[4096, 4096, 4096])
+    assert plans == before
+
+
+def test_force_allows_deliberate_extremes(plans_dir, capsys):
+    plans_file = plans_dir / "nnUNetPlans.json"
+    argv = ["plans", "set", str(plans_file), "3d_fullres", "--patch-size", "1024", "1024", "1024"]
+    assert main(argv) == 1
+    assert "--force" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
+    assert json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["patch_size"] == [1024] * 3
+    # non-finite and non-positive values stay refused even with --force
+    assert main(["plans", "set", str(plans_file), "3d_fullres", "--spacing", "inf", "1", "1", "--force"]) == 1
+    assert "Infinity" not in plans_file.read_text()
+
+
+def test_read_only_plans_are_replaced_only_with_force_and_stay_read_only(plans_dir, capsys):
+    plans_file = plans_dir / "nnUNetPlans.json"
+    plans_file.chmod(0o444)
+    original = plans_file.read_bytes()
+    assert main(["plans", "set", str(plans_file), "3d_fullres", "--batch-size", "3"]) == 1
+    assert "read-only" in capsys.readouterr().err and plans_file.read_bytes() == original
+    assert main(["plans", "set", str(plans_file), "3d_fullres", "--batch-size", "3", "--force"]) == 0
+    assert json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["batch_size"] == 3
+    assert plans_file.stat().st_mode & 0o777 == 0o444
+    (backup,) = plans_dir.glob("nnUNetPlans.json.bak-*")
+    assert backup.read_bytes() == original
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o664, 0o640])
+def test_a_shared_plans_file_keeps_its_mode(plans_dir, capsys, mode):
+    plans_file = plans_dir / "nnUNetPlans.json"
+    plans_file.chmod(mode)
+    old_umask = os.umask(0o077)
+    try:
+        assert main(["plans", "tiny", str(plans_file)]) == 0
+    finally:
+        os.umask(old_umask)
+    assert plans_file.stat().st_mode & 0o777 == mode
+    assert "3d_tiny" in json.loads(plans_file.read_text())["configurations"]
