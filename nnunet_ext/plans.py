@@ -1,9 +1,10 @@
 """Editing nnU-Net plans for new datasets: ``nnunet-ext plans ...``.
 
-Every edit works on a copy, is validated as a whole (the edited configuration must still build a
-consistent network: one stride/kernel/feature entry per stage, a patch the strides divide, ...), and is
-written atomically after the original plans file has been backed up. Nothing is written if anything
-fails. Configurations derived with ``inherits_from`` carry the WHOLE ``architecture`` dict whenever they
+Every edit works on a copy, is validated as a whole (the edited configuration and every configuration
+inheriting from it must still build a consistent network: one stride/kernel/feature entry per stage, a
+patch the strides divide, finite values within :data:`LIMITS` unless forced, ...), and is written
+atomically after the original plans file has been backed up (a read-only plans file only with force).
+Nothing is written if anything fails. Configurations derived with ``inherits_from`` carry the WHOLE ``architecture`` dict whenever they
 change it, because nnU-Net merges configurations shallowly.
 """
 
