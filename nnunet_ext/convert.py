@@ -155,7 +155,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="dataset name (default: the challenge's, e.g. KiPA22)")
     p.add_argument("--out", default=None, help="raw data folder (default $nnUNet_raw)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset with this id")
-    p.add_argument("--link", action="store_true", help="hard-link .nii.gz files instead of copying them")
+    p.add_argument(
+        "--link",
+        action="store_true",
+        help="hard-link .nii.gz files instead of copying them (saves space; editing a converted file in place "
+        "then changes the source file too)",
+    )
     p.add_argument("--skip-bad", action="store_true", help="leave out (and report) cases with problems")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the challenges and the layouts they expect")
