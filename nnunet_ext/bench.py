@@ -297,7 +297,7 @@ def run_benchmark(
     from nnunet_ext.plans import load_plans, validate
     from nnunet_ext.training import ext_trainer_env, find_trainer
 
-    validate(load_plans(plans_file), configuration)
+    validate(load_plans(plans_file), configuration, force=True)  # measure any plans nnU-Net accepts
     for name in (trainer, baseline):
         find_trainer(name)  # clear error before spending minutes
     if device == "auto":
