@@ -210,6 +210,7 @@ class PartialLabelLoss(nn.Module):
             layout.num_classes if ignore_label is None else max(layout.num_classes, int(ignore_label) + 1)
         )
         self.register_buffer("target_table", layout.target_table(values), persistent=False)  # (T, K, V)
+        self.any_nested = any(layout.nested)
 
     def select(self, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """(B, K, *spatial): each sample's own task channels out of (B, T*K, *spatial). Logits with K channels
@@ -234,10 +235,14 @@ class PartialLabelLoss(nn.Module):
         valid = (labels >= 0).float()
         target = target.to(logits.device)
         # (B, K, *spatial): target value in structure k's label set (its own value; nested: its value and inner ones)
-        members = self.target_table.to(logits.device)[task_ids]  # (B, K, V)
-        b, k, v = members.shape
-        flat = target.reshape(b, 1, -1).long().clamp(0, v - 1).expand(b, k, -1)
-        tgt = torch.gather(members, 2, flat).reshape(b, k, *target.shape[2:]).float()
+        if self.any_nested:
+            members = self.target_table.to(logits.device)[task_ids]  # (B, K, V)
+            b, k, v = members.shape
+            flat = target.reshape(b, 1, -1).long().clamp(0, v - 1).expand(b, k, -1)
+            tgt = torch.gather(members, 2, flat).reshape(b, k, *target.shape[2:]).float()
+        else:  # every structure is its own label value
+            shape = (*labels.shape, *([1] * (logits.ndim - 2)))
+            tgt = (target.long() == labels.view(shape)).float()
         if self.ignore_label is not None:
             mask = (target != self.ignore_label).float()  # (B, 1, *spatial)
         else:

@@ -499,6 +499,11 @@ def test_trainer_step_validation_checkpoint_and_predictor(partial_env, tmp_path,
     with pytest.raises(UserError, match="no stored cross-task merge weights"):  # validation never ran
         predict_tasks(pred, layout, images, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+    from nnunet_ext.cli import main
+
+    cli = ["predict", "-i", str(images), "--model-folder", str(out_base), "-f", "0", "--device", "cpu"]
+    assert main([*cli, "-o", str(tmp_path / "cli_refused"), "--disable-tta"]) == 1  # the same, exit 1
+    assert not (tmp_path / "cli_refused").exists()
     maps = {}
     for mode in ("universal", "liver", "kidney", "spleen", "prefix"):
         out = tmp_path / mode
