@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ __all__ = [
     "atomic_write_image",
     "atomic_write_json",
     "atomic_write_text",
+    "check_dataset_id_and_name",
     "existing_datasets_with_id",
     "make_temp_dir",
     "new_file_mode",
@@ -170,6 +172,22 @@ def atomic_write_image(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_dataset_id_and_name(dataset_id: int, name: str) -> None:
+    """The one rule for the raw datasets we write (``DatasetXXX_NAME``): id 1..999, a name of letters, digits,
+    '_' and '-' starting with a letter or digit (no spaces, dots or slashes: nnU-Net and shells must take it
+    as one folder name)."""
+    if not 1 <= int(dataset_id) <= 999:
+        raise UserError(f"dataset id must be 1..999 (nnU-Net's DatasetXXX), got {dataset_id}.")
+    if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name):
+        raise UserError(
+            f"invalid dataset name {name!r}; use letters, digits, '_' and '-' (no spaces, dots or slashes), "
+            f"e.g. MySparse."
+        )
 
 
 def refuse_existing(path: str | os.PathLike, force: bool, what: str, flag: str = "--force") -> None:

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +35,13 @@ from nnunet_ext.errors import UserError
 from nnunet_ext.io import (
     atomic_write_image,
     atomic_write_json,
+    check_dataset_id_and_name,
     existing_datasets_with_id,
+    make_temp_dir,
     refuse_existing,
     replace_dataset,
 )
+from nnunet_ext.training import device_arg
 
 __all__ = [
     "METHODS",
@@ -661,11 +663,16 @@ def _case_axis(lab, ignore_label, case_id, problems, detected) -> int | None:
 
 
 # =============================================================================== writing datasets
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _link_or_copy(src: Path, dst: Path, copy: bool = False) -> None:
+    """Hard-link ``src`` to ``dst`` (then both names are one file: an in-place edit of either changes the
+    other), or copy it when ``copy`` or when linking is impossible (another file system)."""
+    if not copy:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
 
 
 def _label_dtype(max_value: int):
@@ -675,11 +682,9 @@ def _label_dtype(max_value: int):
 class _DatasetWriter:
     """Writes a new raw dataset into a hidden temp folder under ``raw_root`` and renames it into place."""
 
-    def __init__(self, raw_root: Path, dataset_id: int, name: str, force: bool):
-        if not 1 <= int(dataset_id) <= 999:
-            raise UserError(f"dataset id must be 1..999 (nnU-Net's DatasetXXX), got {dataset_id}.")
-        if not name or "/" in name or name != name.strip():
-            raise UserError(f"invalid dataset name {name!r}; use letters, digits and underscores.")
+    def __init__(self, raw_root: Path, dataset_id: int, name: str, force: bool, copy: bool = False):
+        check_dataset_id_and_name(dataset_id, name)
+        self.copy = copy
         self.raw_root = Path(raw_root)
         self.raw_root.mkdir(parents=True, exist_ok=True)
         self.id = int(dataset_id)
@@ -688,13 +693,13 @@ class _DatasetWriter:
         existing = existing_datasets_with_id(self.raw_root, self.id)
         if existing:
             refuse_existing(existing[0], force, f"a dataset with id {self.id} (nnU-Net ids must be unique)")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder_name}.tmp-", dir=self.raw_root))
+        self.tmp = make_temp_dir(f".{self.folder_name}.tmp-", self.raw_root)
         for d in ("imagesTr", "labelsTr"):
             (self.tmp / d).mkdir()
 
     def add_case(self, case: SparseCase, labels: np.ndarray, file_ending: str) -> None:
         for c, img in enumerate(case.images):
-            _link_or_copy(img, self.tmp / "imagesTr" / f"{case.case_id}_{c:04d}{file_ending}")
+            _link_or_copy(img, self.tmp / "imagesTr" / f"{case.case_id}_{c:04d}{file_ending}", self.copy)
         atomic_write_image(
             self.tmp / "labelsTr" / f"{case.case_id}{file_ending}",
             labels,
@@ -709,7 +714,7 @@ class _DatasetWriter:
                 (self.tmp / d).mkdir()
                 for f in sorted((source / d).iterdir()):
                     if f.is_file():
-                        _link_or_copy(f, self.tmp / d / f.name)
+                        _link_or_copy(f, self.tmp / d / f.name, self.copy)
 
     def finish(self, dataset_json: dict, metadata: dict) -> Path:
         atomic_write_json(self.tmp / "dataset.json", dataset_json)
@@ -761,10 +766,12 @@ def interpolate_dataset(
     out: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
+    copy: bool = False,
 ) -> Path:
     """Write ``Dataset{out_id}_{name}``: the source's training cases with their annotations propagated.
 
-    Images are hard-linked (copied across file systems), ``imagesTs``/``labelsTs`` too when present;
+    Images are hard-linked (copied across file systems, or with ``copy``: a hard link IS the source file, so
+    editing a derived image in place would change the source), ``imagesTs``/``labelsTs`` too when present;
     labels of the annotated slices are kept exactly; slices between the first and the last annotated slice
     are filled with ``method``; slices outside that range get the ignore label (``outside='ignore'``) or
     background. dataset.json keeps the ignore label only if some voxel remains ignore (its value: the
@@ -786,7 +793,7 @@ def interpolate_dataset(
     dataset_json = _read_dataset_json(folder)
     plain, src_ignore = _label_dict(dataset_json, folder)
     ignore_value = src_ignore if src_ignore is not None else max(plain.values()) + 1
-    writer = _DatasetWriter(raw_root, out_id, name, force)
+    writer = _DatasetWriter(raw_root, out_id, name, force, copy)
     any_ignore = False
 
     def fill(case: SparseCase, lab: np.ndarray, case_axis: int) -> None:
@@ -887,8 +894,10 @@ def _device(device: str):
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is available; use --device cpu or auto.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but no CUDA GPU is available; use --device cpu or auto.")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here; use cuda:0..")
     return torch.device(device)
 
 
@@ -908,6 +917,7 @@ def pseudo_label_dataset(
     force: bool = False,
     progress: bool = True,
     num_processes: int | None = None,
+    copy: bool = False,
 ) -> Path:
     """Predict the source's training scans with ``model`` (an nnU-Net model folder; ``folds`` ensembled,
     default all folds with ``checkpoint``), write the annotated voxels back over the predictions and write
@@ -954,7 +964,7 @@ def pseudo_label_dataset(
             f"{', '.join(available) or 'none'}. Finish those trainings or pass -f with available folds."
         )
     torch_device = _device(device)
-    writer = _DatasetWriter(raw_root, out_id, name, force)
+    writer = _DatasetWriter(raw_root, out_id, name, force, copy)
     try:
         os.environ.update({"nnUNet_extTrainer": ext_trainer_env()["nnUNet_extTrainer"]})
         predictor = nnUNetPredictor(
@@ -1037,6 +1047,12 @@ def _add_source_args(p) -> None:
     )
     p.add_argument("--out", default=None, help="raw folder to write into (default: $nnUNet_raw)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset with --out-id")
+    p.add_argument(
+        "--copy",
+        action="store_true",
+        help="copy the images instead of hard-linking them (a hard-linked image is the source's file: editing it "
+        "in place changes the source)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -1054,7 +1070,7 @@ def _add_model_args(p, required: bool) -> None:
     )
     p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="device (default auto)")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--disable-tta", action="store_true", help="no mirroring at prediction (faster)")
 
 
@@ -1070,6 +1086,7 @@ def _cmd_interpolate(args) -> int:
         out=args.out,
         force=args.force,
         progress=not args.quiet,
+        copy=args.copy,
     )
     print(f"wrote {path}")
     print(f"next: nnUNetv2_plan_and_preprocess -d {args.out_id} -c 3d_fullres --verify_dataset_integrity")
@@ -1093,6 +1110,7 @@ def _cmd_pseudo(args) -> int:
         force=args.force,
         progress=not args.quiet,
         num_processes=args.num_processes,
+        copy=args.copy,
     )
     print(f"wrote {path}")
     return 0

@@ -29,7 +29,13 @@ import numpy as np
 
 from nnunet_ext.challenges.base import geometry_mismatch
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_json, make_temp_dir, read_json, replace_dataset
+from nnunet_ext.io import (
+    atomic_write_json,
+    check_dataset_id_and_name,
+    make_temp_dir,
+    read_json,
+    replace_dataset,
+)
 from nnunet_ext.tasks import TASKS_KEY, load_task_registry, resolve_dataset_folder
 
 __all__ = [
@@ -335,11 +341,8 @@ def merge_datasets(
     progress: bool = False,
 ) -> tuple[Path, MergePlan]:
     """Write ``out_root/Dataset{id:03d}_{name}``; return its path and the checked plan."""
-    if not 1 <= int(dataset_id) <= 999:
-        raise UserError(f"dataset id must be 1..999, got {dataset_id}.")
     name = name or spec.get("name") or "Merged"
-    if not name.replace("_", "").replace("-", "").isalnum():
-        raise UserError(f"dataset name {name!r}: use letters, digits, '_' and '-'.")
+    check_dataset_id_and_name(dataset_id, name)
     plan = plan_merge(spec, sources)
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)

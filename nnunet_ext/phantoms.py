@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from nnunet_ext.errors import UserError
 from nnunet_ext.io import (
     atomic_write_image,
     atomic_write_json,
+    check_dataset_id_and_name,
     existing_datasets_with_id,
     make_temp_dir,
     refuse_existing,
@@ -531,10 +531,7 @@ def _validate(kind, dataset_id, name, num_train, num_test, shape, spacing, seed,
         raise UserError(
             f"dataset id must be an integer from 1 to 999 (nnU-Net uses 3 digits), got {dataset_id!r}."
         )
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", str(name)):
-        raise UserError(
-            f"dataset name {name!r} is not valid: use letters, digits, '_' or '-' (e.g. Phantom)."
-        )
+    check_dataset_id_and_name(dataset_id, str(name))
     min_train = len(PARTIAL_TASKS) if kind == "partial" else 2
     if int(num_train) < min_train:
         why = " (one per task: liver, kidney, spleen)" if kind == "partial" else ""

@@ -195,3 +195,45 @@ def test_broken_json_is_one_line_naming_the_file(tmp_path, capsys, content, mess
     spec.write_bytes(content)
     argv = ["tasks", "merge", "--spec", str(spec), "-d", "30", "--out", str(raw)]
     run_refused(argv, capsys, tmp_path, f"the merge spec {spec} {message}")
+
+
+@pytest.mark.parametrize("name", ["My Sparse", "..", "a/b", "-x", "x.y"])
+def test_one_dataset_name_rule_for_every_writer(tmp_path, capsys, monkeypatch, name):
+    """labelprop interpolate accepted names that the other commands refuse; now one rule (io)."""
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    from nnunet_ext.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(
+        tmp_path / "raw", 580, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
+    )
+    for argv in (
+        ["labelprop", "interpolate", "580", "--out-id", "581", f"--name={name}"],
+        ["phantoms", "full", "--id", "582", f"--name={name}", "--out", str(tmp_path / "raw")],
+        [
+            "convert",
+            "kipa22",
+            str(fake_kipa(tmp_path / "src")),
+            "--id",
+            "583",
+            f"--name={name}",
+            "--out",
+            str(tmp_path / "raw"),
+        ],
+    ):
+        run_refused(argv, capsys, tmp_path / "raw", f"invalid dataset name {name!r}; use letters, digits")
+
+
+def test_labelprop_copy_instead_of_hard_links(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    from nnunet_ext.phantoms import write_phantom_dataset
+
+    src = write_phantom_dataset(
+        tmp_path / "raw", 584, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
+    )
+    image = sorted((src / "imagesTr").iterdir())[0]
+    assert main(["labelprop", "interpolate", "584", "--out-id", "585", "--quiet"]) == 0
+    assert main(["labelprop", "interpolate", "584", "--out-id", "586", "--quiet", "--copy"]) == 0
+    linked = next((tmp_path / "raw").glob("Dataset585_*")) / "imagesTr" / image.name
+    copied = next((tmp_path / "raw").glob("Dataset586_*")) / "imagesTr" / image.name
+    assert linked.stat().st_ino == image.stat().st_ino  # default: the same file as the source
+    assert copied.stat().st_ino != image.stat().st_ino and copied.read_bytes() == image.read_bytes()

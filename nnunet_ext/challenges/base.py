@@ -34,7 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_json, existing_datasets_with_id, make_temp_dir, replace_dataset
+from nnunet_ext.io import (
+    atomic_write_json,
+    check_dataset_id_and_name,
+    existing_datasets_with_id,
+    make_temp_dir,
+    replace_dataset,
+)
 
 META_KEY = "nnunet_ext_challenge"
 FILE_ENDING = ".nii.gz"
@@ -482,12 +488,11 @@ class RawDatasetWriter:
     :meth:`finish`; ``force`` replaces an existing dataset with the same id (refused otherwise)."""
 
     def __init__(self, raw_root: Path, dataset_id: int, name: str, force: bool, link: bool = False):
-        if not 1 <= int(dataset_id) <= 999:
-            raise UserError(f"dataset id must be 1..999 (nnU-Net's DatasetXXX), got {dataset_id}.")
-        if not name or not name.replace("_", "").replace("-", "").isalnum():
-            raise UserError(f"invalid dataset name {name!r}; use letters, digits, '_' and '-'.")
+        check_dataset_id_and_name(dataset_id, name)
         self.raw_root = Path(raw_root)
-        self.created_root = not self.raw_root.exists()  # removed again by abort(), so a failure leaves nothing
+        self.created_root = (
+            not self.raw_root.exists()
+        )  # removed again by abort(), so a failure leaves nothing
         self.raw_root.mkdir(parents=True, exist_ok=True)
         self.id = int(dataset_id)
         self.target = self.raw_root / f"Dataset{self.id:03d}_{name}"
