@@ -112,7 +112,10 @@ def test_mds_selection_is_deterministic_for_a_seed(phantom_workspace, monkeypatc
     assert a["score"] == "objective"  # nnU-Net checkpoints carry their objective's head
     assert a == b
     assert a["scores"] != c["scores"]  # other random views
-    assert len(a["scores"]) == 6 and len(a["buffer"]) == 2
+    # fold 0's training cases only (nnU-Net's 5-fold split of the 6 cases); -f all: every case
+    assert len(a["scores"]) < 6 and len(a["buffer"]) == 2 and a["fold"] == 0
+    everything = select_buffer(ckpt, dataset, "3d_tiny", seed=3, fold="all", **kw)
+    assert len(everything["scores"]) == 6 and everything["fold"] == "all"
     assert a["buffer"] == sorted(a["scores"], key=a["scores"].get)[:2]
     assert all(math.isfinite(v) and v >= 0 for v in a["scores"].values())
     f1 = select_buffer(ckpt, dataset, "3d_tiny", seed=3, score="features", **kw)
