@@ -282,7 +282,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
         ({"shape": (8, 64, 64)}, "too small"),
         ({"spacing": (2.5, 0, 1)}, "positive"),
         ({"kind": "sparse", "every": 1}, "--every"),
-        ({"name": "bad name"}, "not valid"),
+        ({"name": "bad name"}, "invalid dataset name"),
     ],
 )
 def test_argument_validation(tmp_path, kwargs, text):
