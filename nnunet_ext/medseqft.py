@@ -262,6 +262,7 @@ def fold_training_keys(base: Path, ids: list[str], fold: int | str) -> list[str]
         all_keys = np.sort(list(ids))
         idx_tr = rnd.choice(len(all_keys), int(len(all_keys) * 0.8), replace=False)
         keys = [str(all_keys[i]) for i in idx_tr]
+    keys = [str(k) for k in keys]  # nnU-Net's generated split holds numpy strings
     unknown = [k for k in keys if k not in set(ids)]
     if unknown:
         raise UserError(
