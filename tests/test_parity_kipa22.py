@@ -13,20 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from nnunet_ext.challenges import get_challenge
 from nnunet_ext.evaluate import evaluate_folders
+from tests.volumes import ball, write_label
 
 FIXTURE = Path(__file__).parent / "data" / "parity" / "kipa22_official.json"
 KIPA_CLASSES = {"vein": 1, "kidney": 2, "artery": 3, "tumour": 4}
-
-
-def ball(shape, centre, radius, spacing=(1.0, 1.0, 1.0)):
-    """Boolean ball of ``radius`` mm around ``centre`` (voxel index, z y x) on a grid of ``spacing`` (z y x)."""
-    grid = np.indices(shape, dtype=np.float64)
-    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing))
-    return d2 <= radius**2
 
 
 def tube(shape, y, x, radius, z0, z1):
@@ -69,17 +62,10 @@ def kipa_cases() -> dict[str, tuple[np.ndarray, np.ndarray, tuple[float, float, 
     return cases
 
 
-def write(path: Path, array: np.ndarray, spacing_zyx) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(array.astype(np.uint8))
-    image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
-    sitk.WriteImage(image, str(path))
-
-
 def write_cases(pred_dir: Path, gt_dir: Path) -> None:
     for case, (pred, ref, spacing) in kipa_cases().items():
-        write(pred_dir / f"{case}.nii.gz", pred, spacing)
-        write(gt_dir / f"{case}.nii.gz", ref, spacing)
+        write_label(pred_dir / f"{case}.nii.gz", pred, spacing)
+        write_label(gt_dir / f"{case}.nii.gz", ref, spacing)
 
 
 def test_kipa22_matches_the_official_evaluation(tmp_path):
@@ -111,8 +97,8 @@ def test_kipa22_empty_reference_conventions(tmp_path):
     ref[ball(shape, (10, 10, 10), 5.0)] = 2
     pred = ref.copy()
     pred[ball(shape, (10, 10, 10), 2.0)] = 4  # a tumour the reference does not have
-    write(tmp_path / "pred" / "c.nii.gz", pred, spacing)
-    write(tmp_path / "gt" / "c.nii.gz", ref, spacing)
+    write_label(tmp_path / "pred" / "c.nii.gz", pred, spacing)
+    write_label(tmp_path / "gt" / "c.nii.gz", ref, spacing)
     r = evaluate_folders(get_challenge("kipa22"), tmp_path / "pred", tmp_path / "gt")["cases"]["c"]
     assert r["tumour"]["Dice"] == 0.0
     # the farthest border point, corner (0, 0, 0), lies 9 voxels along each axis from the ball's nearest

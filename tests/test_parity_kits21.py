@@ -13,16 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from nnunet_ext.evaluate import evaluate_folders
+from tests.volumes import ball, write_label
 
 FIXTURE = Path(__file__).parent / "data" / "parity" / "kits21_official.json"
-
-
-def ball(shape, centre, radius, spacing):
-    grid = np.indices(shape, dtype=np.float64)
-    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)) <= radius**2
 
 
 def kits_reference(shape, spacing, cyst=True):
@@ -61,18 +56,11 @@ def kits_cases() -> dict[str, tuple[np.ndarray, np.ndarray, tuple[float, float, 
     return cases
 
 
-def write(path: Path, array: np.ndarray, spacing_zyx) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(array.astype(np.uint8))
-    image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
-    sitk.WriteImage(image, str(path))
-
-
 def test_kits21_matches_the_official_evaluation(tmp_path):
     fixture = json.loads(FIXTURE.read_text())
     for case, (pred, ref, spacing) in kits_cases().items():
-        write(tmp_path / "pred" / f"{case}.nii.gz", pred, spacing)
-        write(tmp_path / "gt" / f"{case}.nii.gz", ref, spacing)
+        write_label(tmp_path / "pred" / f"{case}.nii.gz", pred, spacing)
+        write_label(tmp_path / "gt" / f"{case}.nii.gz", ref, spacing)
     results = evaluate_folders("kits21", tmp_path / "pred", tmp_path / "gt")["cases"]
     assert set(results) == set(fixture["cases"])
     ours_to_official = {"kidney_and_masses": "kidney_and_mass", "masses": "mass", "tumour": "tumor"}

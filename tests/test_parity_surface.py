@@ -18,13 +18,9 @@ import pytest
 from scipy import ndimage
 
 from nnunet_ext.metrics import normalized_surface_dice
+from tests.volumes import ball
 
 FIXTURE = Path(__file__).parent / "data" / "parity" / "surface_distance_official.json"
-
-
-def ball(shape, centre, radius, spacing):
-    grid = np.indices(shape, dtype=np.float64)
-    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)) <= radius**2
 
 
 def surface_cases() -> dict[str, tuple[np.ndarray, np.ndarray, tuple[float, ...], list[float]]]:
