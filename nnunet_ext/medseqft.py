@@ -11,7 +11,8 @@
 * ``nnunet-ext medseqft run`` (:mod:`nnunet_ext.medseqft_run`) runs a whole task sequence.
 
 MDS scores (lower = closer to the pre-training distribution of the foundation model M_0; the K lowest are
-the buffer). Views: ``views`` random crops of the configuration's patch size (zero padded where the case is
+the buffer). Candidates are the training cases of one nnU-Net fold (:func:`fold_training_keys`), so the
+fold's validation cases are never distilled on. Views: ``views`` random crops of the configuration's patch size (zero padded where the case is
 smaller), each with random flips along every spatial axis, seeded per case by ``(seed, case index)``.
 
 * ``objective`` (default when the checkpoint has the head of its pre-training objective, i.e. the
