@@ -55,7 +55,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork, build_nnunet_encoder
-from nnunet_ext.partial import fill_missing_merge_weights, register_merge_weights, task_weights
+from nnunet_ext.partial import fill_missing_merge_weights, register_merge_weights
 
 IntOrSeq = Union[int, list, tuple]
 
@@ -292,42 +292,33 @@ class DoDNet(NNUNetEncoderNetwork):
     def decide_tasks(self, prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each task's own decision from per-structure probabilities (B, T*K, *spatial) (DoDNet's rule): the last
         structure of the task with p > 0.5 (tumour over organ), else background. Returns ``choice`` (B, T, ...)
-        long (0 background, j + 1 structure j) and ``margin`` (B, T, ...) = 2 (max_j p_j - 0.5), the task's
-        foreground confidence (0 for background)."""
+        long (0 background, j + 1 structure j) and ``margin`` (B, T, ...) = 2 (p - 0.5) of the chosen structure
+        (0 for background)."""
         b, t, k = prob.shape[0], self.num_tasks, self.num_structures
         p = prob.float().reshape(b, t, k, *prob.shape[2:])
         valid = (self.structure_labels >= 0).view(1, t, k, *([1] * (p.ndim - 3)))
         fg = (p > 0.5) & valid
         rank = torch.arange(1, k + 1, device=p.device).view(1, 1, k, *([1] * (p.ndim - 3)))
         choice = (fg.long() * rank).amax(2)  # (B, T, ...)
-        top = torch.where(valid, p, torch.zeros_like(p)).amax(2)  # the task's foreground confidence
-        margin = torch.where(choice > 0, 2 * (top - 0.5), torch.zeros_like(top))
+        chosen = torch.gather(p, 2, (choice - 1).clamp_min(0).unsqueeze(2))[:, :, 0]
+        margin = torch.where(choice > 0, 2 * (chosen - 0.5), torch.zeros_like(chosen))
         return choice, margin
 
     def universal_logits(self, task_logits: torch.Tensor) -> torch.Tensor:
         """Softmax-compatible logits over the unified label space (see the module docstring): per (task,
-        structure) ``v = w_t * 2 (p - 0.5)`` (``w_t``: the task's weight), the task's decided structure gets
-        ``w_t * 2 (max_j p_j - 0.5)``, and a structure with p > 0.5 that its own task overrules (the organ under
-        a tumour of the same task) gets 0; a label's logit is the largest ``v`` of the selected
+        structure) ``v = w * 2 (p - 0.5)``, except that a structure with p > 0.5 that its own task overrules (the
+        organ under a tumour of the same task) gets 0; a label's logit is the largest ``v`` of the selected
         (task, structure) pairs mapped to it, background 0, a label no selected task segments -1."""
         prob = torch.sigmoid(task_logits.float())
         b, t, k = prob.shape[0], self.num_tasks, self.num_structures
         spatial = prob.shape[2:]
         choice, _ = self.decide_tasks(prob)
         p = prob.reshape(b, t, k, *spatial)
-        w = task_weights(self.merge_weights.float(), self.structure_labels).view(
-            1, t, 1, *([1] * len(spatial))
-        )
+        w = self.merge_weights.float().view(1, t, k, *([1] * len(spatial)))
         v = w * 2 * (p - 0.5)
-        # the decided structure carries the task's foreground confidence (its largest probability)
-        top = torch.where(
-            self.structure_labels.view(1, t, k, *([1] * len(spatial))) >= 0, p, torch.zeros_like(p)
-        )
-        decided_v = w * 2 * (top.amax(2, keepdim=True) - 0.5)
         rank = torch.arange(1, k + 1, device=p.device).view(1, 1, k, *([1] * len(spatial)))
         overruled = (p > 0.5) & (rank != choice.unsqueeze(2))
         v = torch.where(overruled, torch.zeros_like(v), v)
-        v = torch.where(rank == choice.unsqueeze(2), decided_v.expand_as(v), v)
         selected = (self.inference_task_mask > 0).view(1, t, 1, *([1] * len(spatial)))
         real = (self.structure_labels >= 0).view(1, t, k, *([1] * len(spatial)))
         v = torch.where(selected & real, v, torch.full_like(v, -2.0)).reshape(b, t * k, *spatial)

@@ -61,12 +61,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork
-from nnunet_ext.partial import (
-    MERGE_WEIGHTS_SET,
-    fill_missing_merge_weights,
-    register_merge_weights,
-    task_weights,
-)
+from nnunet_ext.partial import MERGE_WEIGHTS_SET, fill_missing_merge_weights, register_merge_weights
 
 IntOrSeq = Union[int, list, tuple]
 
@@ -405,8 +400,8 @@ class UniSeg(NNUNetEncoderNetwork):
         top2 = torch.topk(p, 2, dim=2).values
         first, second = top2[:, :, :1], top2[:, :, 1:2]
         margin = torch.where(p >= first, p - second, p - first)
-        w = task_weights(self.merge_weights.float(), self.structure_labels)  # (T,) one weight per task
-        margin = margin * w.view(1, t, 1, *([1] * len(spatial)))
+        w = torch.cat((torch.ones_like(self.merge_weights[:, :1]), self.merge_weights), 1).float()
+        margin = margin * w.view(1, t, k, *([1] * len(spatial)))
         selected = torch.zeros(t, dtype=torch.bool, device=prob.device)
         selected[list(range(t)) if tasks is None else [int(i) for i in tasks]] = True
         margin = torch.where(

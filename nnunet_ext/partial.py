@@ -563,14 +563,6 @@ def merge_weights_from_summary(summary: Mapping, layout: TaskLayout) -> tuple[li
     return weights, used
 
 
-def task_weights(weights: torch.Tensor, label_table: torch.Tensor) -> torch.Tensor:
-    """(T,) cross-task weight of every task: the largest stored weight (own-task validation Dice) over its real
-    structures (padding channels ignored). Tasks are compared as a whole: a task's small inner structure (a
-    tumour with a low Dice) does not make the task lose the voxels it has decided are its own."""
-    valid = label_table >= 0
-    return torch.where(valid, weights, torch.full_like(weights, -1.0)).amax(1).clamp_min(0.0)
-
-
 def merge_task_decisions(
     choice: torch.Tensor, margin: torch.Tensor, label_table: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
@@ -578,18 +570,19 @@ def merge_task_decisions(
 
     ``choice`` (B, T, *spatial) long: each task's own decision, 0 = background, j + 1 = its structure j (DoDNet:
     the last structure with p > 0.5; UniSeg: the argmax class); ``margin`` (B, T, *spatial) in [0, 1]: how sure
-    the task is of its decision (DoDNet: 2 (max_j p_j - 0.5), its foreground confidence; UniSeg: top-1 minus
-    top-2 softmax probability); ``label_table`` (T, K) global label of every (task, structure); ``weights`` (T, K)
-    the stored cross-task weights, reduced to one weight per task (:func:`task_weights`). A voxel is background
-    iff no task claims a structure there; otherwise it gets the structure its own task decided, of the task with
-    the largest ``task weight * margin``. A task that does not annotate a structure never votes against it
+    the task is of its decision (DoDNet: 2 (p - 0.5); UniSeg: top-1 minus top-2 softmax probability);
+    ``label_table`` (T, K) global label of every (task, structure); ``weights`` (T, K) the stored cross-task
+    weights. A voxel is background iff no task claims a structure there; otherwise it gets the label of the
+    claim with the largest ``weight * margin``. A task that does not annotate a structure never votes against it
     (its background is not evidence), and a task's bonus for its inner structure never crosses tasks."""
     b, t = choice.shape[:2]
     spatial = choice.shape[2:]
     k = label_table.shape[1]
+    idx = (choice - 1).clamp_min(0)
     w = weights.to(margin.device, margin.dtype)
-    w_task = task_weights(w, label_table.to(w.device)).view(1, t, *([1] * len(spatial)))
-    score = torch.where(choice > 0, w_task * margin, torch.full_like(margin, -1.0))
+    task_index = torch.arange(t, device=choice.device).view(1, t, *([1] * len(spatial)))
+    w_sel = w.reshape(-1)[task_index * k + idx]  # (B, T, *spatial): weight of each task's chosen structure
+    score = torch.where(choice > 0, w_sel * margin, torch.full_like(margin, -1.0))
     best = score.argmax(1, keepdim=True)  # (B, 1, *spatial)
     best_choice = torch.gather(choice, 1, best)[:, 0]
     flat_index = best[:, 0] * k + (best_choice - 1).clamp_min(0)
