@@ -216,7 +216,9 @@ def dodnet_postprocessing_plan(dataset_json: dict) -> list[tuple[str, int | None
     from nnunet_ext.challenges.base import META_KEY
     from nnunet_ext.merge import MOTS_PRESET
 
-    labels = {str(k): v for k, v in dataset_json.get("labels", {}).items() if not isinstance(v, (list, tuple))}
+    labels = {
+        str(k): v for k, v in dataset_json.get("labels", {}).items() if not isinstance(v, (list, tuple))
+    }
     challenge = str(dataset_json.get(META_KEY, {}).get("challenge", ""))
     single = challenge[5:] if challenge.startswith("mots-") and challenge[5:] in SOURCES else None
     if single is None:  # a converted source without our metadata: its label names
@@ -231,7 +233,9 @@ def dodnet_postprocessing_plan(dataset_json: dict) -> list[tuple[str, int | None
         organ = labels.get(names.get(str(src.organ[0]), "")) if src.organ else None
         tumour = labels.get(names.get(str(src.tumour[0]), "")) if src.tumour else None
         if organ is not None or tumour is not None:
-            plan.append((task, None if organ is None else int(organ), None if tumour is None else int(tumour)))
+            plan.append(
+                (task, None if organ is None else int(organ), None if tumour is None else int(tumour))
+            )
     if not plan:
         raise UserError(
             f"the labels {sorted(labels)} are neither a merged MOTS dataset's (tasks merge --preset mots) nor one "
