@@ -134,6 +134,11 @@ def predict_command(
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def _default_signals() -> None:  # runs in the child between fork and exec
+    for s in _FORWARDED:
+        signal.signal(s, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def child_process(cmd: list[str], env: dict, lock: RunLock | None = None, **popen):
     """Run ``cmd`` in its own process group and yield the ``Popen``; on leaving, wait for it.
@@ -142,7 +147,9 @@ def child_process(cmd: list[str], env: dict, lock: RunLock | None = None, **pope
     data-loader workers too) and we wait for it to end before stopping ourselves (KeyboardInterrupt for SIGINT,
     exit 128 + signal otherwise): killing a command never leaves its training running. ``lock`` records the
     child's pid while it runs (see :class:`RunLock`)."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, **popen)
+    # the child reacts to the signals we forward even where we were started with SIGINT ignored (a background
+    # job of a non-interactive shell): it gets the default dispositions back
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_default_signals, **popen)
     received: list[int] = []
 
     def forward(signum, frame):

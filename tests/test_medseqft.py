@@ -227,6 +227,7 @@ def test_kg_rft_expert_student_merge_and_resume(phantom_workspace, task_sequence
     bad.buffer_record = {**record, "buffer": [val_case]}
     with pytest.raises(RuntimeError, match="not training cases of fold 0"):
         bad.get_buffer_dataloader()
+    buffer_path(dataset).unlink()  # the shared workspace: later tests select their own buffer (other k)
 
 
 @pytest.mark.slow
