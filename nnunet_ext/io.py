@@ -99,6 +99,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save(obj, path)`` atomically (a temporary file in the same folder, renamed into place)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path, path.suffix)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as JSON (``indent=2``) to ``path`` atomically; numpy values are converted."""
     return atomic_write_text(path, json.dumps(obj, indent=2, default=to_jsonable) + "\n")

@@ -28,6 +28,7 @@ segmentation heads (``seg_layers``), which a fine-tuning trains fully instead.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -305,6 +306,36 @@ def load_merged_with_adapters(
         for _, layer in lora_layers(net):
             weight = layer.base_layer.weight
             weight.sub_(delta_weight(layer).to(weight.device, weight.dtype))
+
+
+def start_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The state of ``net`` without its adapters (stock key names, CPU copies): with the adapters just
+    injected, the network the fine-tuning starts from (the frozen base and the heads' starting values)."""
+    stock = strip_lora(copy.deepcopy(unwrap(net)))
+    return {k: v.detach().cpu().clone() for k, v in stock.state_dict().items()}
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes (what makes two states bitwise equal)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        v = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def load_exact_base(net: nn.Module, start: dict[str, torch.Tensor]) -> None:
+    """Put the frozen base weights of an adapted network back bit-exactly from its :func:`start_state`
+    (after :func:`load_merged_with_adapters` rebuilt them to float rounding)."""
+    own = net.state_dict()
+    keys = {k: k.replace(".base_layer.", ".") for k in own if ".base_layer." in k}
+    missing = sorted(s for s in keys.values() if s not in start)
+    if missing:
+        raise KeyError(f"the start state lacks base weights of the adapted network (e.g. {missing[:3]})")
+    with torch.no_grad():
+        for key, stock in keys.items():
+            own[key].copy_(start[stock].to(own[key].device, own[key].dtype))
 
 
 def is_adapter_parameter(name: str) -> bool:

@@ -24,12 +24,10 @@ Where nnU-Net's own trainer does NOT resume identically: ``_best_ema``. ``on_epo
 epoch earlier (``None`` after epoch 0) and may overwrite a better ``checkpoint_best.pth``. Every trainer is
 checked to load it exactly as nnU-Net does (the rule replayed from the checkpoint's value) instead.
 
-Known issues (strict: the test fails once they are gone, so the branch gets removed):
-* LoRA / MedSeqFT: the frozen base weights are not in the checkpoint; ``--c`` rebuilds them as
-  ``W_merged - delta`` (float rounding), so the resumed run drifts by ~1e-7. Checked: with the base put back
-  bit-exactly, everything else resumes identically; without, the differences are values below 1e-4.
-* MedSeqFT: the "previous" teacher is copied in ``on_train_start`` from the network as it is then, so after
-  ``--c`` its head is the student's head trained so far, not the expert's (unused by feature distillation).
+LoRA / MedSeqFT: checkpoints hold the merged body once plus the adapters; the frozen base comes back
+bit-exactly from ``lora_start.pth`` (written once per training, identified by the digest each checkpoint
+records). Without that file ``--c`` still resumes, with the base rebuilt as ``W_merged - delta`` (float
+rounding) and a warning in the log: checked separately.
 """
 
 from __future__ import annotations
@@ -237,18 +235,13 @@ def _pop_best_ema(state: dict, final: dict) -> tuple:
     return state.pop("best_ema"), final.pop("_best_ema")
 
 
-def _resume(name: str, dataset: str, batches: dict, interrupted: Path, exact_base: dict | None = None):
+def _resume(name: str, dataset: str, batches: dict, interrupted: Path):
     """Run B: a fresh trainer (another random initialisation) resumed from ``interrupted`` exactly as
-    ``nnUNetv2_train --c`` does (``load_checkpoint``), trained to the end on the recorded batches.
-    ``exact_base``: LoRA's frozen base weights put back bit-exactly after loading (diagnosis, see below)."""
+    ``nnUNetv2_train --c`` does (``load_checkpoint``), trained to the end on the recorded batches."""
     torch.manual_seed(1)
     b = _build(name, dataset, None)
     b.load_checkpoint(str(interrupted))  # what nnUNetv2_train --c calls
     assert b.current_epoch == STOP
-    if exact_base is not None:
-        missing = set(exact_base) - set(lora.unwrap(b.network).state_dict())
-        assert not missing, sorted(missing)[:3]
-        lora.unwrap(b.network).load_state_dict(exact_base, strict=False)
     state = _instrument(b, batches, STOP, record=False)
     b.run_training()
     return state, _final(b)
@@ -302,42 +295,38 @@ def test_resume_equals_uninterrupted_run(name, phantom_workspace, monkeypatch, t
         assert _pop_best_ema(state_b, final_b) == (expected, expected)
         return _differences(state_a, state_b, "state") + _differences(final_a, final_b, "checkpoint_final")
 
-    def teacher_head(d: str) -> bool:
-        # MedSeqFT builds its "previous" teacher in on_train_start from the network as it is then: at a fresh
-        # start its head is the expert's (expert_head_init), after --c the student's head trained so far. With
-        # feature distillation that head is never evaluated into a loss (known issue, reported)
-        return name == "nnUNetTrainerMedSeqFT" and d.startswith("state.teachers[0].decoder.seg_layers.")
-
-    known = []
-    if fine_tunes:
-        # LoRA's frozen base weights are not in the checkpoint: --c rebuilds them as W_merged - delta (float
-        # rounding). With the base put back bit-exactly, everything else (adapters, heads, optimizer, epoch,
-        # logger, MedSeqFT's teachers, expert, buffer) must resume identically.
-        exact_base = {k: v for k, v in state_a["network"].items() if ".base_layer." in k}
-        assert exact_base
-        diff = check(*_resume(name, dataset, batches, interrupted, exact_base))
-        if any(teacher_head(d) for d in diff):
-            assert a.teacher == "previous" and a.distill == "features"
-            known.append("the 'previous' teacher's (unused) head is the resumed student's, not the expert's")
-        diff = [d for d in diff if not teacher_head(d)]
-        assert not diff, f"{name}: resume with the exact base differs:\n" + "\n".join(diff[:25])
-
     diff = check(*_resume(name, dataset, batches, interrupted))
-    if fine_tunes and diff:
-        # known issue: the rebuilt base differs from the uninterrupted run's by float rounding and every later
-        # step drifts from there (the weights stay close, they are not identical)
-        for d in diff:
-            if not teacher_head(d):
-                assert "max |diff|" in d, d  # values only: no missing keys, epochs or shapes
-                assert float(d.split("max |diff| ")[1].split()[0]) < 1e-4, d
-        rounding = [d for d in diff if not teacher_head(d)]
-        if rounding:
-            known.insert(
-                0,
-                "the frozen base weights are rebuilt as W_merged - delta (nnunet_ext.lora.load_merged_with_adapters"
-                f", float rounding): {len(rounding)} tensors/values differ",
-            )
-        pytest.xfail(f"{name}: --c resume is not bit-identical: " + "; ".join(known))
-    if fine_tunes:
-        pytest.fail(f"{name} now resumes bit-identically: drop the known-issue branch of this test")
     assert not diff, f"{name}: --c resume differs from the uninterrupted run:\n" + "\n".join(diff[:25])
+
+
+def test_resume_without_the_start_state_file_rebuilds_the_base(phantom_workspace, monkeypatch, tmp_path):
+    """``--c`` of a LoRA training whose ``lora_start.pth`` is gone: the base is rebuilt as W_merged - delta
+    (float rounding), the log says so, and a new start file makes the next resume exact again."""
+    from trainers.nnUNetTrainerLoRA import START_FILE
+
+    dataset = phantom_workspace.dataset(501, "full").name
+    pretrained = foundation_checkpoint(phantom_workspace)[1]
+    _setenv(monkeypatch, phantom_workspace)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    torch.manual_seed(0)
+    a = _build("nnUNetTrainerLoRA", dataset, pretrained)
+    a.num_epochs = 1
+    a.run_training()
+    start_file = Path(a.output_folder) / START_FILE
+    saved = torch.load(start_file, weights_only=True)
+    merged = lora.unwrap(a.network).state_dict()  # stock keys: on_train_end merged the adapters
+    ckpt = torch.load(Path(a.output_folder) / "checkpoint_final.pth", weights_only=False)
+    assert ckpt["lora_start_sha256"] == saved["sha256"] == lora.state_digest(saved["state"])
+    assert set(saved["state"]) == set(merged)
+
+    start_file.unlink()
+    b = _build("nnUNetTrainerLoRA", dataset, None)
+    b.load_checkpoint(str(Path(a.output_folder) / "checkpoint_final.pth"))
+    base = lora.unwrap(b.network).state_dict()
+    rebuilt = {k.replace(".base_layer.", "."): v for k, v in base.items() if ".base_layer." in k}
+    assert rebuilt
+    worst = max((rebuilt[k] - saved["state"][k]).abs().max().item() for k in rebuilt)
+    assert worst < 1e-5
+    assert "is missing or belongs to another training" in Path(b.log_file).read_text()
+    again = torch.load(start_file, weights_only=True)  # written anew from the rebuilt base
+    assert again["sha256"] == lora.state_digest(again["state"]) == b.lora_start_sha256

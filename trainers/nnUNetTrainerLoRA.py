@@ -15,15 +15,21 @@ adapters has keys such as ``...conv.base_layer.weight`` that no stock checkpoint
 3. every checkpoint (latest / best / final) stores in ``network_weights`` the MERGED network under the stock
    key names, so ``nnUNetv2_predict -tr nnUNetTrainerLoRA`` and ``-pretrained_weights`` of a next training
    accept it as is. Only the adapters are stored beside it (``lora_state``, ``lora_format = "adapters"``,
-   plus ``lora_config``), so the body is stored once; ``load_checkpoint`` (``--c``) re-injects the adapters
-   and rebuilds the frozen base weights as ``W_merged - delta`` (:func:`nnunet_ext.lora.load_merged_with_adapters`;
-   float rounding, ~1e-7 relative). Checkpoints of older versions (the whole unmerged state in
-   ``lora_state``) still load;
+   plus ``lora_config``), so the body is stored once per checkpoint. The network as the adapters went in
+   (frozen base, starting heads) is written ONCE per training to ``lora_start.pth`` beside the checkpoints,
+   which record its SHA-256; ``load_checkpoint`` (``--c``) re-injects the adapters and puts the frozen base
+   back bit-exactly from that file, so a resumed run equals an uninterrupted one. Without the file (or with
+   another training's) it rebuilds the base as ``W_merged - delta``
+   (:func:`nnunet_ext.lora.load_merged_with_adapters`; float rounding, ~1e-7 relative), says so in the log and
+   writes a new start file. Checkpoints of older versions (the whole unmerged state in ``lora_state``) still
+   load;
 4. ``on_train_end()`` merges the adapters into the network, so nnU-Net's final validation runs the
    stock (merged) network.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -31,7 +37,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_ext import lora
+from nnunet_ext.io import atomic_torch_save
 from nnunet_ext.schedules import PolyLRScheduler
+
+START_FILE = "lora_start.pth"
 
 
 class nnUNetTrainerLoRA(nnUNetTrainer):
@@ -63,6 +72,8 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lora_injected = False
         self._random_init_fingerprint = None
+        self.lora_start: dict[str, torch.Tensor] | None = None  # see set_start_state
+        self.lora_start_sha256: str | None = None
 
     # ------------------------------------------------------------------ configuration
     def lora_config(self) -> lora.LoRAConfig:
@@ -120,6 +131,7 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
                     f"{self.__class__.__name__} -pretrained_weights /path/to/checkpoint_final.pth"
                 )
         self.before_injection(base)
+        fresh = check_pretrained  # False: load_checkpoint (--c) injects, then restores the start state itself
         names = lora.inject_lora(base, self.lora_config())
         lora.mark_trainable(base, self.lora_train_also)
         base.to(self.device)
@@ -133,6 +145,31 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
         if self.is_ddp:
             self.network = DDP(self.network, device_ids=[self.local_rank])
         self.lora_injected = True
+        if fresh:
+            self.set_start_state(lora.start_state(base))
+
+    # ------------------------------------------------------------------ the start state (exact --c resume)
+    def start_state_file(self) -> Path:
+        return Path(self.output_folder) / START_FILE
+
+    def set_start_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The network as the adapters went in (stock keys): the frozen base, bit-exact. Rank 0 writes it
+        once per training to ``lora_start.pth`` beside the checkpoints, which record its digest, so ``--c``
+        puts the base back exactly instead of rebuilding it as ``W_merged - delta``."""
+        self.lora_start = state
+        self.lora_start_sha256 = lora.state_digest(state)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            atomic_torch_save(self.start_state_file(), {"state": state, "sha256": self.lora_start_sha256})
+
+    def read_start_state(self, sha256: str | None) -> dict[str, torch.Tensor] | None:
+        """The start state of the training a checkpoint belongs to, or None (file missing or another one)."""
+        path = self.start_state_file()
+        if sha256 is None or not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("sha256") != sha256 or lora.state_digest(saved["state"]) != sha256:
+            return None
+        return saved["state"]
 
     def on_train_start(self):
         if not self.was_initialized:
@@ -169,6 +206,8 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
             "lora_state": lora.adapter_state_dict(base),
             "lora_format": "adapters",
             "lora_config": self.lora_config().to_dict(),
+            # the frozen base bit-exactly for --c: lora_start.pth in this folder, identified by its digest
+            "lora_start_sha256": self.lora_start_sha256,
         }
         torch.save(checkpoint, filename)
 
@@ -195,7 +234,19 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
             "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes
         )
         if adapters is not None:
-            lora.load_merged_with_adapters(self.base_network(), weights, adapters)
+            base = self.base_network()
+            lora.load_merged_with_adapters(base, weights, adapters)
+            start = self.read_start_state(checkpoint.get("lora_start_sha256"))
+            if start is not None:
+                lora.load_exact_base(base, start)
+                self.lora_start, self.lora_start_sha256 = start, checkpoint["lora_start_sha256"]
+            else:
+                self.print_to_log_file(
+                    f"WARNING: {self.start_state_file()} is missing or belongs to another training: the frozen "
+                    f"base weights are rebuilt as W_merged - delta (float rounding, ~1e-7 relative), so this "
+                    f"resumed run is close to, not bitwise equal to, an uninterrupted one"
+                )
+                self.set_start_state(lora.start_state(base))
         else:
             self.base_network().load_state_dict(weights)
         if self.lora_injected == ("lora_state" in checkpoint):  # optimizer over the same parameter set
@@ -205,6 +256,7 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
 
     def on_train_end(self):
         super().on_train_end()  # writes checkpoint_final.pth (merged weights + lora_state)
+        self.lora_start = None  # on disk (lora_start.pth)
         if self.lora_injected:  # validation and anything after runs the merged, stock network
             base = lora.merge_lora(self.base_network())
             for p in base.parameters():

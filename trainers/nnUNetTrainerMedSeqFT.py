@@ -180,7 +180,9 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
         teachers, mix = [], []
         w_prev, w_found = self.teacher_weights if self.teacher == "both" else (1.0, 1.0)
         if self.teacher in ("previous", "both"):
+            # M_{t-1} as the adapters went in (head: the expert's with expert_head_init), also after --c
             teachers.append(lora.strip_lora(copy.deepcopy(base)))
+            teachers[-1].load_state_dict(self.lora_start)
             mix.append(float(w_prev))
         if self.teacher in ("foundation", "both"):
             m0 = load_checkpoint_network(self.buffer_record["checkpoint"], self.device)["network"]
