@@ -15,7 +15,6 @@ The same functions give the own-task end-of-training validation (:class:`nnunet_
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.training import device_arg
 
 __all__ = [
     "load_predictor",
@@ -356,12 +356,21 @@ def default_postprocessing_rules(dataset_json: dict) -> dict:
     }
 
 
-def postprocess_segmentation(seg: np.ndarray, rules: dict) -> np.ndarray:
-    """Apply ``keep_largest`` {organ: n}, ``inside`` {inner: organ} and ``min_size`` {label: voxels}."""
+def postprocess_segmentation(seg: np.ndarray, rules: dict, removed: dict | None = None) -> np.ndarray:
+    """Apply ``keep_largest`` {organ: n}, ``inside`` {inner: organ} and ``min_size`` {label: voxels}.
+    ``removed``: if given, the voxels each rule set to background are added to it (``"keep_largest 1"``, ...)."""
     from scipy import ndimage
 
     seg = seg.copy()
     structure = ndimage.generate_binary_structure(seg.ndim, seg.ndim)
+    report = removed if removed is not None else {}
+
+    def drop(rule: str, where: np.ndarray) -> None:
+        count = int(where.sum())
+        if count:
+            report[rule] = report.get(rule, 0) + count
+            seg[where] = 0
+
     inner_of: dict[int, list[int]] = {}
     for inner, organ in rules.get("inside", {}).items():
         inner_of.setdefault(int(organ), []).append(int(inner))
@@ -373,7 +382,7 @@ def postprocess_segmentation(seg: np.ndarray, rules: dict) -> np.ndarray:
         if num > int(n):
             sizes = np.bincount(comps.ravel())[1:]
             keep = np.argsort(sizes)[::-1][: int(n)] + 1
-            seg[mask & ~np.isin(comps, keep)] = 0
+            drop(f"keep_largest {organ}", mask & ~np.isin(comps, keep))
     for inner, organ in rules.get("inside", {}).items():
         inner_mask = seg == int(inner)
         if not inner_mask.any():
@@ -381,14 +390,14 @@ def postprocess_segmentation(seg: np.ndarray, rules: dict) -> np.ndarray:
         organ_zone = ndimage.binary_dilation(seg == int(organ), structure)
         comps, num = ndimage.label(inner_mask, structure)
         touching = np.unique(comps[organ_zone & inner_mask])
-        seg[inner_mask & ~np.isin(comps, touching[touching > 0])] = 0
+        drop(f"inside {int(inner)}", inner_mask & ~np.isin(comps, touching[touching > 0]))
     for label, size in rules.get("min_size", {}).items():
         mask = seg == int(label)
         comps, num = ndimage.label(mask, structure)
         if num:
             sizes = np.bincount(comps.ravel())
             small = np.flatnonzero(sizes < int(size))
-            seg[mask & np.isin(comps, small[small > 0])] = 0
+            drop(f"min_size {int(label)}", mask & np.isin(comps, small[small > 0]))
     return seg
 
 
@@ -415,6 +424,13 @@ def _cmd_predict(args) -> int:
         raise UserError(
             "pass -d DATASET -c CONFIGURATION (and -tr/-p if not the defaults) or --model-folder."
         )
+    bad = [f for f in args.folds or [] if f != "all" and not f.isdigit()]
+    if bad:
+        raise UserError(f"-f {' '.join(bad)}: folds are whole numbers or 'all' (e.g. -f 0 1 2 3 4).")
+    if not 0 < args.step_size <= 1:
+        raise UserError(
+            f"--step-size {args.step_size}: the tile step is a fraction of the patch in (0, 1]; 0.5 is nnU-Net's."
+        )
     folds = [f if f == "all" else int(f) for f in args.folds] if args.folds else None
     predictor, layout = load_predictor(
         _model_folder(args), folds, args.checkpoint, args.device, not args.disable_tta, args.step_size
@@ -439,24 +455,53 @@ def _cmd_predict(args) -> int:
     return 0
 
 
-def _parse_rules(items, what):
+def _parse_rules(items, what: str, labels: dict[int, str], minimum: int, second: str) -> dict[int, int]:
+    """``A:B`` pairs of whole numbers: A a foreground label the dataset.json declares, B >= ``minimum``
+    (``second`` = what B is: a label, a count, voxels)."""
     out = {}
     for item in items or []:
-        if ":" not in item:
-            raise UserError(f"{what} expects A:B, got {item!r}.")
-        a, b = item.split(":", 1)
-        out[int(a)] = int(b)
+        parts = item.split(":")
+        try:
+            a, b = (int(x) for x in parts)
+        except ValueError:
+            raise UserError(
+                f"{what} expects two whole numbers LABEL:{second.upper()}, got {item!r} (e.g. {what} 1:"
+                f"{max(minimum, 1)})."
+            ) from None
+        for value in (a, b) if second == "organ" else (a,):
+            if value not in labels:
+                raise UserError(
+                    f"{what} {item}: label {value} is not a foreground label of the dataset.json "
+                    f"({ {v: k for v, k in sorted(labels.items())} }); use one of those values."
+                )
+        if b < minimum:
+            raise UserError(f"{what} {item}: the {second} must be at least {minimum}, got {b}.")
+        out[a] = b
     return out
 
 
 def _cmd_postprocess(args) -> int:
     import SimpleITK as sitk
 
+    from nnunet_ext.io import read_json
+    from nnunet_ext.tasks import TASKS_KEY
+
     in_dir = Path(args.input)
+    if not in_dir.is_dir():
+        raise UserError(
+            f"the prediction folder {in_dir} does not exist; pass -i the folder nnUNetv2_predict wrote."
+        )
     dj_path = Path(args.dataset_json) if args.dataset_json else in_dir / "dataset.json"
     if not dj_path.is_file():
         raise UserError(f"no dataset.json at {dj_path}; pass --dataset-json (the model's dataset.json).")
-    dataset_json = json.loads(dj_path.read_text(encoding="utf-8"))
+    dataset_json = read_json(dj_path, "the dataset.json", "pass the model's dataset.json with --dataset-json")
+    if not isinstance(dataset_json.get("labels"), dict):
+        raise UserError(f"{dj_path} has no 'labels' dict; pass the model's dataset.json with --dataset-json.")
+    labels = {}
+    for name, value in dataset_json["labels"].items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v > 0:
+                labels[v] = name
     mots_plan = None
     if args.preset == "mots":  # DoDNet's postp.py rules per MOTS task (nnunet_ext/challenges/mots.py)
         from nnunet_ext.challenges.mots import dodnet_postprocessing_plan
@@ -468,16 +513,45 @@ def _cmd_postprocess(args) -> int:
         mots_plan = dodnet_postprocessing_plan(dataset_json)
         rules = {"preset": "mots", "tasks": {t: {"organ": o, "tumour": u} for t, o, u in mots_plan}}
     else:
-        rules = (
-            {"keep_largest": {}, "inside": {}, "min_size": {}}
-            if args.no_defaults
-            else default_postprocessing_rules(dataset_json)
-        )
-        rules["keep_largest"].update(
-            _parse_rules([i if ":" in i else f"{i}:1" for i in args.keep_largest or []], "--keep-largest")
-        )
-        rules["inside"].update(_parse_rules(args.inside, "--inside"))
-        rules["min_size"].update(_parse_rules(args.min_size, "--min-size"))
+        given = {
+            "keep_largest": _parse_rules(
+                [i if ":" in i else f"{i}:1" for i in args.keep_largest or []],
+                "--keep-largest",
+                labels,
+                1,
+                "count",
+            ),
+            "inside": _parse_rules(args.inside, "--inside", labels, 1, "organ"),
+            "min_size": _parse_rules(args.min_size, "--min-size", labels, 1, "voxels"),
+        }
+        for inner, organ in given["inside"].items():
+            if inner == organ:
+                raise UserError(
+                    f"--inside {inner}:{organ}: a label cannot lie inside itself; name its organ."
+                )
+        explicit = any(given.values())
+        if args.no_defaults:
+            rules = {"keep_largest": {}, "inside": {}, "min_size": {}}
+        elif TASKS_KEY not in dataset_json:
+            # the default rules know organ, tumour and task from the registry; without one every label would
+            # be treated as part of one organ (a whole spleen removed as a "second component" of the liver)
+            if not explicit:
+                raise UserError(
+                    f"{dj_path} has no task registry ({TASKS_KEY}), from which the default rules (largest organ, "
+                    f"tumour inside organ) are derived; give the rules yourself (--keep-largest LABEL[:N], "
+                    f"--inside INNER:ORGAN, --min-size LABEL:VOXELS), use --preset mots for MOTS predictions, "
+                    f"or pass the multi-task model's dataset.json with --dataset-json."
+                )
+            print(f"note: {dj_path} has no task registry; only the rules given by flags are applied.")
+            rules = {"keep_largest": {}, "inside": {}, "min_size": {}}
+        else:
+            rules = default_postprocessing_rules(dataset_json)
+        for kind, values in given.items():
+            rules[kind].update(values)
+        if not any(rules.values()):
+            raise UserError(
+                "no rule to apply: give --keep-largest, --inside or --min-size (or drop --no-defaults)."
+            )
     ending = dataset_json.get("file_ending", ".nii.gz")
     files = sorted(p for p in in_dir.iterdir() if p.name.endswith(ending))
     if not files:
@@ -490,26 +564,43 @@ def _cmd_postprocess(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     from nnunet_ext.io import atomic_write_json
 
+    removed: dict[str, dict[str, int]] = {}  # case -> rule (MOTS: "label N") -> voxels set to background
     for p in files:
         image = sitk.ReadImage(str(p))
+        before = sitk.GetArrayFromImage(image)
+        case = removed.setdefault(p.name[: -len(ending)], {})
         if mots_plan is not None:
             from nnunet_ext.challenges.mots import apply_dodnet_postprocessing
 
             voxel_volume = float(np.prod(image.GetSpacing()))
-            seg = apply_dodnet_postprocessing(sitk.GetArrayFromImage(image), mots_plan, voxel_volume)
+            seg = apply_dodnet_postprocessing(before, mots_plan, voxel_volume)
+            changed = before[(seg != before)]
+            for value, count in zip(*np.unique(changed, return_counts=True)):
+                case[f"label {int(value)}"] = int(count)
         else:
-            seg = postprocess_segmentation(sitk.GetArrayFromImage(image), rules)
+            seg = postprocess_segmentation(before, rules, case)
         out = sitk.GetImageFromArray(seg.astype(sitk.GetArrayViewFromImage(image).dtype))
         out.CopyInformation(image)
         tmp = out_dir / f".tmp-{p.name}"
         sitk.WriteImage(out, str(tmp), True)
         os.replace(tmp, out_dir / p.name)
     atomic_write_json(out_dir / "dataset.json", dataset_json)
-    atomic_write_json(
-        out_dir / "postprocessing.json",
-        rules if mots_plan is not None else {k: {str(a): b for a, b in v.items()} for k, v in rules.items()},
+    totals: dict[str, int] = {}
+    for case in removed.values():
+        for rule, voxels in case.items():
+            totals[rule] = totals.get(rule, 0) + voxels
+    record = (
+        rules if mots_plan is not None else {k: {str(a): b for a, b in v.items()} for k, v in rules.items()}
     )
+    record = {**record, "removed_voxels": {"total": totals, "cases": removed}}
+    atomic_write_json(out_dir / "postprocessing.json", record)
     print(f"post-processed {len(files)} case(s) into {out_dir}; rules: {rules}")
+    for rule in sorted(totals):
+        hit = sum(1 for case in removed.values() if case.get(rule))
+        print(f"  {rule}: {totals[rule]} voxels set to background in {hit} case(s)")
+    if not totals:
+        print("  no voxel was changed")
+    print(f"per-case counts: {out_dir / 'postprocessing.json'}")
     return 0
 
 
@@ -546,7 +637,7 @@ def add_parser(sub) -> None:
         help="merge tasks with equal cross-task weights (for a model without the weights its validation stores)",
     )
     p.add_argument("--overwrite", action="store_true", help="write into existing --per-task folders")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--disable-tta", action="store_true", help="no mirroring")
     p.add_argument("--step-size", type=float, default=0.5)
     p.set_defaults(func=_cmd_predict)
