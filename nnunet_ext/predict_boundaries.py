@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.training import device_arg
+from nnunet_ext.training import device_arg, fold_arg
 
 
 class BoundaryView:
@@ -178,7 +178,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-m", "--model-folder", help="model folder instead of -d/-c/-tr/-p")
-    p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to ensemble (default 0)")
+    p.add_argument(
+        "-f", "--folds", nargs="+", type=fold_arg, default=["0"], help="folds to ensemble (default 0)"
+    )
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
     p.add_argument(
         "-device", "--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)"

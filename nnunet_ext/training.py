@@ -30,6 +30,16 @@ def device_arg(value: str) -> str:
     return device
 
 
+def fold_arg(value: str) -> str:
+    """argparse type of ``-f`` (folds): a whole number >= 0 or ``all``, as nnUNetv2_predict takes them."""
+    fold = value.strip()
+    if fold != "all" and not fold.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a fold; folds are whole numbers or 'all' (e.g. -f 0 1)"
+        )
+    return fold
+
+
 def count_arg(minimum: int):
     """argparse type: a whole number >= ``minimum`` (counts of steps, cases, processes)."""
 

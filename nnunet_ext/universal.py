@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.training import device_arg
+from nnunet_ext.training import device_arg, fold_arg
 
 __all__ = [
     "load_predictor",
@@ -424,9 +424,6 @@ def _cmd_predict(args) -> int:
         raise UserError(
             "pass -d DATASET -c CONFIGURATION (and -tr/-p if not the defaults) or --model-folder."
         )
-    bad = [f for f in args.folds or [] if f != "all" and not f.isdigit()]
-    if bad:
-        raise UserError(f"-f {' '.join(bad)}: folds are whole numbers or 'all' (e.g. -f 0 1 2 3 4).")
     if not 0 < args.step_size <= 1:
         raise UserError(
             f"--step-size {args.step_size}: the tile step is a fraction of the patch in (0, 1]; 0.5 is nnU-Net's."
@@ -620,7 +617,7 @@ def add_parser(sub) -> None:
     p.add_argument("-c", "--configuration")
     p.add_argument("-tr", "--trainer", default="nnUNetTrainerDoDNet")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
-    p.add_argument("-f", "--folds", nargs="+", help="folds (default: all found)")
+    p.add_argument("-f", "--folds", nargs="+", type=fold_arg, help="folds (default: all found)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
     p.add_argument("--model-folder", help="the trained model folder instead of -d/-c/-tr/-p")
     p.add_argument("--task", action="append", help="predict only this task's structures (repeat for several)")

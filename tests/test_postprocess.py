@@ -116,7 +116,7 @@ def test_a_broken_dataset_json_is_one_line(tmp_path, capsys):
     "extra, message",
     [
         (["--device", "gpu0"], "argument --device: 'gpu0' is not a device"),
-        (["-f", "abc"], "-f abc: folds are whole numbers or 'all'"),
+        (["-f", "abc"], "argument -f/--folds: 'abc' is not a fold; folds are whole numbers or 'all'"),
         (["--step-size", "0"], "--step-size 0.0: the tile step is a fraction of the patch in (0, 1]"),
     ],
 )
@@ -137,4 +137,27 @@ def test_predict_arguments_are_one_line(tmp_path, capsys, extra, message):
         code = stop.code
     err = capsys.readouterr().err.strip()
     assert code == 1 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_boundaries_folds_are_checked(tmp_path, capsys):
+    argv = [
+        "predict-boundaries",
+        "-m",
+        str(tmp_path),
+        "-i",
+        str(tmp_path),
+        "-o",
+        str(tmp_path / "out"),
+        "-f",
+        "x",
+    ]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert (
+        stop.value.code == 1
+        and "argument -f/--folds: 'x' is not a fold" in err
+        and len(err.splitlines()) == 1
+    )
     assert not (tmp_path / "out").exists()
