@@ -48,6 +48,7 @@ __all__ = [
     "SPARSE_LABELS",
     "IGNORE_LABEL",
     "MIN_SHAPE",
+    "PROFILES",
     "PhantomCase",
     "make_case",
     "make_case_parts",
@@ -89,6 +90,37 @@ DEFAULT_SPACING = (2.5, 1.2, 1.2)
 FILE_ENDING = ".nii.gz"
 
 _SIX = ndimage.generate_binary_structure(3, 1)
+
+# Image profiles (ranges drawn per case; the same draws in the same order for every profile, so a seed gives
+# the same anatomy in both). "standard": CT-like contrasts (liver and spleen 5-30 HU apart, noise 8-14 HU,
+# thin vessels). "converge": the convergence-sized benchmark family (issue 20): the same anatomy with organs
+# 60+ HU apart, hypodense tumours 70-80 HU below their host, larger tumours, vessels of radius ~2 voxels and
+# noise 3-5 HU, so a small network learns every structure to a plateau within minutes on a CPU.
+PROFILES: dict[str, dict[str, tuple[float, float]]] = {
+    "standard": {
+        "liver": (105, 120),
+        "kidney": (160, 190),
+        "spleen": (88, 100),
+        "tumour_drop": (40, 60),
+        "noise": (8, 14),
+        "vessel_radius": (1.0, 1.5),  # voxels in-plane
+        "tumour_first": (0.3, 0.6),  # radius as a fraction of the host's largest inner distance
+        "tumour_more": (0.2, 0.4),
+        "tumour_kidney": (0.5, 0.9),
+    },
+    "converge": {
+        "liver": (125, 135),
+        "kidney": (200, 215),
+        "spleen": (55, 65),
+        "tumour_drop": (70, 80),
+        "noise": (3, 5),
+        "vessel_radius": (1.8, 2.2),
+        "tumour_first": (0.45, 0.65),
+        "tumour_more": (0.3, 0.45),
+        "tumour_kidney": (0.6, 0.9),
+    },
+}
+PROFILE_SHAPES = {"standard": DEFAULT_SHAPE, "converge": (24, 48, 48)}
 
 # organ ids inside PhantomCase.organs (equal to the full label values)
 LIVER, KIDNEY, SPLEEN = 1, 2, 3
@@ -198,8 +230,13 @@ def make_case_parts(
     shape: Sequence[int] = DEFAULT_SHAPE,
     spacing: Sequence[float] = DEFAULT_SPACING,
     num_channels: int = 1,
+    profile: str = "standard",
 ) -> PhantomCase:
-    """Generate one case (see :class:`PhantomCase`). Channel 0 is CT (HU); channel 1, if asked, MR-like."""
+    """Generate one case (see :class:`PhantomCase`). Channel 0 is CT (HU); channel 1, if asked, MR-like.
+    ``profile``: the image profile (:data:`PROFILES`)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
+    prof = PROFILES[profile]
     if num_channels not in (1, 2):
         raise ValueError(f"num_channels must be 1 (CT) or 2 (CT + MR-like), got {num_channels}")
     shape = tuple(int(s) for s in shape)
@@ -269,13 +306,17 @@ def make_case_parts(
     inners = {h: ndimage.binary_erosion(organs == h, _SIX) for h in (LIVER, KIDNEY)}
     for host_id, count in ((LIVER, int(rng.integers(1, 4))), (KIDNEY, 1)):
         for i in range(count):
-            frac = (0.2, 0.4) if i > 0 else (0.3, 0.6) if host_id == LIVER else (0.5, 0.9)
+            frac = (
+                prof["tumour_more"]
+                if i > 0
+                else prof["tumour_first" if host_id == LIVER else "tumour_kidney"]
+            )
             t = _place_tumour(rng, inners[host_id], edts[host_id], spacing, grids_mm, frac=frac)
             if t is not None:
                 tumour_host[t & (tumour_host == 0)] = host_id
 
     # ---- vessels: thin contrast-bright tubes along smooth random curves
-    r_mm = float(rng.uniform(1.0, 1.5)) * min(spacing[1], spacing[2])
+    r_mm = float(rng.uniform(*prof["vessel_radius"])) * min(spacing[1], spacing[2])
     zs = np.linspace(-0.5, nz - 0.5, 4 * nz)
     tz = 2 * (zs - zs.mean()) / max(1.0, nz)  # in [-1, 1]
     vy = (
@@ -321,7 +362,7 @@ def make_case_parts(
     # ---- intensities
     channels = [
         _render_ct(
-            rng, grids, shape, body, muscle_wall, spine, marrow, bowel, gas, organs, tumour_host, vessel
+            rng, grids, shape, body, muscle_wall, spine, marrow, bowel, gas, organs, tumour_host, vessel, prof
         )
     ]
     if num_channels >= 2:
@@ -348,18 +389,22 @@ def _paint(img: np.ndarray, layers) -> None:
         img[mask] = values
 
 
-def _render_ct(rng, grids, shape, body, muscle_wall, spine, marrow, bowel, gas, organs, tumour_host, vessel):
+def _render_ct(
+    rng, grids, shape, body, muscle_wall, spine, marrow, bowel, gas, organs, tumour_host, vessel, prof=None
+):
     """Contrast-enhanced (portal-venous phase) CT in Hounsfield units, as in KiPA/AMOS/MOTS: air -1000,
-    fat ~-100, muscle 40-55, liver 105-120, spleen 88-100, kidney 160-190, tumours hypodense, vessels ~290."""
+    fat ~-100, muscle 40-55, liver 105-120, spleen 88-100, kidney 160-190, tumours hypodense, vessels ~290
+    (the standard profile; ``prof``: another entry of :data:`PROFILES`)."""
+    prof = prof or PROFILES["standard"]
     mean = {
         "fat": rng.uniform(-110, -90),
         "muscle": rng.uniform(40, 55),
         "cortex": rng.uniform(600, 800),
         "marrow": rng.uniform(180, 280),
         "bowel": rng.uniform(15, 35),
-        "liver": rng.uniform(105, 120),
-        "kidney": rng.uniform(160, 190),
-        "spleen": rng.uniform(88, 100),
+        "liver": rng.uniform(*prof["liver"]),
+        "kidney": rng.uniform(*prof["kidney"]),
+        "spleen": rng.uniform(*prof["spleen"]),
         "vessel": rng.uniform(260, 320),
     }
     img = np.full(shape, -1000.0, dtype=np.float32)
@@ -378,13 +423,14 @@ def _render_ct(rng, grids, shape, body, muscle_wall, spine, marrow, bowel, gas, 
         (organs == SPLEEN, mean["spleen"]),
     ]
     organ_layers += [
-        (tumour_host == h, mean[k] - rng.uniform(40, 60)) for h, k in ((LIVER, "liver"), (KIDNEY, "kidney"))
+        (tumour_host == h, mean[k] - rng.uniform(*prof["tumour_drop"]))
+        for h, k in ((LIVER, "liver"), (KIDNEY, "kidney"))
     ]
     _paint(img, _textured(rng, grids, organ_layers, 3.0))
     img[vessel] = mean["vessel"]
     img = ndimage.gaussian_filter(img, sigma=0.6)  # partial-volume blur; labels stay crisp
     noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=0.5)
-    img += noise * np.float32(rng.uniform(8, 14) / max(float(noise.std()), 1e-6))  # correlated noise
+    img += noise * np.float32(rng.uniform(*prof["noise"]) / max(float(noise.std()), 1e-6))  # correlated noise
     return img.astype(np.float32)
 
 
@@ -619,19 +665,25 @@ def write_phantom_dataset(
     name: str | None = None,
     num_train: int = 12,
     num_test: int = 4,
-    shape: Sequence[int] = DEFAULT_SHAPE,
+    shape: Sequence[int] | None = None,
     spacing: Sequence[float] = DEFAULT_SPACING,
     seed: int = 0,
     every: int = 4,
     force: bool = False,
     progress: bool = False,
+    profile: str = "standard",
 ) -> Path:
     """Write ``raw_root/Dataset{id:03d}_{name}`` (an nnU-Net raw dataset) and return its path.
 
     Refuses (UserError) if any dataset with that id exists under ``raw_root`` unless ``force``, which
     replaces it. The dataset is written into a hidden temporary folder beside the target and renamed at the
     end, so an interrupted run leaves nothing half-written. ``every`` is used by ``kind='sparse'`` only.
+    ``profile``: the image profile (:data:`PROFILES`; "converge" for the convergence benchmarks); ``shape``
+    defaults to the profile's (:data:`PROFILE_SHAPES`).
     """
+    if profile not in PROFILES:
+        raise UserError(f"unknown phantom profile {profile!r}; choose one of {list(PROFILES)}.")
+    shape = PROFILE_SHAPES[profile] if shape is None else shape
     name = default_name(kind) if name is None and kind in KINDS else name
     shape, spacing = _validate(kind, dataset_id, name, num_train, num_test, shape, spacing, seed, every)
     raw_root = Path(raw_root).expanduser()
@@ -647,6 +699,7 @@ def write_phantom_dataset(
     raw_root.mkdir(parents=True, exist_ok=True)
 
     dataset_json = _dataset_json(kind, folder_name, num_train, num_test, shape, spacing, seed, every)
+    dataset_json["nnunet_ext_phantom"]["profile"] = profile
     train_ids, test_ids = _case_ids(kind, int(num_train), int(num_test))
     registry = None
     if kind == "partial":
@@ -669,7 +722,7 @@ def write_phantom_dataset(
 
             iterator = tqdm(cases, desc=f"{folder_name}", unit="case", file=sys.stderr)
         for cid, index, is_train in iterator:
-            case = make_case_parts(_case_rng(seed, index), shape, spacing, num_channels)
+            case = make_case_parts(_case_rng(seed, index), shape, spacing, num_channels, profile)
             images_dir = tmp / ("imagesTr" if is_train else "imagesTs")
             for c, channel in enumerate(case.channels):
                 atomic_write_image(images_dir / f"{cid}_{c:04d}{FILE_ENDING}", channel, spacing)
@@ -728,14 +781,16 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
         every=getattr(args, "every", 4),
         force=args.force,
         progress=True,
+        profile=args.profile,
     )
+    shape = tuple(args.shape or PROFILE_SHAPES[args.profile])
     dj = {"full": FULL_LABELS, "multimodal": FULL_LABELS, "partial": PARTIAL_LABELS, "sparse": SPARSE_LABELS}[
         kind
     ]
     print(f"wrote {folder}")
     print(
-        f"  {args.num_train} training + {args.num_test} test cases, shape (z, y, x) {tuple(args.shape)}, "
-        f"spacing {tuple(args.spacing)} mm, seed {args.seed}"
+        f"  {args.num_train} training + {args.num_test} test cases, shape (z, y, x) {shape}, "
+        f"spacing {tuple(args.spacing)} mm, seed {args.seed}, profile {args.profile}"
     )
     print(f"  labels: {dj}")
     if kind == "partial":
@@ -793,8 +848,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             type=int,
             nargs=3,
             metavar=("Z", "Y", "X"),
-            default=list(DEFAULT_SHAPE),
-            help="volume shape (default %(default)s)",
+            default=None,
+            help=f"volume shape (default {' '.join(map(str, DEFAULT_SHAPE))}; with --profile converge "
+            f"{' '.join(map(str, PROFILE_SHAPES['converge']))})",
         )
         p.add_argument(
             "--spacing",
@@ -805,6 +861,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             help="voxel spacing in mm (default %(default)s)",
         )
         p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        p.add_argument(
+            "--profile",
+            choices=list(PROFILES),
+            default="standard",
+            help="image profile: standard (CT-like contrasts, default) or converge (the same anatomy with high "
+            "contrast, low noise, larger tumours and thicker vessels, small: the convergence benchmarks, "
+            "docs/phantoms.md)",
+        )
         if kind == "sparse":
             p.add_argument("--every", type=int, default=4, help="annotate every K-th axial slice (default 4)")
         p.add_argument("--force", action="store_true", help="replace an existing dataset with this id")

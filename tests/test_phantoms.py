@@ -135,6 +135,38 @@ def test_ct_intensities_plausible(cases):
         assert ct.std() > 100 and np.isfinite(ct).all()
 
 
+def test_converge_profile_same_anatomy_higher_contrast(tmp_path):
+    """The convergence-benchmark profile: the organs of a seed are those of the standard profile (same draws),
+    organs are 50+ HU apart, tumours larger, vessels thicker, noise lower; datasets record the profile and
+    default to its small shape."""
+    shape = phantoms.PROFILE_SHAPES["converge"]
+    std = [make_case_parts(np.random.default_rng(s), shape, SPACING) for s in SEEDS]
+    easy = [make_case_parts(np.random.default_rng(s), shape, SPACING, profile="converge") for s in SEEDS]
+    tumour_std = tumour_easy = vessel_std = vessel_easy = 0
+    for a, b in zip(std, easy):
+        np.testing.assert_array_equal(a.organs, b.organs)
+        tumour_std, tumour_easy = (
+            tumour_std + (a.tumour_host > 0).sum(),
+            tumour_easy + (b.tumour_host > 0).sum(),
+        )
+        vessel_std, vessel_easy = vessel_std + a.vessel.sum(), vessel_easy + b.vessel.sum()
+        ct, lab = b.channels[0], b.label_full
+        cores = {k: ndimage.binary_erosion(lab == FULL_LABELS[k]) for k in ("liver", "kidney", "spleen")}
+        med = {k: float(np.median(ct[m])) for k, m in cores.items() if m.sum() >= 10}
+        assert med["liver"] - med["spleen"] > 50 and med.get("kidney", 1e9) - med["liver"] > 50, med
+        flat = ndimage.binary_erosion(cores["liver"], iterations=2) & (b.tumour_host == 0) & ~b.vessel
+        if flat.sum() > 50:  # noise + texture inside the liver
+            assert np.std(ct[flat]) < np.std(a.channels[0][flat])
+    assert tumour_easy > tumour_std and vessel_easy > vessel_std
+    folder = phantoms.write_phantom_dataset(tmp_path, 7, num_train=2, num_test=0, profile="converge")
+    dj = json.loads((folder / "dataset.json").read_text())
+    assert dj["nnunet_ext_phantom"]["profile"] == "converge" and dj["nnunet_ext_phantom"]["shape"] == list(
+        shape
+    )
+    with pytest.raises(UserError, match="unknown phantom profile 'hard'"):
+        phantoms.write_phantom_dataset(tmp_path, 8, profile="hard")
+
+
 def test_multimodal_second_contrast():
     channels, label = make_case(np.random.default_rng(1), SHAPE, SPACING, num_channels=2)
     ct, mr = channels
