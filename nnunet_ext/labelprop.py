@@ -21,7 +21,6 @@ temporary folder beside the target and renamed into place at the end.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -38,6 +37,7 @@ from nnunet_ext.io import (
     check_dataset_id_and_name,
     existing_datasets_with_id,
     make_temp_dir,
+    read_json,
     refuse_existing,
     replace_dataset,
 )
@@ -401,15 +401,8 @@ def _label_dict(dataset_json: dict, folder: Path) -> tuple[dict[str, int], int |
 
 
 def _read_annotated_json(path: str | os.PathLike) -> dict[str, list[int]]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise UserError(
-            f"annotated-slices file {path} does not exist. Pass a JSON {{case: [slices]}}."
-        ) from e
-    except json.JSONDecodeError as e:
-        raise UserError(f"annotated-slices file {path} is not valid JSON ({e}).") from e
-    if not isinstance(data, dict) or not all(
+    data = read_json(path, "annotated-slices file", "pass a JSON object {case identifier: [slice indices]}")
+    if not all(
         isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
         for v in data.values()
     ):
@@ -453,10 +446,7 @@ def _same_geometry(a, b) -> str:
 
 
 def _read_dataset_json(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "dataset.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {folder}/dataset.json ({e}). Fix or recreate it.") from e
+    return read_json(folder / "dataset.json", "the dataset's dataset.json", "fix or recreate it")
 
 
 def load_sparse_dataset(
@@ -941,8 +931,23 @@ def pseudo_label_dataset(
     folder = _resolve_raw(source)
     name = name or f"{folder.name.split('_', 1)[1]}LPPseudo"
     src = load_sparse_dataset(folder, axis, annotated_slices, progress=progress)
-    model_dj = json.loads((model / "dataset.json").read_text())
-    model_labels = {k: int(v) for k, v in model_dj["labels"].items() if k != "ignore"}
+    model_dj = read_json(
+        model / "dataset.json",
+        "the model's dataset.json",
+        "copy the dataset.json of the dataset the model was trained on into the model folder, or retrain it",
+    )
+    if not isinstance(model_dj.get("labels"), dict):
+        raise UserError(
+            f"the model's dataset.json {model / 'dataset.json'} has no 'labels' dict; copy the dataset.json of the "
+            f"dataset the model was trained on into the model folder."
+        )
+    try:
+        model_labels = {k: int(v) for k, v in model_dj["labels"].items() if k != "ignore"}
+    except (TypeError, ValueError):
+        raise UserError(
+            f"the model's dataset.json {model / 'dataset.json'} has region labels {model_dj['labels']}; "
+            f"pseudo-labelling needs a model trained on integer labels."
+        ) from None
     if model_labels != src.labels:
         raise UserError(
             f"the model {model} was trained with labels {model_labels}, the source {src.name} has "

@@ -9,7 +9,6 @@ the annotated range. The dataset must have been written by ``nnunet-ext labelpro
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.io import read_json
 
 __all__ = ["qc_case_figure", "qc_dataset"]
 
@@ -159,8 +159,17 @@ def qc_dataset(
             f"{folder.name} has no {METADATA_FILE}: it was not written by `nnunet-ext labelprop interpolate` "
             f"or `pseudo`. Pass such a dataset."
         )
-    meta = json.loads(meta_file.read_text())
-    dj = json.loads((folder / "dataset.json").read_text())
+    rewrite = "write the dataset again with `nnunet-ext labelprop interpolate` / `pseudo` (--force), or repair the file"
+    meta = read_json(meta_file, "the label propagation record", rewrite)
+    if not isinstance(meta.get("cases"), dict) or "axis" not in meta or "step" not in meta:
+        raise UserError(
+            f"the label propagation record {meta_file} lacks 'cases' / 'axis' / 'step'; {rewrite}."
+        )
+    dj = read_json(folder / "dataset.json", "the dataset's dataset.json", rewrite)
+    if "file_ending" not in dj or not isinstance(dj.get("labels"), dict):
+        raise UserError(
+            f"the dataset's dataset.json {folder / 'dataset.json'} lacks 'file_ending' / 'labels'; {rewrite}."
+        )
     ending = dj["file_ending"]
     all_cases = sorted(meta["cases"])
     chosen = list(cases) if cases else all_cases

@@ -41,13 +41,57 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_json, existing_datasets_with_id, replace_dataset
+from nnunet_ext.io import (
+    atomic_write_json,
+    existing_datasets_with_id,
+    make_temp_dir,
+    read_json,
+    replace_dataset,
+)
+from nnunet_ext.training import device_arg
 
 BUFFER_FILE = "medseqft_buffer.json"
 SCORES = ("auto", "objective", "features")
 
 
 # ------------------------------------------------------------------------------------ networks
+
+RETRAIN = "pass the fold's checkpoint_final.pth written by nnUNetv2_train, or retrain that fold"
+
+
+def read_checkpoint(
+    checkpoint: str | os.PathLike,
+    what: str = "checkpoint",
+    fix: str = RETRAIN,
+    keys: tuple[str, ...] = ("network_weights",),
+) -> dict:
+    """``torch.load`` of an nnU-Net checkpoint (on the CPU). A missing, truncated or garbage file, or one without
+    ``keys``, is a one-line :class:`UserError` naming the file and ``fix``."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; {fix}.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated zip, garbage pickle, empty file, unreadable file ...
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"{what} {path} is not a readable PyTorch checkpoint ({type(e).__name__}"
+            f"{': ' + reason if reason else ''}; truncated or not a checkpoint); {fix}."
+        ) from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{what} {path} is not an nnU-Net v2 checkpoint (no {' / '.join(missing)}); {fix}.")
+    return ckpt
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a torch device; a
+    device this machine lacks is a one-line :class:`UserError` (:func:`nnunet_ext.plans.parse_device`)."""
+    if isinstance(device, torch.device):
+        return device
+    from nnunet_ext.plans import parse_device
+
+    return parse_device(str(device).strip().lower())
 
 
 def load_checkpoint_network(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
@@ -61,17 +105,7 @@ def load_checkpoint_network(checkpoint: str | os.PathLike, device: torch.device 
 
     from nnunet_ext.training import find_trainer
 
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise UserError(
-            f"checkpoint {path} does not exist; pass an nnU-Net checkpoint (.../checkpoint_final.pth)"
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "network_weights" not in ckpt or "init_args" not in ckpt:
-        raise UserError(
-            f"{path} is not an nnU-Net v2 checkpoint (no network_weights / init_args); pass a checkpoint "
-            f"written by nnUNetv2_train (fold_X/checkpoint_final.pth)"
-        )
+    ckpt = read_checkpoint(checkpoint, keys=("network_weights", "init_args"))
     init = ckpt["init_args"]
     plans_manager = PlansManager(init["plans"])
     configuration_manager = plans_manager.get_configuration(init["configuration"])
@@ -87,7 +121,7 @@ def load_checkpoint_network(checkpoint: str | os.PathLike, device: torch.device 
     )
     weights = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
     network.load_state_dict(weights)
-    network.to(device).eval()
+    network.to(resolve_device(device)).eval()
     return {
         "network": network,
         "plans_manager": plans_manager,
@@ -197,7 +231,6 @@ def has_objective_head(weights: dict) -> bool:
 
 def _preprocessed(dataset: str | int, configuration: str, plans_identifier: str):
     """(dataset name, preprocessed folder of the configuration, dataset class, sorted training ids, plans)."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -217,7 +250,14 @@ def _preprocessed(dataset: str | int, configuration: str, plans_identifier: str)
     plans_file = base / f"{plans_identifier}.json"
     if not plans_file.is_file():
         raise UserError(f"{plans_file} does not exist; run nnUNetv2_plan_and_preprocess -d {dataset} first")
-    plans = load_json(str(plans_file))
+    plans = read_json(
+        plans_file, "the plans file", f"run nnUNetv2_plan_and_preprocess -d {dataset} again to rewrite it"
+    )
+    if not isinstance(plans.get("configurations"), dict):
+        raise UserError(
+            f"the plans file {plans_file} has no 'configurations'; run nnUNetv2_plan_and_preprocess -d "
+            f"{dataset} again to rewrite it"
+        )
     if configuration not in plans["configurations"]:
         raise UserError(
             f"configuration {configuration!r} is not in {plans_file} (has {', '.join(plans['configurations'])})"
@@ -242,7 +282,6 @@ def fold_training_keys(base: Path, ids: list[str], fold: int | str) -> list[str]
     """The training keys of ``fold`` exactly as nnU-Net's ``nnUNetTrainer.do_split`` picks them (its
     ``splits_final.json`` when present, else the seeded 5-fold split nnU-Net would write, else nnU-Net's
     seeded 80:20 split for a fold beyond the file); ``"all"``: every case. Writes nothing."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     if str(fold) == "all":
@@ -253,7 +292,17 @@ def fold_training_keys(base: Path, ids: list[str], fold: int | str) -> list[str]
         raise UserError(f"fold must be an integer or 'all' (got {fold!r})") from e
     splits_file = base / "splits_final.json"
     if splits_file.is_file():
-        splits = load_json(str(splits_file))
+        splits = read_json(
+            splits_file,
+            "nnU-Net's split file",
+            "repair it, or delete it so that nnU-Net's default 5-fold split is used",
+            expect=list,
+        )
+        if not all(isinstance(s, dict) and isinstance(s.get("train"), list) for s in splits):
+            raise UserError(
+                f"nnU-Net's split file {splits_file} must be a list of {{'train': [...], 'val': [...]}}; repair "
+                f"it, or delete it so that nnU-Net's default 5-fold split is used"
+            )
     else:
         splits = generate_crossval_split(sorted(ids), seed=12345, n_splits=5)
     if fold < len(splits):
@@ -331,13 +380,15 @@ def select_buffer(
     score: str = "auto",
     plans_identifier: str = "nnUNetPlans",
     reference: str | int | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     progress: bool = True,
     fold: int | str = 0,
 ) -> dict:
     """Score every training case of ``fold`` of ``dataset`` (nnU-Net's split: the fold's validation cases are
     never scored nor buffered) under the foundation model; return the selection record (``buffer``: the K
-    lowest-scoring cases, ``scores``: every scored case's score, and the settings)."""
+    lowest-scoring cases, ``scores``: every scored case's score, and the settings). ``device``: ``auto`` (CUDA
+    if available), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    device = resolve_device(device)
     if score not in SCORES:
         raise UserError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if views < 1:
@@ -417,19 +468,40 @@ def buffer_path(dataset: str | int, plans_identifier: str = "nnUNetPlans", confi
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
+    if not nnUNet_preprocessed.is_set():
+        raise UserError(
+            "nnUNet_preprocessed is not set: export nnUNet_preprocessed=/path/to/nnUNet_preprocessed"
+        )
+    try:
+        name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
+    except RuntimeError:
+        raise UserError(
+            f"dataset {dataset} not found in nnUNet_preprocessed/nnUNet_raw; run nnUNetv2_plan_and_preprocess "
+            f"-d {dataset} first"
+        ) from None
     return Path(str(nnUNet_preprocessed)) / name / BUFFER_FILE
 
 
 SETTINGS = ("checkpoint", "configuration", "plans", "score", "views", "seed", "fold", "k", "reference")
 
 
+def existing_buffer(path: str | os.PathLike, overwrite: bool) -> dict | None:
+    """The buffer record already in ``path`` (None: no file, or ``overwrite``, which replaces it whatever it
+    holds); a truncated, non-UTF-8 or wrongly shaped file is a one-line :class:`UserError` (pass --overwrite)."""
+    path = Path(path)
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return None
+    return read_json(
+        path,
+        "the MDS buffer file",
+        "pass --overwrite to select the buffer again and replace it, or delete the file",
+    )
+
+
 def write_buffer(record: dict, path: Path, overwrite: bool) -> Path:
     """Write the selection atomically; an existing file with other settings is kept unless ``overwrite``."""
-    import json
-
-    if path.exists() and not overwrite:
-        old = json.loads(path.read_text())
+    old = existing_buffer(path, overwrite)
+    if old is not None:
         if any(old.get(s) != record.get(s) for s in SETTINGS):
             raise UserError(
                 f"{path} already holds a buffer selected with other settings "
@@ -440,17 +512,19 @@ def write_buffer(record: dict, path: Path, overwrite: bool) -> Path:
 
 
 def load_buffer(folder: str | os.PathLike) -> dict:
-    import json
-
     path = Path(folder) / BUFFER_FILE
+    select = (
+        "run `nnunet-ext medseqft select DATASET CONFIGURATION --checkpoint FOUNDATION.pth --overwrite` "
+        "(it writes that file)"
+    )
     if not path.is_file():
-        raise RuntimeError(
-            f"MedSeqFT needs an MDS buffer: {path} does not exist. Run `nnunet-ext medseqft select DATASET "
-            f"CONFIGURATION --checkpoint FOUNDATION.pth` first (it writes that file)."
-        )
-    record = json.loads(path.read_text())
-    if not record.get("buffer"):
+        raise RuntimeError(f"MedSeqFT needs an MDS buffer: {path} does not exist; {select}.")
+    record = read_json(path, "the MDS buffer file", select)
+    buffer = record.get("buffer")
+    if not buffer:
         raise RuntimeError(f"{path} holds an empty buffer; re-run `nnunet-ext medseqft select` with -k >= 1")
+    if not isinstance(buffer, list) or not all(isinstance(c, str) for c in buffer):
+        raise UserError(f"the MDS buffer file {path}: 'buffer' must be a list of case identifiers; {select}.")
     return record
 
 
@@ -475,7 +549,6 @@ def write_task_phantoms(
     the task's structure (from the ``full`` phantom's labels), everything else background."""
     import json
     import shutil
-    import tempfile
 
     import SimpleITK as sitk
 
@@ -490,7 +563,7 @@ def write_task_phantoms(
     for i, task in enumerate(tasks):
         dataset_id = int(first_id) + i
         name = f"PhantomTask{task.capitalize()}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".medseqft-{dataset_id}-", dir=raw_root))
+        tmp = make_temp_dir(f".medseqft-{dataset_id}-", raw_root)
         try:
             folder = write_phantom_dataset(
                 tmp, dataset_id, "full", name, num_train, num_test, shape, seed=seed + i
@@ -521,6 +594,8 @@ def write_task_phantoms(
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
+    path = Path(args.output) if args.output else buffer_path(args.dataset, args.plans)
+    existing_buffer(path, args.overwrite)  # a broken file there: refuse before minutes of scoring
     record = select_buffer(
         args.checkpoint,
         args.dataset,
@@ -535,7 +610,6 @@ def _cmd_select(args: argparse.Namespace) -> int:
         device=args.device,
         fold=args.fold,
     )
-    path = Path(args.output) if args.output else buffer_path(args.dataset, args.plans)
     write_buffer(record, path, args.overwrite)
     scores = record["scores"]
     print(
@@ -604,7 +678,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sel.add_argument("--score", choices=SCORES, default="auto", help="default auto: objective if available")
     sel.add_argument("--reference", default=None, help="features score: pre-training dataset as reference")
     sel.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    sel.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sel.add_argument(
+        "--device",
+        type=device_arg,
+        default="auto",
+        help="cpu, cuda, cuda:N, mps or auto (default: CUDA if available)",
+    )
     sel.add_argument("-o", "--output", default=None, help="write here instead of the preprocessed folder")
     sel.add_argument("--overwrite", action="store_true", help="replace a buffer selected with other settings")
     sel.set_defaults(func=_cmd_select)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import time
@@ -41,6 +40,8 @@ import numpy as np
 import torch
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.io import read_json
+from nnunet_ext.training import device_arg
 
 STRATEGIES = ("medseqft", "medseqft_noexpert", "sequential", "parallel")
 MEDSEQFT_TRAINERS = {
@@ -64,23 +65,30 @@ def _results_root(path: Path):
 
 
 def _trainer(name: str, dataset: str, configuration: str, fold: int, plans_identifier: str, device):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
 
     from nnunet_ext.training import find_trainer
 
     cls = find_trainer(name)
     base = Path(str(nnUNet_preprocessed)) / dataset
-    plans = load_json(str(base / f"{plans_identifier}.json"))
+    fix = f"run nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration} (again)"
+    plans = read_json(base / f"{plans_identifier}.json", "the plans file", fix)
+    if configuration not in plans.get("configurations", {}):
+        raise UserError(
+            f"configuration {configuration!r} is not in {base / f'{plans_identifier}.json'}; {fix}"
+        )
     plans["continue_training"] = False
-    return cls(plans, configuration, fold, load_json(str(base / "dataset.json")), device=device)
+    dataset_json = read_json(base / "dataset.json", "the preprocessed dataset.json", fix)
+    return cls(plans, configuration, fold, dataset_json, device=device)
 
 
 def check_compatible(checkpoint: str, datasets: list[str], configuration: str, plans_identifier: str) -> None:
     """Every task's network must have M_0's body (same keys and shapes except seg_layers)."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    from nnunet_ext.medseqft import read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint, "the pretrained checkpoint", "pass M_0's fold_X/checkpoint_final.pth")
     body = {k: tuple(v.shape) for k, v in ckpt["network_weights"].items() if ".seg_layers." not in k}
     for name in datasets:
         trainer = _trainer("nnUNetTrainer", name, configuration, 0, plans_identifier, torch.device("cpu"))
@@ -146,9 +154,14 @@ def train(
     return final
 
 
+RETRAIN = "delete it and rerun the same command: the training of that model runs again"
+
+
 def _composite(body_ckpt: Path, head_ckpt: Path) -> dict:
-    body = torch.load(body_ckpt, map_location="cpu", weights_only=False)["network_weights"]
-    head = torch.load(head_ckpt, map_location="cpu", weights_only=False)["network_weights"]
+    from nnunet_ext.medseqft import read_checkpoint
+
+    body = read_checkpoint(body_ckpt, "the trained model", RETRAIN)["network_weights"]
+    head = read_checkpoint(head_ckpt, "the trained model", RETRAIN)["network_weights"]
     weights = {k: v for k, v in body.items() if ".seg_layers." not in k}
     weights.update({k: v for k, v in head.items() if ".seg_layers." in k})
     return weights
@@ -162,13 +175,14 @@ def evaluate(
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_ext.medseqft import dice_of
+    from nnunet_ext.medseqft import dice_of, read_checkpoint
     from nnunet_ext.training import find_trainer
 
     model = head_ckpt.parent.parent
-    plans_manager = PlansManager(json.loads((model / "plans.json").read_text()))
-    dataset_json = json.loads((model / "dataset.json").read_text())
-    ckpt = torch.load(head_ckpt, map_location="cpu", weights_only=False)
+    fix = f"delete {head_ckpt.parent} and rerun the same command: that training runs again"
+    plans_manager = PlansManager(read_json(model / "plans.json", "the model's plans", fix))
+    dataset_json = read_json(model / "dataset.json", "the model's dataset.json", fix)
+    ckpt = read_checkpoint(head_ckpt, "the trained model", RETRAIN, keys=("network_weights", "init_args"))
     cm = plans_manager.get_configuration(ckpt["init_args"]["configuration"])
     label_manager = plans_manager.get_label_manager(dataset_json)
     network = find_trainer("nnUNetTrainer").build_network_architecture(
@@ -250,7 +264,7 @@ def run_sequence(
     views: int = 8,
     seed: int = 0,
     score: str = "auto",
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     overwrite: bool = False,
     max_test_cases: int | None = None,
     epochs: int | None = None,
@@ -262,7 +276,13 @@ def run_sequence(
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnunet_ext.io import atomic_write_json, atomic_write_text
-    from nnunet_ext.medseqft import buffer_path, select_buffer, write_buffer
+    from nnunet_ext.medseqft import (
+        buffer_path,
+        existing_buffer,
+        resolve_device,
+        select_buffer,
+        write_buffer,
+    )
 
     pretrained = Path(pretrained).expanduser().resolve()
     if not pretrained.is_file():
@@ -280,6 +300,7 @@ def run_sequence(
         raise UserError(f"--lora-lr must be a positive learning rate, got {lora_lr}")
     if kd_weight is not None and not kd_weight >= 0:
         raise UserError(f"--kd-weight must be >= 0, got {kd_weight}")
+    dev = resolve_device(device)  # auto: CUDA if available; a device this machine lacks is refused here
     # MedSeqFT's trainer settings for this run (None: the trainer's default)
     medseqft_settings = {k: v for k, v in (("lora_lr", lora_lr), ("kd_weight", kd_weight)) if v is not None}
     for var, value in (("nnUNet_raw", nnUNet_raw), ("nnUNet_preprocessed", nnUNet_preprocessed)):
@@ -294,6 +315,9 @@ def run_sequence(
     if len(set(names)) != len(names):
         raise UserError(f"a task appears twice in {names}; pass each dataset once")
     check_compatible(str(pretrained), names, configuration, plans_identifier)
+    if any(s in MEDSEQFT_TRAINERS for s in strategies):
+        for name in names:  # a broken buffer file is refused now, not after hours of training
+            existing_buffer(buffer_path(name, plans_identifier), overwrite)
     out = Path(output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = {
@@ -310,7 +334,17 @@ def run_sequence(
     }
     state_file = out / "medseqft_run.json"
     if state_file.is_file():
-        old = json.loads(state_file.read_text()).get("settings", {})
+        try:
+            old = read_json(
+                state_file,
+                "the run's state file",
+                "pass --overwrite to start the run again in this folder (its models are deleted), or choose "
+                "another --output folder",
+            ).get("settings", {})
+        except UserError:
+            if not overwrite:
+                raise
+            old = None  # --overwrite: a broken state file is replaced and the run starts again
         if old != settings and not overwrite:
             raise UserError(
                 f"{out} holds a run with other settings ({old}); pass --overwrite or another --output folder"
@@ -321,7 +355,6 @@ def run_sequence(
             for s in STRATEGIES:
                 shutil.rmtree(out / s, ignore_errors=True)
     atomic_write_json(state_file, {"settings": settings})
-    dev = torch.device(device)
     suffix = SUFFIX[schedule]
     models: dict[str, list[Path]] = {s: [] for s in strategies}
     times: dict[str, float] = {s: 0.0 for s in strategies}
@@ -342,7 +375,7 @@ def run_sequence(
                     seed,
                     score,
                     plans_identifier,
-                    device=device,
+                    device=dev,
                     progress=False,
                     fold=fold,
                 )
@@ -475,6 +508,11 @@ def add_run_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--score", choices=SCORES, default="auto")
     p.add_argument("--max-test-cases", type=int, default=None, help="evaluate at most N test cases per task")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        type=device_arg,
+        default="auto",
+        help="cpu, cuda, cuda:N, mps or auto (default: CUDA if available)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace buffers / a run with other settings")
     p.set_defaults(func=_cmd_run)

@@ -55,15 +55,19 @@ def merge_mixed_modalities(
     """Merge raw datasets with (possibly) different channel counts; see the module docstring."""
     import SimpleITK as sitk
 
-    from nnunet_ext.io import atomic_write_json
+    from nnunet_ext.challenges.base import geometry_mismatch
+    from nnunet_ext.io import (
+        atomic_write_json,
+        check_dataset_id_and_name,
+        existing_datasets_with_id,
+        make_temp_dir,
+        replace_dataset,
+    )
     from nnunet_ext.merge import MergePlan, _dataset_json, _int_labels, _remap_label, plan_merge
     from nnunet_ext.tasks import TASKS_KEY, load_task_registry
 
-    if not 1 <= int(dataset_id) <= 999:
-        raise UserError(f"dataset id must be 1..999, got {dataset_id}.")
     name = name or spec.get("name") or "UniSegMerged"
-    if not name.replace("_", "").replace("-", "").isalnum():
-        raise UserError(f"dataset name {name!r}: use letters, digits, '_' and '-'.")
+    check_dataset_id_and_name(dataset_id, name)
     tasks_spec = spec.get("tasks")
     if not isinstance(tasks_spec, Mapping) or not tasks_spec:
         raise UserError(
@@ -123,19 +127,23 @@ def merge_mixed_modalities(
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     target = out_root / f"Dataset{int(dataset_id):03d}_{name}"
-    existing = sorted(p for p in out_root.glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir())
+    existing = existing_datasets_with_id(out_root, dataset_id)
     if any(p.resolve() in {t.source.resolve() for t in tasks} for p in existing):
-        raise UserError(f"the output id {dataset_id} is one of the sources; choose another id.")
+        raise UserError(
+            f"the output id {dataset_id} is one of the sources; choose another id (sources are never modified)."
+        )
     if existing and not force:
         raise UserError(
-            f"dataset id {dataset_id} already exists: {[str(p) for p in existing]}; pass --force."
+            f"dataset id {dataset_id} already exists: {[str(p) for p in existing]}; pass --force to replace it."
         )
     ending = plan.file_ending
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=out_root))
+    tmp = make_temp_dir(f".{target.name}.tmp-", out_root)
+    problems: list[str] = []  # every bad case of every task, refused together at the end
     try:
         for task in tasks:
             lut = plan.lut(task)
             n_ch = len(names[task.name])
+            declared = set(_int_labels(task.dataset_json, task.source).values())
             for sub_img, sub_lab, cases in (
                 ("imagesTr", "labelsTr", task.cases),
                 ("imagesTs", "labelsTs", task.test_cases),
@@ -158,19 +166,43 @@ def merge_mixed_modalities(
                             sitk.WriteImage(zero, str(tmp / sub_img / f"{new}_{c:04d}{ending}"), True)
                     lab = task.source / sub_lab / f"{case}{ending}"
                     if lab.is_file():
+                        diff = None
+                        for c in range(n_ch):  # the label must lie on every channel's grid
+                            image = task.source / sub_img / f"{case}_{c:04d}{ending}"
+                            diff = geometry_mismatch(image, lab)
+                            if diff:  # one problem per label file
+                                problems.append(
+                                    f"task {task.name!r} {sub_lab}/{lab.name}: {diff}"
+                                    if diff.startswith("cannot read")
+                                    else f"task {task.name!r} {sub_lab}/{lab.name}: geometry differs from "
+                                    f"{image.name}: {diff}"
+                                )
+                                break
+                        if diff:
+                            continue
                         (tmp / sub_lab).mkdir(exist_ok=True)
-                        declared = set(_int_labels(task.dataset_json, task.source).values())
-                        bad = _remap_label(lab, tmp / sub_lab / f"{new}{ending}", lut, declared)
+                        try:
+                            bad = _remap_label(lab, tmp / sub_lab / f"{new}{ending}", lut, declared)
+                        except RuntimeError as e:  # SimpleITK cannot read the voxels (truncated / corrupt)
+                            reason = (str(e).strip().splitlines() or [""])[-1][:200]
+                            problems.append(f"task {task.name!r} {sub_lab}/{lab.name}: unreadable ({reason})")
+                            continue
                         if bad:  # undeclared values must not silently become background
-                            raise UserError(
+                            problems.append(
                                 f"task {task.name!r} {sub_lab}/{lab.name}: label values {bad} that its "
-                                f"dataset.json does not declare ({sorted(declared)}); declare them in the "
-                                f"source's dataset.json or fix the label file (nothing was written)."
+                                f"dataset.json does not declare ({sorted(declared)})"
                             )
+        if problems:
+            shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+            raise UserError(
+                f"{len(problems)} problem(s) in the sources (nothing was written): "
+                + "; ".join(shown)
+                + ". Declare every label value in the source's dataset.json (or fix the label files), and give "
+                "images and labels the same geometry; the sources are never modified."
+            )
         atomic_write_json(tmp / "dataset.json", dj)
-        for p in existing:
-            shutil.rmtree(p)
-        os.rename(tmp, target)
+        # the old dataset goes only once the new one is in place (a failure above leaves it as it was)
+        replace_dataset(tmp, target, int(dataset_id))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
