@@ -302,7 +302,7 @@ def test_resume_equals_uninterrupted_run(name, phantom_workspace, monkeypatch, t
 def test_resume_without_the_start_state_file_rebuilds_the_base(phantom_workspace, monkeypatch, tmp_path):
     """``--c`` of a LoRA training whose ``lora_start.pth`` is gone: the base is rebuilt as W_merged - delta
     (float rounding), the log says so, and a new start file makes the next resume exact again."""
-    from trainers.nnUNetTrainerLoRA import START_FILE
+    from nnunet_ext.trainers.nnUNetTrainerLoRA import START_FILE
 
     dataset = phantom_workspace.dataset(501, "full").name
     pretrained = foundation_checkpoint(phantom_workspace)[1]
