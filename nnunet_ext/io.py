@@ -231,12 +231,19 @@ def replace_dataset(tmp: str | os.PathLike, target: str | os.PathLike, dataset_i
     dataset with ``dataset_id`` is moved aside, ``tmp`` is renamed to ``target``, then the old ones are
     deleted. Callers refuse to replace a dataset unless asked (``--force``) before they write ``tmp``."""
     tmp, target = Path(tmp), Path(target)
-    trash = []
-    for old in existing_datasets_with_id(target.parent, dataset_id):
-        aside = make_temp_dir(f".{old.name}.old-", target.parent)
-        os.replace(old, aside / old.name)
-        trash.append(aside)
-    os.replace(tmp, target)
-    for aside in trash:
+    moved: list[tuple[Path, Path]] = []  # (original place, where it waits)
+    try:
+        for old in existing_datasets_with_id(target.parent, dataset_id):
+            aside = make_temp_dir(f".{old.name}.old-", target.parent)
+            os.replace(old, aside / old.name)
+            moved.append((old, aside))
+        os.replace(tmp, target)
+    except BaseException:  # the old datasets go back where they were; the caller removes tmp
+        for old, aside in reversed(moved):
+            if not old.exists():
+                os.replace(aside / old.name, old)
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    for _, aside in moved:
         shutil.rmtree(aside, ignore_errors=True)
     return target

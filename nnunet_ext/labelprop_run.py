@@ -120,9 +120,13 @@ class _State:
         self.path = path
         recorded = opts.recorded()
         if path.is_file() and not restart:
-            import json
+            from nnunet_ext.io import read_json
 
-            data = json.loads(path.read_text())
+            data = read_json(
+                path,
+                "the labelprop run's state file",
+                "pass --restart to start the run over (with --force to replace its datasets), or use --state",
+            )
             if data.get("options") != recorded:
                 diff = [
                     f"{k}: {data.get('options', {}).get(k)!r} -> {v!r}"
@@ -208,13 +212,15 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
         cmd = [_exe("nnUNetv2_move_plans_between_datasets"), "-s", str(plans_from), "-t", str(dataset_id)]
         _run([*cmd, "-sp", opts.plans, "-tp", opts.plans], env, log, lock)
         # nnUNetv2_preprocess reads <preprocessed>/<dataset>/dataset.json, which only the planner copies there
-        import json
-
         from nnunet_ext.environment import require_folder_var
+        from nnunet_ext.io import read_json
 
         raw = _dataset_folder(dataset_id)
         target = require_folder_var("nnUNet_preprocessed") / raw.name / "dataset.json"
-        atomic_write_json(target, json.loads((raw / "dataset.json").read_text()))
+        source = read_json(
+            raw / "dataset.json", "the dataset.json", "rewrite it or rerun with --restart --force"
+        )
+        atomic_write_json(target, source)
         cmd = [_exe("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", opts.plans, "-c", cfg]
         _run([*cmd, "-np", n_proc], env, log, lock)
         return

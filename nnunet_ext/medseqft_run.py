@@ -320,129 +320,136 @@ def run_sequence(
             existing_buffer(buffer_path(name, plans_identifier), overwrite)
     out = Path(output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "pretrained": str(pretrained),
-        "datasets": names,
-        "configuration": configuration,
-        "plans": plans_identifier,
-        "fold": fold,
-        "schedule": schedule,
-        "epochs": epochs,
-        "iterations": iterations,
-        "lora_lr": lora_lr,
-        "kd_weight": kd_weight,
-    }
-    state_file = out / "medseqft_run.json"
-    if state_file.is_file():
-        try:
-            old = read_json(
-                state_file,
-                "the run's state file",
-                "pass --overwrite to start the run again in this folder (its models are deleted), or choose "
-                "another --output folder",
-            ).get("settings", {})
-        except UserError:
-            if not overwrite:
-                raise
-            old = None  # --overwrite: a broken state file is replaced and the run starts again
-        if old != settings and not overwrite:
-            raise UserError(
-                f"{out} holds a run with other settings ({old}); pass --overwrite or another --output folder"
-            )
-        if old != settings:  # --overwrite: the old run's models must not be taken as finished trainings
-            import shutil
+    # one run per folder at a time: a second `medseqft run` into the same --output would train into the same
+    # model folders (the lock is taken over once its process is gone)
+    from nnunet_ext.training import RunLock
 
-            for s in STRATEGIES:
-                shutil.rmtree(out / s, ignore_errors=True)
-    atomic_write_json(state_file, {"settings": settings})
-    suffix = SUFFIX[schedule]
-    models: dict[str, list[Path]] = {s: [] for s in strategies}
-    times: dict[str, float] = {s: 0.0 for s in strategies}
-    for t, name in enumerate(names):
-        print(f"\n=== task {t + 1}/{len(names)}: {name} ===", flush=True)
-        for strategy in strategies:
-            root = out / strategy
-            start = time.perf_counter()
-            if strategy in MEDSEQFT_TRAINERS:
-                print(f"[{strategy}] MDS selection on {name}", flush=True)
-                record = select_buffer(
-                    pretrained,
-                    name,
-                    configuration,
-                    k,
-                    fraction,
-                    views,
-                    seed,
-                    score,
-                    plans_identifier,
-                    device=dev,
-                    progress=False,
-                    fold=fold,
-                )
-                write_buffer(record, buffer_path(name, plans_identifier), overwrite)
-                print(f"[{strategy}] buffer: {record['buffer']}", flush=True)
-                init = models[strategy][-1] if t else pretrained
-                trainer = f"{MEDSEQFT_TRAINERS[strategy]}{suffix}"
-            elif strategy == "sequential":
-                init = models[strategy][-1] if t else pretrained
-                trainer = f"nnUNetTrainer{suffix}"
-            else:
-                init = pretrained
-                trainer = f"nnUNetTrainer{suffix}"
-                if t == 0 and "sequential" in strategies:
-                    models[strategy].append(models["sequential"][0])  # identical training: reuse
-                    print("[parallel] task 1 = the sequential task-1 model (same training)", flush=True)
-                    continue
-            print(f"[{strategy}] {trainer} on {name} from {init}", flush=True)
-            models[strategy].append(
-                train(
-                    root,
-                    trainer,
-                    name,
-                    configuration,
-                    fold,
-                    plans_identifier,
-                    str(init),
-                    dev,
-                    epochs,
-                    iterations,
-                    medseqft_settings if strategy in MEDSEQFT_TRAINERS else None,
-                )
-            )
-            times[strategy] += time.perf_counter() - start
-
-    print("\n=== forgetting matrices ===", flush=True)
-    raw = Path(str(nnUNet_raw))
-    result = {"settings": settings, "strategies": {}}
-    text = []
-    for strategy in strategies:
-        matrix = []
-        for t in range(len(names)):
-            row = []
-            for s in range(t + 1):
-                row.append(
-                    evaluate(models[strategy][t], models[strategy][s], raw / names[s], dev, max_test_cases)
-                )
-            matrix.append(row)
-        result["strategies"][strategy] = {
-            "models": [str(m) for m in models[strategy]],
-            "matrix": matrix,
-            "train_seconds": round(times[strategy], 1),
-            **summarise(matrix),
+    with RunLock(out / "medseqft_run.lock", f"the medseqft run in {out}"):
+        settings = {
+            "pretrained": str(pretrained),
+            "datasets": names,
+            "configuration": configuration,
+            "plans": plans_identifier,
+            "fold": fold,
+            "schedule": schedule,
+            "epochs": epochs,
+            "iterations": iterations,
+            "lora_lr": lora_lr,
+            "kd_weight": kd_weight,
         }
-        text.append(format_matrix(strategy, names, matrix))
-        print(text[-1] + "\n", flush=True)
-    summary = ["| strategy | final mean Dice | backward transfer | train time [s] |", "|---|---|---|---|"]
-    for strategy, entry in result["strategies"].items():
-        summary.append(
-            f"| {strategy} | {entry['final']:.3f} | {entry['bwt']:+.3f} | {entry['train_seconds']:.0f} |"
-        )
-    text.insert(0, "\n".join(summary))
-    print(text[0], flush=True)
-    atomic_write_json(state_file, result)
-    atomic_write_text(out / "forgetting.md", "\n\n".join(text) + "\n")
-    print(f"wrote {state_file} and {out / 'forgetting.md'}")
-    return result
+        state_file = out / "medseqft_run.json"
+        if state_file.is_file():
+            try:
+                old = read_json(
+                    state_file,
+                    "the run's state file",
+                    "pass --overwrite to start the run again in this folder (its models are deleted), or choose "
+                    "another --output folder",
+                ).get("settings", {})
+            except UserError:
+                if not overwrite:
+                    raise
+                old = None  # --overwrite: a broken state file is replaced and the run starts again
+            if old != settings and not overwrite:
+                raise UserError(
+                    f"{out} holds a run with other settings ({old}); pass --overwrite or another --output folder"
+                )
+            if old != settings:  # --overwrite: the old run's models must not be taken as finished trainings
+                import shutil
+
+                for s in STRATEGIES:
+                    shutil.rmtree(out / s, ignore_errors=True)
+        atomic_write_json(state_file, {"settings": settings})
+        suffix = SUFFIX[schedule]
+        models: dict[str, list[Path]] = {s: [] for s in strategies}
+        times: dict[str, float] = {s: 0.0 for s in strategies}
+        for t, name in enumerate(names):
+            print(f"\n=== task {t + 1}/{len(names)}: {name} ===", flush=True)
+            for strategy in strategies:
+                root = out / strategy
+                start = time.perf_counter()
+                if strategy in MEDSEQFT_TRAINERS:
+                    print(f"[{strategy}] MDS selection on {name}", flush=True)
+                    record = select_buffer(
+                        pretrained,
+                        name,
+                        configuration,
+                        k,
+                        fraction,
+                        views,
+                        seed,
+                        score,
+                        plans_identifier,
+                        device=dev,
+                        progress=False,
+                        fold=fold,
+                    )
+                    write_buffer(record, buffer_path(name, plans_identifier), overwrite)
+                    print(f"[{strategy}] buffer: {record['buffer']}", flush=True)
+                    init = models[strategy][-1] if t else pretrained
+                    trainer = f"{MEDSEQFT_TRAINERS[strategy]}{suffix}"
+                elif strategy == "sequential":
+                    init = models[strategy][-1] if t else pretrained
+                    trainer = f"nnUNetTrainer{suffix}"
+                else:
+                    init = pretrained
+                    trainer = f"nnUNetTrainer{suffix}"
+                    if t == 0 and "sequential" in strategies:
+                        models[strategy].append(models["sequential"][0])  # identical training: reuse
+                        print("[parallel] task 1 = the sequential task-1 model (same training)", flush=True)
+                        continue
+                print(f"[{strategy}] {trainer} on {name} from {init}", flush=True)
+                models[strategy].append(
+                    train(
+                        root,
+                        trainer,
+                        name,
+                        configuration,
+                        fold,
+                        plans_identifier,
+                        str(init),
+                        dev,
+                        epochs,
+                        iterations,
+                        medseqft_settings if strategy in MEDSEQFT_TRAINERS else None,
+                    )
+                )
+                times[strategy] += time.perf_counter() - start
+
+        print("\n=== forgetting matrices ===", flush=True)
+        raw = Path(str(nnUNet_raw))
+        result = {"settings": settings, "strategies": {}}
+        text = []
+        for strategy in strategies:
+            matrix = []
+            for t in range(len(names)):
+                row = []
+                for s in range(t + 1):
+                    row.append(
+                        evaluate(
+                            models[strategy][t], models[strategy][s], raw / names[s], dev, max_test_cases
+                        )
+                    )
+                matrix.append(row)
+            result["strategies"][strategy] = {
+                "models": [str(m) for m in models[strategy]],
+                "matrix": matrix,
+                "train_seconds": round(times[strategy], 1),
+                **summarise(matrix),
+            }
+            text.append(format_matrix(strategy, names, matrix))
+            print(text[-1] + "\n", flush=True)
+        summary = ["| strategy | final mean Dice | backward transfer | train time [s] |", "|---|---|---|---|"]
+        for strategy, entry in result["strategies"].items():
+            summary.append(
+                f"| {strategy} | {entry['final']:.3f} | {entry['bwt']:+.3f} | {entry['train_seconds']:.0f} |"
+            )
+        text.insert(0, "\n".join(summary))
+        print(text[0], flush=True)
+        atomic_write_json(state_file, result)
+        atomic_write_text(out / "forgetting.md", "\n\n".join(text) + "\n")
+        print(f"wrote {state_file} and {out / 'forgetting.md'}")
+        return result
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -387,14 +387,22 @@ def merge_datasets(
                             shutil.copy2(src, dst)
                     lab = task.source / sub_lab / f"{case}{ending}"
                     if lab.is_file():
+                        unreadable = False
                         for c in range(n_channels):
                             image = task.source / sub_img / f"{case}_{c:04d}{ending}"
                             diff = geometry_mismatch(image, lab)
                             if diff:
+                                unreadable = diff.startswith("cannot read")
                                 problems.append(
-                                    f"task {task.name!r} {sub_lab}/{lab.name}: geometry differs "
+                                    f"task {task.name!r} {sub_lab}/{lab.name}: {diff}"
+                                    if unreadable
+                                    else f"task {task.name!r} {sub_lab}/{lab.name}: geometry differs "
                                     f"from {image.name}: {diff}"
                                 )
+                                if unreadable:  # one problem per file; there is nothing to remap
+                                    break
+                        if unreadable:
+                            continue
                         (tmp / sub_lab).mkdir(exist_ok=True)
                         bad = _remap_label(lab, tmp / sub_lab / f"{new}{ending}", lut, declared)
                         if bad:

@@ -117,3 +117,51 @@ def test_a_refused_run_writes_no_state_file(tmp_path, capsys, monkeypatch):
     assert main(argv) == 1  # Dataset573 exists: refused without --force
     assert "already exists" in capsys.readouterr().err
     assert not state.exists() and not state.with_suffix(".lock").exists()
+
+
+def test_a_broken_state_file_is_one_line(tmp_path, capsys, monkeypatch):
+    """A truncated state file of `labelprop run` (killed while writing with another tool, edited by hand):
+    one line naming the file and the fix, nothing written."""
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    from nnunet_ext.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(
+        tmp_path / "raw", 574, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
+    )
+    state = tmp_path / "state.json"
+    state.write_text('{"options": {"source": "Dataset574')
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    argv = ["labelprop", "run", "574", "--out-id", "575", "-c", "3d_tiny", "-f", "0", "--state", str(state)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"the labelprop run's state file {state} is not valid JSON" in err and "pass --restart" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_medseqft_run_refuses_while_another_run_of_its_folder_is_alive(tmp_path, capsys, monkeypatch):
+    """Two `medseqft run` into one --output would train into the same model folders: the second is refused
+    while the first (recorded in medseqft_run.lock) is alive, and takes a stale lock over."""
+    import nnunet_ext.medseqft_run as medseqft_run
+    from tests.test_bad_input_commands import _medseqft_env
+
+    _medseqft_env(tmp_path, monkeypatch)
+    monkeypatch.setattr(medseqft_run, "check_compatible", lambda *a, **k: None)
+    ckpt = tmp_path / "m0.pth"
+    ckpt.write_bytes(b"x")
+    out = tmp_path / "o"
+    out.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / "medseqft_run.lock").write_text(json.dumps({"pid": first.pid, "child": None}))
+        argv = ["medseqft", "run", "--pretrained", str(ckpt), "-d", "611", "-c", "3d_fullres", "-o", str(out)]
+        assert main([*argv, "--device", "cpu", "--strategies", "sequential"]) == 1
+        err = capsys.readouterr().err
+        assert f"the medseqft run in {out} is still running (its command, pid {first.pid}" in err
+        assert sorted(p.name for p in out.iterdir()) == ["medseqft_run.lock"]  # no state file written
+    finally:
+        first.kill()
+        first.wait()
+    RunLock(out / "medseqft_run.lock", "x").check()  # stale now: no error

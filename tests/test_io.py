@@ -40,3 +40,22 @@ def test_dataset_folders_follow_the_umask(tmp_path, umask022):
     target = replace_dataset(tmp, tmp_path / "Dataset001_X", 1)
     assert mode(target) == 0o755 and (target / "dataset.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["Dataset001_X"]  # nothing left aside
+
+
+def test_replace_dataset_puts_the_old_dataset_back_if_the_swap_fails(tmp_path, monkeypatch):
+    old = tmp_path / "Dataset001_Old"
+    (old / "labelsTr").mkdir(parents=True)
+    (old / "dataset.json").write_text('{"old": true}')
+    tmp = make_temp_dir(".Dataset001_New.tmp-", tmp_path)
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if os.fspath(src) == os.fspath(tmp):  # the new dataset's rename into place
+            raise OSError(28, "No space left on device", os.fspath(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        replace_dataset(tmp, tmp_path / "Dataset001_New", 1)
+    assert (old / "dataset.json").read_text() == '{"old": true}' and (old / "labelsTr").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["Dataset001_Old", tmp.name])

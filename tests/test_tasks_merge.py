@@ -211,6 +211,29 @@ def test_merge_refuses_undeclared_label_values_and_geometry_mismatches(sources, 
     assert tree_hash(raw) == before and not list(raw.glob("Dataset030_*")) and not list(raw.glob(".*"))
 
 
+def test_merge_refuses_an_unreadable_source_label_in_one_line(sources, tmp_path, capsys):
+    """A label file that is no image was a traceback (the remap read it after the geometry check noted it)."""
+    raw, liver, spleen = sources
+    (spleen / "labelsTr" / "case_000.nii.gz").write_bytes(b"not a NIfTI file" * 20)
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "tasks": {
+                    "liver": {"source": str(liver), "labels": {"1": "liver", "2": "liver_tumour"}},
+                    "spleen": {"source": str(spleen), "labels": {"1": "spleen", "2": None}},
+                }
+            }
+        )
+    )
+    before = tree_hash(raw)
+    rc = main(["tasks", "merge", "--spec", str(spec), "-d", "30", "--out", str(raw)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert "1 problem(s) in the sources" in err and "labelsTr/case_000.nii.gz: cannot read" in err
+    assert tree_hash(raw) == before and not list(raw.glob("Dataset030_*")) and not list(raw.glob(".*"))
+
+
 def test_merge_force_keeps_the_old_dataset_until_the_new_one_is_in_place(sources, tmp_path, monkeypatch):
     raw, liver, spleen = sources
     spec = {"tasks": {"liver": {"source": str(liver), "labels": {"1": "liver", "2": "liver_tumour"}}}}
