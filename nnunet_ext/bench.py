@@ -322,16 +322,22 @@ def run_benchmark(
 
         def worker(label: str, options: dict) -> dict:
             out = Path(tmp) / f"{label}.json"
-            proc = subprocess.run(
+            from nnunet_ext.training import child_process
+
+            # its own process group, SIGINT/SIGTERM forwarded and waited for: killing bench leaves no
+            # measurement running
+            with child_process(
                 [sys.executable, "-m", "nnunet_ext.bench", json.dumps(options), str(out)],
-                env=env,
-                capture_output=True,
+                env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 text=True,
                 encoding="utf-8",
                 errors="replace",
-            )
+            ) as proc:
+                output, _ = proc.communicate()
             if proc.returncode != 0 or not out.is_file():
-                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+                tail = "\n".join((output or "").strip().splitlines()[-15:])
                 raise UserError(f"measuring {label} failed:\n{tail}")
             return json.loads(out.read_text())
 
