@@ -48,39 +48,17 @@ BROKEN_JSON = [
 
 
 # ------------------------------------------------------------------------------------------- --device
+SELECT = ["medseqft", "select", "611", "3d_fullres"]
+RUN = ["medseqft", "run", "--pretrained", "m0.pth", "-d", "1", "-c", "3d_fullres", "-o", "o"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         ["medseqft", "select", "1", "3d_fullres", "--checkpoint", "m0.pth", "--device", "gpu0"],
         ["medseqft", "select", "1", "3d_fullres", "--checkpoint", "m0.pth", "--device", "cuda:x"],
-        [
-            "medseqft",
-            "run",
-            "--pretrained",
-            "m0.pth",
-            "-d",
-            "1",
-            "-c",
-            "3d_fullres",
-            "-o",
-            "o",
-            "--device",
-            "gpu",
-        ],
-        [
-            "medseqft",
-            "run",
-            "--pretrained",
-            "m0.pth",
-            "-d",
-            "1",
-            "-c",
-            "3d_fullres",
-            "-o",
-            "o",
-            "--device",
-            "",
-        ],
+        [*RUN, "--device", "gpu"],
+        [*RUN, "--device", ""],
     ],
 )
 def test_an_invalid_device_is_a_one_line_argparse_error(tmp_path, capsys, monkeypatch, argv):
@@ -168,18 +146,7 @@ def test_medseqft_select_refuses_an_unreadable_checkpoint(tmp_path, capsys, monk
     _medseqft_env(tmp_path, monkeypatch)
     ckpt = tmp_path / "m0.pth"
     _write_checkpoint(ckpt, kind)
-    argv = [
-        "medseqft",
-        "select",
-        "611",
-        "3d_fullres",
-        "--checkpoint",
-        str(ckpt),
-        "-f",
-        "all",
-        "--device",
-        "cpu",
-    ]
+    argv = [*SELECT, "--checkpoint", str(ckpt), "-f", "all", "--device", "cpu"]
     err = refused(argv, capsys, tmp_path, f"checkpoint {ckpt} is not a readable PyTorch checkpoint (")
     assert "checkpoint_final.pth written by nnUNetv2_train, or retrain that fold" in err
 
@@ -188,18 +155,7 @@ def test_medseqft_select_refuses_a_checkpoint_that_is_no_nnunet_checkpoint(tmp_p
     _medseqft_env(tmp_path, monkeypatch)
     ckpt = tmp_path / "m0.pth"
     torch.save({"state_dict": {}}, ckpt)
-    argv = [
-        "medseqft",
-        "select",
-        "611",
-        "3d_fullres",
-        "--checkpoint",
-        str(ckpt),
-        "-f",
-        "all",
-        "--device",
-        "cpu",
-    ]
+    argv = [*SELECT, "--checkpoint", str(ckpt), "-f", "all", "--device", "cpu"]
     refused(
         argv, capsys, tmp_path, f"{ckpt} is not an nnU-Net v2 checkpoint (no network_weights / init_args)"
     )

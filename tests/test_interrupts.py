@@ -61,17 +61,22 @@ def test_a_signal_to_the_command_stops_its_child_and_frees_the_lock(tmp_path, si
     assert not lock.exists()
 
 
+def _sparse_sources(tmp_path, monkeypatch, *dataset_ids: int) -> None:
+    """nnU-Net's folders under tmp_path and tiny sparse phantoms with these ids."""
+    from nnunet_ext.phantoms import write_phantom_dataset
+
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    for i in dataset_ids:
+        write_phantom_dataset(
+            tmp_path / "raw", i, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
+        )
+
+
 def test_resume_refuses_while_a_previous_training_is_alive(tmp_path, capsys, monkeypatch):
     """A lock naming a live child (a training that outlived a SIGKILLed command) blocks `labelprop run`; nothing
     is written; once the child is gone the stale lock is taken over."""
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
-    from nnunet_ext.phantoms import write_phantom_dataset
-
-    write_phantom_dataset(
-        tmp_path / "raw", 570, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
-    )
+    _sparse_sources(tmp_path, monkeypatch, 570)
     state = tmp_path / "state.json"
     training = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -101,17 +106,7 @@ def test_resume_refuses_while_a_previous_training_is_alive(tmp_path, capsys, mon
 
 
 def test_a_refused_run_writes_no_state_file(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
-    from nnunet_ext.phantoms import write_phantom_dataset
-
-    write_phantom_dataset(
-        tmp_path / "raw", 572, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
-    )
-    write_phantom_dataset(
-        tmp_path / "raw", 573, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
-    )
+    _sparse_sources(tmp_path, monkeypatch, 572, 573)
     state = tmp_path / "state.json"
     argv = ["labelprop", "run", "572", "--out-id", "573", "-c", "3d_tiny", "-f", "0", "--state", str(state)]
     assert main(argv) == 1  # Dataset573 exists: refused without --force
@@ -122,14 +117,7 @@ def test_a_refused_run_writes_no_state_file(tmp_path, capsys, monkeypatch):
 def test_a_broken_state_file_is_one_line(tmp_path, capsys, monkeypatch):
     """A truncated state file of `labelprop run` (killed while writing with another tool, edited by hand):
     one line naming the file and the fix, nothing written."""
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
-    from nnunet_ext.phantoms import write_phantom_dataset
-
-    write_phantom_dataset(
-        tmp_path / "raw", 574, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
-    )
+    _sparse_sources(tmp_path, monkeypatch, 574)
     state = tmp_path / "state.json"
     state.write_text('{"options": {"source": "Dataset574')
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}

@@ -180,6 +180,16 @@ def test_mots_preset_maps_the_seven_tasks_like_the_paper(tmp_path):
     np.testing.assert_array_equal(lab, np.select([src == 1, src == 2], [7, 8], 0))
 
 
+def _liver_spleen_spec(tmp_path: Path, liver: Path, spleen: Path) -> Path:
+    spec = tmp_path / "spec.json"
+    tasks = {
+        "liver": {"source": str(liver), "labels": {"1": "liver", "2": "liver_tumour"}},
+        "spleen": {"source": str(spleen), "labels": {"1": "spleen", "2": None}},
+    }
+    spec.write_text(json.dumps({"tasks": tasks}))
+    return spec
+
+
 def test_merge_refuses_undeclared_label_values_and_geometry_mismatches(sources, tmp_path, capsys):
     """Undeclared values used to become background silently (spleen voxels lost) and geometry was unchecked."""
     raw, liver, spleen = sources
@@ -191,17 +201,7 @@ def test_merge_refuses_undeclared_label_values_and_geometry_mismatches(sources, 
     moved = sitk.ReadImage(str(spleen / "labelsTr" / "case_001.nii.gz"))
     moved.SetOrigin((0.0, 0.0, 7.0))
     sitk.WriteImage(moved, str(spleen / "labelsTr" / "case_001.nii.gz"))
-    spec = tmp_path / "spec.json"
-    spec.write_text(
-        json.dumps(
-            {
-                "tasks": {
-                    "liver": {"source": str(liver), "labels": {"1": "liver", "2": "liver_tumour"}},
-                    "spleen": {"source": str(spleen), "labels": {"1": "spleen", "2": None}},
-                }
-            }
-        )
-    )
+    spec = _liver_spleen_spec(tmp_path, liver, spleen)
     before = tree_hash(raw)
     rc = main(["tasks", "merge", "--spec", str(spec), "-d", "30", "--out", str(raw)])
     err = capsys.readouterr().err
@@ -215,17 +215,7 @@ def test_merge_refuses_an_unreadable_source_label_in_one_line(sources, tmp_path,
     """A label file that is no image was a traceback (the remap read it after the geometry check noted it)."""
     raw, liver, spleen = sources
     (spleen / "labelsTr" / "case_000.nii.gz").write_bytes(b"not a NIfTI file" * 20)
-    spec = tmp_path / "spec.json"
-    spec.write_text(
-        json.dumps(
-            {
-                "tasks": {
-                    "liver": {"source": str(liver), "labels": {"1": "liver", "2": "liver_tumour"}},
-                    "spleen": {"source": str(spleen), "labels": {"1": "spleen", "2": None}},
-                }
-            }
-        )
-    )
+    spec = _liver_spleen_spec(tmp_path, liver, spleen)
     before = tree_hash(raw)
     rc = main(["tasks", "merge", "--spec", str(spec), "-d", "30", "--out", str(raw)])
     err = capsys.readouterr().err
