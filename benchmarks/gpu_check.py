@@ -874,7 +874,12 @@ def check_trainer(run: Run, name: str, res: dict) -> None:
     counters1 = dynamo_counters()
     res["dynamo"] = {
         "graph_breaks": counters1["graph_breaks"] - counters0["graph_breaks"],
-        "break_reasons": sorted(set(counters1["break_reasons"]) - set(counters0["break_reasons"]))[:10],
+        "break_reasons": sorted(
+            {
+                r.splitlines()[0][:200]
+                for r in set(counters1["break_reasons"]) - set(counters0["break_reasons"])
+            }
+        )[:10],
     }
     checks = {
         "compiled": res["compiled"] if run.compile else None,
