@@ -313,11 +313,16 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
             )
         return sum(parts)
 
-    def loss_terms(self, module: nn.Module, data, target, buffer) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, module: nn.Module, data, target, buffer, seg_loss: nn.Module | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted loss terms of one step; ``seg_loss``: the segmentation loss (default nnU-Net's
+        ``self.loss``, compiled where nnU-Net compiles it)."""
         n = data.shape[0]
         output, feats = module(torch.cat((data, buffer)), features=True)
         deep = isinstance(output, (list, tuple))
-        terms = {"segmentation": self.loss([o[:n] for o in output] if deep else output[:n], target)}
+        seg_loss = self.loss if seg_loss is None else seg_loss
+        terms = {"segmentation": seg_loss([o[:n] for o in output] if deep else output[:n], target)}
         if self.expert_network is not None:
             logits = output[0][:n] if deep else output[:n]
             terms["expert"] = self.expert_loss([f[:n] for f in feats], logits, data)
@@ -329,13 +334,15 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
 
     def gradient_norms(self, data, target, buffer) -> dict[str, float]:
         """Each weighted term's gradient norm on the adapters, from a separate pass through the UNWRAPPED network
-        (DDP's hooks and the compiled graph are not touched; no optimizer state changes)."""
+        and the uncompiled segmentation loss (DDP's hooks and the compiled graphs are not touched: a compiled
+        backward cannot be run twice, as the per-term gradients need; no optimizer state changes)."""
         module = lora.unwrap(self.network)
+        seg_loss = lora.unwrap(self.loss)
         params = [p for n, p in module.named_parameters() if p.requires_grad and lora.is_adapter_parameter(n)]
         scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
         weights = self.term_weights()
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            terms = self.loss_terms(module, data, target, buffer)
+            terms = self.loss_terms(module, data, target, buffer, seg_loss)
         norms = {}
         names = list(terms)
         for i, name in enumerate(names):
