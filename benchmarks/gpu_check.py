@@ -655,9 +655,22 @@ def flop_step(run: Run, trainer, batch, res: dict) -> float | None:
 
 
 def baseline(run: Run, kind: str) -> dict:
-    """The compiled nnUNetTrainer of ``kind``'s plans the trainers are timed against (built once)."""
+    """The compiled nnUNetTrainer of ``kind``'s plans the trainers are timed against (built once; a failure is
+    recorded once and every trainer that needs it fails with that message)."""
     if kind in run.baselines:
         return run.baselines[kind]
+    info = run.report["baselines"].get(kind, {})
+    if "error" in info:
+        raise RuntimeError(f"the {kind} phantom's baseline failed earlier: {info['error']}")
+    try:
+        return _build_baseline(run, kind)
+    except Exception as e:
+        info = run.report["baselines"][kind]
+        info.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        raise
+
+
+def _build_baseline(run: Run, kind: str) -> dict:
     import torch
 
     run.say(f"baseline: nnUNetTrainer on the {kind} phantom ...")
@@ -712,6 +725,7 @@ def check_trainer(run: Run, name: str, res: dict) -> None:
     kind = spec["dataset"]
     res.update(dataset=run.datasets[kind], phases_done=[])
     pretrained = run.foundation if spec["pretrained"] else None
+    res["phase"] = f"baseline ({kind} phantom)"
     base = baseline(run, kind)
     counters0 = dynamo_counters()
 
@@ -1145,7 +1159,8 @@ def main(argv=None) -> int:
         run.report["seconds"] = round(time.monotonic() - t_start, 1)
         run.report["complete"] = stopped is None
         for info in run.report["baselines"].values():
-            info.pop("trainer", None)
+            if info.get("status") != "ready":
+                info["status"] = f"{info.get('status')}: stopped ({stopped})"
         run.report["summary"] = summary_rows(run.report)
         run.save()
         run.log.close()

@@ -125,3 +125,32 @@ def test_script_runs_from_the_command_line(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "nnUNetTrainerLoRA: full phantom, -pretrained_weights foundation (required)" in proc.stdout
+
+
+def test_a_failed_baseline_is_recorded_once(gpu_check, monkeypatch):
+    import types
+
+    calls = []
+
+    def boom(run, kind):
+        calls.append(kind)
+        run.report["baselines"][kind] = {"status": "building"}
+        raise ValueError("no compiler")
+
+    monkeypatch.setattr(gpu_check, "_build_baseline", boom)
+    run = types.SimpleNamespace(baselines={}, report={"baselines": {}})
+    with pytest.raises(ValueError):
+        gpu_check.baseline(run, "full")
+    with pytest.raises(RuntimeError, match="baseline failed earlier: ValueError: no compiler"):
+        gpu_check.baseline(run, "full")  # the next trainer of that phantom: not built again
+    assert calls == ["full"] and run.report["baselines"]["full"]["status"] == "error"
+
+
+def test_targets_are_judged_against_the_issue(gpu_check):
+    res = {"timing": {"ratio": 1.7}, "flops": {"ratio": 1.65}, "memory": {"ratio": 1.5}}
+    banet = gpu_check.target_check("nnUNetTrainerBANet", res)
+    assert banet["step_ratio"]["limit"] == pytest.approx(1.05 * 1.65) and banet["step_ratio"]["met"]
+    assert banet["memory_ratio"] == {"value": 1.5, "limit": 1.6, "met": True}
+    dodnet = gpu_check.target_check("nnUNetTrainerDoDNet", {**res, "memory": {"ratio": None}})
+    assert dodnet == {"step_ratio": {"value": 1.7, "limit": 1.15, "met": False}}
+    assert gpu_check.target_check("nnUNetTrainerLoRA", res) is None
