@@ -2,15 +2,15 @@
 
     python benchmarks/gpu_check.py --device cuda --dry-run                 # the plan, nothing prepared
     timeout 590 python benchmarks/gpu_check.py --device cuda --time-budget 540 \\
-        --out benchmarks/results/gpu_check_cuda.json                      # on a GPU (real size)
+        --out benchmarks/results/gpu_check_cuda_real.json                 # on a GPU (real size)
     nice -n 10 python benchmarks/gpu_check.py --device cpu --size tiny \\
-        --out benchmarks/results/gpu_check_cpu.json                       # the CPU stand-in
+        --out benchmarks/results/gpu_check_cpu_tiny.json                  # the CPU stand-in
 
 It prepares its own phantoms (nnunet_ext.phantoms, planned and preprocessed with the stock
 ``nnUNetv2_plan_and_preprocess``) in a workspace whose nnUNet_raw / nnUNet_preprocessed / nnUNet_results it
 points nnU-Net to (a temporary folder, or ``--workdir`` to keep and reuse it). ``--size real`` uses nnU-Net's
-own 3d_fullres plans of 80 x 160 x 160 phantoms (5-6 stages, 32-320 features, batch 2); ``--size tiny`` the
-3d_tiny configuration of 24 x 48 x 48 phantoms (minutes on a CPU). Then, per trainer (each in its own
+own 3d_fullres plans of 80 x 160 x 160 phantoms (patch 80 x 160 x 160, 6 stages, 32-320 features, batch 2);
+``--size tiny`` the 3d_tiny configuration of 24 x 48 x 48 phantoms (minutes on a CPU). Then, per trainer (each in its own
 try/except: one failure is recorded with its traceback and the others go on):
 
 1. **build** it as ``nnUNetv2_train`` does (``get_trainer_from_args``, ``maybe_load_checkpoint`` with
@@ -1147,6 +1147,8 @@ def main(argv=None) -> int:
                 f"{name}: {res['status']} in {res['seconds']:.0f} s"
                 + (f" ({res['error']})" if "error" in res else "")
             )
+            if "timing" in res:  # ms per step, peak memory and their ratios to nnUNetTrainer
+                run.say("  " + summary_rows({"trainers": {name: res}})[1])
             if stopped:
                 break
     except Cutoff:
