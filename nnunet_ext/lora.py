@@ -369,5 +369,19 @@ def unwrap(net: nn.Module) -> nn.Module:
     return net
 
 
+def uncompiled(module: nn.Module) -> nn.Module:
+    """``module`` with every ``torch.compile``'d submodule, at any depth, replaced by its original (nnU-Net
+    compiles the Dice term INSIDE its loss): a shallow copy sharing parameters and buffers; ``module`` itself is
+    left compiled. For extra passes that a compiled graph does not allow (a second backward with
+    ``retain_graph``)."""
+    from torch._dynamo import OptimizedModule
+
+    if isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    clone = copy.copy(module)
+    clone._modules = {name: None if c is None else uncompiled(c) for name, c in module._modules.items()}
+    return clone
+
+
 def has_lora_keys(keys: Iterable[str]) -> bool:
     return any(".lora_A." in k or ".base_layer." in k for k in keys)

@@ -315,6 +315,42 @@ def test_lora_trainer_pretrained_merged_checkpoint_and_resume(
 
 
 @pytest.mark.slow  # dynamo tracing takes ~10 s on CPU
+def test_uncompiled_strips_compile_at_every_depth_and_leaves_the_original():
+    """nnU-Net compiles the Dice term inside its loss (loss.dc); MedSeqFT's per-term gradient norms need a second
+    backward, which a compiled graph with donated buffers refuses: lora.uncompiled gives the plain modules."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from torch._dynamo import OptimizedModule
+
+    inner = DC_and_CE_loss(
+        {"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False},
+        {},
+        weight_ce=1,
+        weight_dice=1,
+        dice_class=MemoryEfficientSoftDiceLoss,
+    )
+    inner.dc = torch.compile(inner.dc, backend="eager")  # as nnU-Net's _build_loss does with compile on
+    loss = torch.compile(DeepSupervisionWrapper(inner, [1.0, 0.5]), backend="eager")
+    plain = lora.uncompiled(loss)
+
+    def compiled_parts(m):
+        return [n for n, c in m.named_modules() if isinstance(c, OptimizedModule)]
+
+    assert not isinstance(plain, OptimizedModule) and compiled_parts(plain) == []
+    assert isinstance(loss, OptimizedModule) and isinstance(
+        loss._orig_mod.loss.dc, OptimizedModule
+    )  # untouched
+    torch.manual_seed(0)
+    outputs = [torch.randn(2, 3, 8, 8, 8, requires_grad=True), torch.randn(2, 3, 4, 4, 4, requires_grad=True)]
+    targets = [torch.randint(0, 3, (2, 1, 8, 8, 8)).float(), torch.randint(0, 3, (2, 1, 4, 4, 4)).float()]
+    value = plain(outputs, targets)
+    torch.testing.assert_close(value, loss(outputs, targets))
+    first = torch.autograd.grad(value, outputs, retain_graph=True)  # two backward passes of one graph
+    second = torch.autograd.grad(value, outputs)
+    torch.testing.assert_close(first, second)
+
+
 def test_adapted_network_under_torch_compile_and_autocast():
     """What nnUNetTrainerLoRA / MedSeqFT train: compiled (the aot_eager backend traces exactly what inductor
     would compile, without needing a C++ compiler) and under autocast; same outputs, adapters get gradients."""

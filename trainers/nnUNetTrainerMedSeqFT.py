@@ -337,7 +337,7 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
         and the uncompiled segmentation loss (DDP's hooks and the compiled graphs are not touched: a compiled
         backward cannot be run twice, as the per-term gradients need; no optimizer state changes)."""
         module = lora.unwrap(self.network)
-        seg_loss = lora.unwrap(self.loss)
+        seg_loss = lora.uncompiled(self.loss)
         params = [p for n, p in module.named_parameters() if p.requires_grad and lora.is_adapter_parameter(n)]
         scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
         weights = self.term_weights()
