@@ -6,7 +6,8 @@ Short variants:
 nnU-Net picks a schedule by trainer name, so every trainer we ship also exists as
 
 * ``<Trainer>_smoke``: a handful of iterations; proves the whole pipeline runs (tests, CI, new installs);
-* ``<Trainer>_demo``: a few minutes on 2 CPU cores with a tiny configuration (``nnunet-ext demo``).
+* ``<Trainer>_demo``: a few minutes on 2 CPU cores with a tiny configuration (``nnunet-ext demo``);
+* ``<Trainer>_converge``: trained to the plateau on the convergence phantoms (``benchmarks/converge.py``).
 
 The variants only change ``num_epochs`` / ``num_iterations_per_epoch`` / ``num_val_iterations_per_epoch``
 and ``save_every``; everything else (network, loss, checkpoint format) is the base trainer's. The values are
@@ -21,6 +22,9 @@ from torch.optim.lr_scheduler import _LRScheduler
 SCHEDULES: dict[str, dict[str, int]] = {
     "smoke": {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1},
     "demo": {"num_epochs": 30, "num_iterations_per_epoch": 30, "num_val_iterations_per_epoch": 4},
+    # the convergence benchmarks (issue 20, benchmarks/converge.py): on `phantoms --profile converge` with
+    # 3d_tiny, plain nnUNetTrainer reaches its plateau on every structure by ~3000 of these 5000 iterations
+    "converge": {"num_epochs": 100, "num_iterations_per_epoch": 50, "num_val_iterations_per_epoch": 10},
 }
 
 
