@@ -11,9 +11,10 @@ nnUNetTrainer plateaus on every structure by ~3000 iterations there), one torch 
 `nnUNetv2_predict` on the test cases and, per structure, Dice, HD95 and the normalised surface Dice at 1 mm
 (nnunet_ext.metrics: MONAI surfaces, DeepMind's NSD definition).
 
-Resumable: a finished training (checkpoint_final.pth), prediction or evaluation is never redone; each run's
-result is written as soon as it exists (<workdir>/runs/<comparison>_seed<S>_<trainer>.json), so an interrupted
-run loses at most the model being trained. For every run it records the training length, the CPU time of the
+Resumable: a finished training (checkpoint_final.pth), prediction or evaluation is never redone, an
+interrupted training continues from its checkpoint_latest.pth (`nnUNetv2_train --c`), and each run's result is
+written as soon as it exists (<workdir>/runs/<comparison>_seed<S>_<trainer>.json). Its CPU time then covers the
+last invocation only (recorded as "resumed"). For every run it records the training length, the CPU time of the
 training command, whether the validation pseudo Dice had plateaued (per structure: the spread of its last 20%
 of epochs and the change of their mean against the 20% before) and a learning-curve PNG. The report: per
 structure, mean +- std over seeds of each trainer and the paired difference (method - baseline) with its std.
@@ -163,8 +164,10 @@ def run(workdir: Path, comparison: str, seed: int, trainer: str, device: str) ->
     record = {"comparison": comparison, "seed": seed, "trainer": trainer, "schedule": SCHEDULE}
     if not (model / "checkpoint_final.pth").is_file():
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        resume = ["--c"] if (model / "checkpoint_latest.pth").is_file() else []  # an interrupted training
+        record["resumed"] = bool(resume)
         record["train_wall_s"] = run_logged(
-            train_command(dataset_id, CONFIGURATION, 0, name, device), env, log, quiet=True
+            train_command(dataset_id, CONFIGURATION, 0, name, device, *resume), env, log, quiet=True
         )
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the training and its augmentation workers
         record["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
