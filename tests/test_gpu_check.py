@@ -154,3 +154,49 @@ def test_targets_are_judged_against_the_issue(gpu_check):
     dodnet = gpu_check.target_check("nnUNetTrainerDoDNet", {**res, "memory": {"ratio": None}})
     assert dodnet == {"step_ratio": {"value": 1.7, "limit": 1.15, "met": False}}
     assert gpu_check.target_check("nnUNetTrainerLoRA", res) is None
+
+
+def test_all_task_inference_is_timed_against_one_task(gpu_check):
+    """Multi-task trainers: one forward over every task (nnunet-ext predict's pass) vs one task's, judged
+    against the issue's 1.2x."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    class ThreeTasks(nn.Module):
+        num_tasks = 3
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def task_scores(self, x, tasks=None):
+            self.calls.append(None if tasks is None else list(tasks))
+            return x.repeat(1, self.num_tasks if tasks is None else len(tasks), 1, 1, 1)
+
+    net = ThreeTasks()
+    trainer = SimpleNamespace(
+        configuration_manager=SimpleNamespace(patch_size=[4, 8, 8]),
+        num_input_channels=1,
+        base_network=lambda: net,
+    )
+    run = SimpleNamespace(device=torch.device("cpu"), sync=lambda: None, autocast=contextlib.nullcontext)
+    out = gpu_check.task_inference(run, trainer, rounds=3)
+    assert out["tasks"] == 3 and out["limit"] == 1.2 and out["met"] == (out["ratio"] <= 1.2)
+    assert out["ratio_range"][0] <= out["ratio"] <= out["ratio_range"][1]
+    assert net.calls.count(None) == 4 and net.calls.count([0]) == 4  # warm-up + 3 rounds each
+    res = {
+        "timing": {"ratio": 1.0},
+        "flops": {"ratio": 1.0},
+        "memory": {"ratio": None},
+        "task_inference": out,
+    }
+    targets = gpu_check.all_targets("nnUNetTrainerDoDNet", res)
+    assert targets["all_task_inference_ratio"] == {"value": out["ratio"], "limit": 1.2, "met": out["met"]}
+    assert set(gpu_check.MULTITASK_INFERENCE) == {
+        "nnUNetTrainerDoDNet",
+        "nnUNetTrainerTransDoDNet",
+        "nnUNetTrainerUniSeg",
+    }
