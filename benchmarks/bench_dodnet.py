@@ -57,7 +57,13 @@ def _run(cmd: list[str]) -> None:
     )
 
 
-def prepare(workdir: Path, dataset_id: int, raw_source: Path | None = None, task: str | None = None) -> Path:
+def prepare(
+    workdir: Path,
+    dataset_id: int,
+    raw_source: Path | None = None,
+    task: str | None = None,
+    profile: str = "standard",
+) -> Path:
     """Raw + preprocessed + 3d_tiny for the partial phantom, or (task given) a per-task subset of it whose labels
     are renumbered 1..n in the task's order. Returns the preprocessed folder."""
     from nnunet_ext.phantoms import PARTIAL_LABELS, write_phantom_dataset
@@ -73,7 +79,9 @@ def prepare(workdir: Path, dataset_id: int, raw_source: Path | None = None, task
     if existing:
         return existing[0].parent
     if task is None:
-        write_phantom_dataset(raw, dataset_id, kind="partial", num_train=12, num_test=6, seed=0, force=True)
+        write_phantom_dataset(
+            raw, dataset_id, kind="partial", num_train=12, num_test=6, seed=0, force=True, profile=profile
+        )
     else:
         import SimpleITK as sitk
 
@@ -385,6 +393,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="torch / numpy seed of the accuracy trainings")
     parser.add_argument(
+        "--profile",
+        default="standard",
+        choices=["standard", "converge"],
+        help="phantom profile (converge: the convergence benchmarks, docs/phantoms.md; use a new --workdir)",
+    )
+    parser.add_argument(
         "--accuracy-models",
         nargs="+",
         default=list(ACCURACY_MODELS),
@@ -401,7 +415,7 @@ def main() -> None:
         )  # the in-process parts (infer, accuracy); speed passes it to its workers
     workdir = Path(args.workdir).resolve()
     os.environ.setdefault("nnUNet_compile", "f")
-    pre = prepare(workdir, DATASET_ID)
+    pre = prepare(workdir, DATASET_ID, profile=args.profile)
     raw = next((workdir / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*"))
     print(f"machine: {machine()}", flush=True)
     report = {"machine": machine()}
