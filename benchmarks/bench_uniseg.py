@@ -118,6 +118,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="torch / numpy seed of the accuracy training")
     parser.add_argument(
+        "--profile",
+        default="standard",
+        choices=["standard", "converge"],
+        help="phantom profile (converge: the convergence benchmarks; the workdir's prepared data is reused)",
+    )
+    parser.add_argument(
         "--threads", type=int, help="torch CPU threads (1 on a shared machine: read CPU-time rows)"
     )
     parser.add_argument(
@@ -143,7 +149,7 @@ def main() -> None:
     from nnunet_ext.training import ext_trainer_env
 
     os.environ["nnUNet_extTrainer"] = ext_trainer_env()["nnUNet_extTrainer"]
-    pre = prepare(workdir, DATASET_ID)
+    pre = prepare(workdir, DATASET_ID, profile=args.profile)
     raw = next((workdir / "nnUNet_raw").glob(f"Dataset{DATASET_ID:03d}_*"))
     print(f"machine: {machine()}", flush=True)
     report = {"machine": machine()}
