@@ -10,7 +10,7 @@ nnU-Net picks a schedule by trainer name, so every trainer we ship also exists a
 * ``<Trainer>_converge``: trained to the plateau on the convergence phantoms (``benchmarks/converge.py``).
 
 The variants only change ``num_epochs`` / ``num_iterations_per_epoch`` / ``num_val_iterations_per_epoch``
-and ``save_every``; everything else (network, loss, checkpoint format) is the base trainer's. The values are
+and ``save_every`` (the end of a short schedule; every 10 epochs of ``converge``); everything else (network, loss, checkpoint format) is the base trainer's. The values are
 class attributes, so every DDP rank sees the same schedule.
 """
 
@@ -24,7 +24,12 @@ SCHEDULES: dict[str, dict[str, int]] = {
     "demo": {"num_epochs": 30, "num_iterations_per_epoch": 30, "num_val_iterations_per_epoch": 4},
     # the convergence benchmarks (issue 20, benchmarks/converge.py): on `phantoms --profile converge` with
     # 3d_tiny, plain nnUNetTrainer reaches its plateau on every structure by ~3000 of these 5000 iterations
-    "converge": {"num_epochs": 100, "num_iterations_per_epoch": 50, "num_val_iterations_per_epoch": 10},
+    "converge": {
+        "num_epochs": 100,
+        "num_iterations_per_epoch": 50,
+        "num_val_iterations_per_epoch": 10,
+        "save_every": 10,
+    },
 }
 
 
@@ -43,7 +48,8 @@ def schedule_variant(base: type, schedule: str, module: str) -> type:
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         for attribute, value in settings.items():
             setattr(self, attribute, value)
-        self.save_every = max(1, settings["num_epochs"])
+        # short schedules: one checkpoint at the end; long ones say how often (resumable with --c)
+        self.save_every = settings.get("save_every", max(1, settings["num_epochs"]))
 
     name = f"{base.__name__}_{schedule}"
     description = ", ".join(f"{k}={v}" for k, v in settings.items())
