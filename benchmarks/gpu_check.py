@@ -550,26 +550,29 @@ def prepare_datasets(run: Run) -> None:
         run.save()
 
 
+def _trainer_from_args(run: Run, name: str, kind: str, compile: bool):
+    """nnU-Net's ``get_trainer_from_args`` for ``name`` on ``kind``'s phantom; on a CPU, compile forced on."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    configuration = SIZES[run.args.size]["configuration"]
+    trainer = get_trainer_from_args(
+        run.datasets[kind], configuration, FOLD, name, "nnUNetPlans", False, run.device
+    )
+    if compile and not run.cuda:
+        trainer._do_i_compile = lambda: True
+    return trainer
+
+
 def build_trainer(run: Run, name: str, kind: str, *, compile: bool, results: Path, pretrained: str | None):
     """A trainer as ``nnUNetv2_train DATASET CONFIGURATION 0 -tr NAME [-pretrained_weights P]`` builds it, up
     to the first training epoch's start. ``compile``: nnU-Net decides with nnUNet_compile=1 (CUDA) / forced on
     (CPU, where nnU-Net never compiles); False: eager."""
     import torch
-    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+    from nnunetv2.run.run_training import maybe_load_checkpoint
 
     flag = "1" if compile else "f"
     with environ(nnUNet_results=str(results), nnUNet_compile=flag), run.quiet():
-        trainer = get_trainer_from_args(
-            run.datasets[kind],
-            SIZES[run.args.size]["configuration"],
-            FOLD,
-            name,
-            "nnUNetPlans",
-            False,
-            run.device,
-        )
-        if compile and not run.cuda:
-            trainer._do_i_compile = lambda: True
+        trainer = _trainer_from_args(run, name, kind, compile)
         if getattr(trainer, "expert", None) is not None and hasattr(trainer, "expert_checkpoint"):
             path = trainer.expert_checkpoint()  # MedSeqFT's M_t^FFT: the foundation, not trained here
             if not path.is_file():
@@ -921,21 +924,11 @@ def check_trainer(run: Run, name: str, res: dict) -> None:
 def build_fresh(run: Run, name: str, kind: str, results: Path):
     """A fresh trainer (another random initialisation) that loads the checkpoint_final.pth just written, as
     ``nnUNetv2_train ... --c`` does (``maybe_load_checkpoint(trainer, True, ...)``)."""
-    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+    from nnunetv2.run.run_training import maybe_load_checkpoint
 
     seed_everything(run.args.seed + 1)
     with environ(nnUNet_results=str(results), nnUNet_compile="1" if run.compile else "f"), run.quiet():
-        fresh = get_trainer_from_args(
-            run.datasets[kind],
-            SIZES[run.args.size]["configuration"],
-            FOLD,
-            name,
-            "nnUNetPlans",
-            False,
-            run.device,
-        )
-        if run.compile and not run.cuda:
-            fresh._do_i_compile = lambda: True
+        fresh = _trainer_from_args(run, name, kind, run.compile)
         maybe_load_checkpoint(fresh, True, False, None)
     return fresh
 

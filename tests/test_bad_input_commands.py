@@ -49,6 +49,7 @@ BROKEN_JSON = [
 
 # ------------------------------------------------------------------------------------------- --device
 SELECT = ["medseqft", "select", "611", "3d_fullres"]
+RUN_611 = ["-d", "611", "-c", "3d_fullres", "-o"]  # medseqft run's dataset, configuration and output flags
 RUN = ["medseqft", "run", "--pretrained", "m0.pth", "-d", "1", "-c", "3d_fullres", "-o", "o"]
 
 
@@ -188,18 +189,7 @@ def test_medseqft_run_refuses_an_unreadable_pretrained_checkpoint(tmp_path, caps
     _medseqft_env(tmp_path, monkeypatch)
     ckpt = tmp_path / "m0.pth"
     _write_checkpoint(ckpt, kind)
-    argv = [
-        "medseqft",
-        "run",
-        "--pretrained",
-        str(ckpt),
-        "-d",
-        "611",
-        "-c",
-        "3d_fullres",
-        "-o",
-        str(tmp_path / "o"),
-    ]
+    argv = ["medseqft", "run", "--pretrained", str(ckpt), *RUN_611, str(tmp_path / "o")]
     err = refused(
         [*argv, "--device", "cpu"], capsys, tmp_path, f"the pretrained checkpoint {ckpt} is not a readable"
     )
@@ -220,20 +210,7 @@ def test_medseqft_run_refuses_a_broken_state_or_buffer_file(tmp_path, capsys, mo
     out.mkdir()
     state = out / "medseqft_run.json"
     state.write_bytes(content)
-    argv = [
-        "medseqft",
-        "run",
-        "--pretrained",
-        str(ckpt),
-        "-d",
-        "611",
-        "-c",
-        "3d_fullres",
-        "-o",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    argv = ["medseqft", "run", "--pretrained", str(ckpt), *RUN_611, str(out), "--device", "cpu"]
     err = refused(
         [*argv, "--strategies", "sequential"], capsys, tmp_path, f"the run's state file {state} {message}"
     )
