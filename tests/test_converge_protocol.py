@@ -3,20 +3,16 @@ themselves are a benchmark, docs/benchmarks.md)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "converge.py"
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+SCRIPT = BENCHMARKS / "converge.py"
 
 
 @pytest.fixture(scope="module")
 def converge():
-    spec = importlib.util.spec_from_file_location("converge", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("converge")
 
 
 def test_plateau_needs_a_flat_last_fifth(converge):

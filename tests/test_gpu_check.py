@@ -7,14 +7,14 @@ preprocesses a phantom first, about two minutes on 2 CPU cores, so it is not par
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+SCRIPT = BENCHMARKS / "gpu_check.py"
 # nnUNetTrainer and every method trainer the project ships (issue 19's list)
 SHIPPED = [
     "nnUNetTrainer",
@@ -31,10 +31,7 @@ SHIPPED = [
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 def test_defaults_follow_the_device(gpu_check):
