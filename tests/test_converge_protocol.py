@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.benchmark_scripts import BENCHMARKS, load_benchmark
-
-SCRIPT = BENCHMARKS / "converge.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
