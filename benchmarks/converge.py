@@ -118,7 +118,7 @@ def learning_curve(checkpoint: Path, names: list[str], title: str, png: Path) ->
 def evaluate(dataset: Path, predictions: Path) -> dict:
     import SimpleITK as sitk
 
-    from nnunet_ext.metrics import dice, hd95, normalized_surface_dice
+    from nnunet_ext.metrics import normalized_surface_dice, per_structure
 
     labels = {k: v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items() if v}
     cases = {}
@@ -127,11 +127,11 @@ def evaluate(dataset: Path, predictions: Path) -> dict:
         gt = sitk.GetArrayFromImage(gt_img)
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / gt_file.name)))
         spacing = gt_img.GetSpacing()[::-1]
-        cases[gt_file.name] = {}
-        for name, value in labels.items():
+        cases[gt_file.name] = per_structure(pred, gt, labels, spacing)  # Dice, HD95
+        for name, value in labels.items():  # + NSD at the tolerance
             p, g = pred == value, gt == value
             nsd = normalized_surface_dice(p, g, spacing, NSD_TOLERANCE_MM) if p.any() and g.any() else 0.0
-            cases[gt_file.name][name] = {"Dice": dice(p, g), "HD95": hd95(p, g, spacing), "NSD": nsd}
+            cases[gt_file.name][name]["NSD"] = nsd
     mean = {
         name: {m: float(np.mean([c[name][m] for c in cases.values()])) for m in ("Dice", "HD95", "NSD")}
         for name in labels
