@@ -244,3 +244,58 @@ def test_bad_input_is_refused_naming_the_case_and_fix(tmp_path, capsys, problem,
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == before  # no metrics file written
+
+
+#: challenge -> (a case, the case that goes wrong, a label value it defines, one it does not)
+BAD_INPUT_CASES = {
+    "kipa22": ("c1", "c2", 2, 9),
+    "kits21": ("case_00001", "case_00002", 1, 7),
+    "amos22-task1": ("amos_0001", "amos_0002", 6, 16),
+    "amos22-task2": ("amos_0001", "amos_0601", 6, 16),
+    "cosmos22": ("1_L", "1_R", 1, 5),  # 4, the ignore label, is refused in a prediction
+    "mots": ("liver_1", "kidney_2", 3, 15),
+    "mots-liver": ("liver_1", "liver_2", 1, 3),
+    "mots-colon": ("colon_1", "colon_2", 1, 2),
+}
+
+
+@pytest.mark.parametrize(
+    "challenge, problem",
+    [(c, p) for c in sorted(BAD_INPUT_CASES) for p in ("missing", "label", "spacing")]
+    + [("cosmos22", "ignore_label")],
+)
+def test_every_challenge_refuses_bad_input_in_one_line_writing_nothing(tmp_path, capsys, challenge, problem):
+    """Issue 15 'Bad input' for each challenge evaluate knows: a missing prediction, a label value outside the
+    challenge's definition (COSMOS22's ignore label included: only references may hold it), a spacing mismatch
+    -> one line naming the case and the fix, exit 1, nothing written."""
+    good, bad, value, undefined = BAD_INPUT_CASES[challenge]
+    if problem == "ignore_label":
+        undefined = 4
+    ok = box((10, 24, 24), (2, 6, 6), (8, 18, 18), value)
+    for case in (good, bad):
+        write(tmp_path / "gt" / f"{case}.nii.gz", ok)
+        write(tmp_path / "pred" / f"{case}.nii.gz", ok)
+    expected = {
+        "missing": f"1 reference cases have no prediction in {tmp_path / 'pred'}: ['{bad}']; predict them",
+        "label": f"{bad}: the prediction holds label values [{undefined}] that",
+        "ignore_label": f"{bad}: the prediction holds label values [4] that",
+        "spacing": f"{bad}: prediction spacing (2.0, 1.0, 1.0) (z, y, x) differs from the reference's (1.0, 1.0, 1.0)",
+    }[problem]
+    if problem == "missing":
+        (tmp_path / "pred" / f"{bad}.nii.gz").unlink()
+    elif problem == "spacing":
+        write(tmp_path / "pred" / f"{bad}.nii.gz", ok, (1.0, 1.0, 2.0))
+    else:
+        write(tmp_path / "pred" / f"{bad}.nii.gz", box(ok.shape, (0, 0, 0), (1, 1, 1), undefined, ok.copy()))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    argv = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--challenge", challenge, "--quiet"]
+    assert main([*argv, "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "predict" in err or "--challenge" in err  # the fix is named
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no metrics file, no output folder
+    # the same folders without the problem are scored
+    if problem != "missing":
+        write(tmp_path / "pred" / f"{bad}.nii.gz", ok)
+        assert main(argv) == 0
+        assert (tmp_path / "pred" / f"{challenge}_metrics.json").is_file()
