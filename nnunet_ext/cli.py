@@ -10,24 +10,62 @@ import sys
 from nnunet_ext import __version__
 from nnunet_ext.errors import UserError
 
-# module name -> imported lazily so that `nnunet-ext trainer-dir` stays fast (no torch import)
-COMMAND_MODULES = [
-    "environment",
-    "plans",
-    "phantoms",
-    "tasks",
-    "demo",
-    "bench",
-    "predict_boundaries",
-    "labelprop",
-    "fingerprint",
-    "universal",
-    "convert",
-    "evaluate",
-    "submit",
-    "uniseg",
-    "medseqft",
-]
+# Every top-level sub-command, the module whose ``add_parser`` registers it, and its one-line help. Only the
+# module of the command being run is imported, and `nnunet-ext --help` imports none, so neither imports torch
+# (tests/test_cli_help.py checks both, and that this table matches what the modules register).
+COMMANDS = {
+    "trainer-dir": ("environment", "print the folder to put in nnUNet_extTrainer"),
+    "doctor": (
+        "environment",
+        "check nnU-Net's env vars, nnUNet_extTrainer and that nnU-Net finds our trainers",
+    ),
+    "plans": ("plans", "edit nnU-Net plans: derive configurations, swap architectures, tiny preset, check"),
+    "phantoms": ("phantoms", "write a synthetic abdomen-like CT phantom dataset (nnU-Net raw format)"),
+    "tasks": ("tasks", "show or validate a dataset's task registry (dataset.json['nnunet_ext_tasks'])"),
+    "demo": (
+        "demo",
+        "run the whole path on a phantom: preprocess, train baseline + ours, predict, evaluate, figure",
+    ),
+    "bench": ("bench", "train-step time, peak memory and inference time of a trainer vs plain nnUNetTrainer"),
+    "predict-boundaries": (
+        "predict_boundaries",
+        "write a BA-Net model's boundary probability maps as images (quality checks)",
+    ),
+    "labelprop": (
+        "labelprop",
+        "label propagation: train from sparse slice annotations (interpolate, pseudo, run, qc)",
+    ),
+    "fingerprint": (
+        "fingerprint",
+        "nnU-Net's dataset fingerprint without the ignore label in the foreground intensity statistics",
+    ),
+    "predict": (
+        "universal",
+        "DoDNet/TransDoDNet/UniSeg prediction: all tasks, one task (--task) or each case's task (--by-prefix)",
+    ),
+    "postprocess": (
+        "universal",
+        "DoDNet-style post-processing of label maps: largest components, tumour inside organ, small blobs",
+    ),
+    "convert": ("convert", "convert a challenge's download into an nnU-Net raw dataset"),
+    "evaluate": (
+        "evaluate",
+        "a challenge's official metrics (Dice, HD95, HD, average distance, NSD, ...) per case and class",
+    ),
+    "submit": (
+        "submit",
+        "write predictions as a challenge's evaluation expects them (names, format, label values)",
+    ),
+    "uniseg": (
+        "uniseg",
+        "UniSeg: merge tasks with different image channels; convert a checkpoint for fine-tuning",
+    ),
+    "medseqft": (
+        "medseqft",
+        "MedSeqFT: MDS buffer selection and sequential fine-tuning runs (docs/medseqft.md)",
+    ),
+}
+COMMAND_MODULES = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
 # a write that fails for these reasons is the machine's problem, not a bug: one line, exit 1, no traceback
@@ -41,7 +79,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``nnunet-ext`` parser. With ``command`` (a name in :data:`COMMANDS`) only that command's module is
+    imported and registers its full parser; the other commands (and all of them without ``command``) are
+    listed by name and help only, which is all ``nnunet-ext --help`` and a wrong command name need."""
     import importlib
 
     parser = Parser(
@@ -53,19 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nnunet-ext {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"nnunet_ext.{name}").add_parser(sub)
+    if command is not None:
+        importlib.import_module(f"nnunet_ext.{COMMANDS[command][0]}").add_parser(sub)
+    for name, (_, text) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=text)
     return parser
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The sub-command ``argv`` names (its first argument that is not an option), or None."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["trainer-dir"]:  # fast path, used in `export nnUNet_extTrainer=$(...)`
+    if argv == ["trainer-dir"]:  # fast path, used in `export nnUNet_extTrainer=$(...)`
         from nnunet_ext import trainer_dir
 
         print(trainer_dir())
         return 0
-    parser = build_parser()
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

@@ -75,7 +75,7 @@ def test_an_invalid_device_is_a_one_line_argparse_error(tmp_path, capsys, monkey
 def test_medseqft_device_defaults_to_auto():
     from nnunet_ext.cli import build_parser
 
-    parser = build_parser()
+    parser = build_parser("medseqft")
     select = parser.parse_args(["medseqft", "select", "1", "3d_fullres", "--checkpoint", "m0.pth"])
     run = parser.parse_args(["medseqft", "run", "--pretrained", "m", "-d", "1", "-c", "c", "-o", "o"])
     assert select.device == run.device == "auto"
