@@ -4,7 +4,9 @@
 (``compute_surface_distances`` + ``compute_surface_dice_at_tolerance``, repository and commit in the fixture)
 on the mask pairs that :func:`surface_cases` builds: normalised surface Dice at tolerances equal to a grid
 distance (the float32 regression: MONAI's distances are float32), anisotropic spacing, shifted and eroded
-shapes. The reference code is not a dependency of this package or of its tests.
+shapes. ``data/parity/medpy_official.json`` holds MedPy 0.5.2's ``hd``, ``hd95``, ``assd`` and ``asd`` (both
+directions) on those pairs and on :func:`medpy_cases`. The reference code is not a dependency of this package or of
+its tests.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nnunet_ext.metrics import normalized_surface_dice
+from nnunet_ext.metrics import distance_metrics, normalized_surface_dice, surface_distances
 from tests.volumes import ball
 
 FIXTURE = Path(__file__).parent / "data" / "parity" / "surface_distance_official.json"
+MEDPY = Path(__file__).parent / "data" / "parity" / "medpy_official.json"
 
 
 def surface_cases() -> dict[str, tuple[np.ndarray, np.ndarray, tuple[float, ...], list[float]]]:
@@ -46,6 +49,26 @@ def surface_cases() -> dict[str, tuple[np.ndarray, np.ndarray, tuple[float, ...]
     return cases
 
 
+def medpy_cases() -> dict[str, tuple[np.ndarray, np.ndarray, tuple[float, ...]]]:
+    """Further ``{name: (prediction, reference, spacing (z, y, x))}`` for the MedPy distances: surfaces of very
+    different sizes (the pooled ASSD differs from the average of the two directed means), an object on the
+    image border (MedPy erodes with a background border, so the edge voxels are surface), a one-voxel plate."""
+    shape, spacing = (16, 40, 40), (2.5, 0.8, 0.8)
+    cases = {}
+    cases["small_in_large_aniso"] = (
+        ball(shape, (8, 20, 20), 5.0, spacing),
+        ball(shape, (8, 20, 20), 11.0, spacing),
+        spacing,
+    )
+    ref = np.zeros(shape, bool)
+    ref[4:12, 0:14, 5:25] = True  # on the image border along y
+    cases["on_the_border_aniso"] = (np.roll(ref, 3, axis=2), ref, spacing)
+    plate = np.zeros(shape, bool)
+    plate[7, 10:30, 10:30] = True  # one voxel thick: all of it is surface
+    cases["plate_shifted_aniso"] = (np.roll(plate, 1, axis=0), plate, spacing)
+    return cases
+
+
 def test_normalized_surface_dice_matches_deepmind():
     fixture = json.loads(FIXTURE.read_text())
     cases = surface_cases()
@@ -65,3 +88,33 @@ def test_nsd_at_a_tolerance_equal_to_the_grid_distance():
     value = json.loads(FIXTURE.read_text())["cases"]["cube_eroded_iso08"]["nsd"][2]
     assert value > 0.8  # most of both surfaces lie within one voxel (0.8 mm) of the other
     assert normalized_surface_dice(pred, ref, spacing, 0.8) == pytest.approx(value, abs=1e-4)
+
+
+def test_hausdorff_hd95_and_assd_match_medpy():
+    """HD, HD95_pooled (MedPy's hd95: both directions pooled) and ASSD equal MedPy 0.5.2 with anisotropic spacing,
+    and so do the two directed mean distances (MedPy's asd)."""
+    fixture = json.loads(MEDPY.read_text())
+    assert len(fixture["source"]["commit"]) == 40 and fixture["source"]["repository"].endswith("loli/medpy")
+    cases = {**{k: v[:3] for k, v in surface_cases().items()}, **medpy_cases()}
+    assert set(cases) == set(fixture["cases"])
+    for name, (pred, ref, spacing) in cases.items():
+        expected = fixture["cases"][name]
+        ours = distance_metrics(pred, ref, spacing)
+        for metric, key in (("HD", "hd"), ("HD95_pooled", "hd95"), ("ASSD", "assd")):
+            assert ours[metric] == pytest.approx(expected[key], abs=1e-4), (
+                name,
+                metric,
+                ours[metric],
+                expected[key],
+            )
+        d_pg, d_gp, _, _ = surface_distances(pred, ref, spacing)
+        assert d_pg.mean() == pytest.approx(expected["asd"], abs=1e-4), name
+        assert d_gp.mean() == pytest.approx(expected["asd_reverse"], abs=1e-4), name
+
+
+def test_medpy_assd_pools_the_two_directions():
+    """What docs/challenges/README.md says: MedPy 0.5.2's assd is the mean of both directions' distances pooled,
+    not the average of the two directed means (they differ when the surfaces have different sizes)."""
+    cases = json.loads(MEDPY.read_text())["cases"]
+    differ = [n for n, c in cases.items() if abs(c["assd"] - (c["asd"] + c["asd_reverse"]) / 2) > 1e-3]
+    assert {"small_in_large_aniso", "cube_eroded_iso08"} <= set(differ)
