@@ -58,8 +58,8 @@ class AMOS22(Challenge):
             "organ absent from reference and prediction -> 1 (Dice and NSD); present in only one -> 0",
         ),
         assumed=(
-            "NSD tolerance 1 mm for every organ (no official AMOS22 evaluation code found: the JiYuanFeng/AMOS "
-            "repository holds the challenge website only)",
+            "NSD tolerance 1 mm for every organ (no official AMOS22 evaluation code found: the organisers' "
+            "JiYuanFeng/AMOS repository holds the website, an nnU-Net v1 baseline and splits, no metric code)",
             "empty masks: absent from both -> Dice 1, NSD 1; from one -> 0 (no official rule found)",
         ),
     )
