@@ -118,3 +118,30 @@ def test_medpy_assd_pools_the_two_directions():
     cases = json.loads(MEDPY.read_text())["cases"]
     differ = [n for n, c in cases.items() if abs(c["assd"] - (c["asd"] + c["asd_reverse"]) / 2) > 1e-3]
     assert {"small_in_large_aniso", "cube_eroded_iso08"} <= set(differ)
+
+
+def test_amos22_nsd_through_evaluate_equals_deepmind_at_its_assumed_1mm(tmp_path):
+    """`evaluate --challenge amos22-task1` scores an organ's NSD at the assumed 1 mm tolerance as DeepMind's code
+    does (fixture), on anisotropic label files; the assumed empty-mask values: absent from both 1, from one 0."""
+    from nnunet_ext.evaluate import evaluate_folders
+    from tests.volumes import write_label
+
+    fixture = json.loads(FIXTURE.read_text())["cases"]
+    expected = {}
+    for name, (pred, ref, spacing, tolerances) in surface_cases().items():
+        if 1.0 not in tolerances:
+            continue
+        expected[name] = fixture[name]["nsd"][tolerances.index(1.0)]
+        liver = 6
+        write_label(tmp_path / "pred" / f"{name}.nii.gz", pred * liver, spacing)
+        write_label(tmp_path / "gt" / f"{name}.nii.gz", ref * liver, spacing)
+    write_label(tmp_path / "pred" / "missed.nii.gz", np.zeros((12, 12, 12)), (2.5, 0.8, 0.8))
+    write_label(
+        tmp_path / "gt" / "missed.nii.gz", surface_cases()["cube_eroded_aniso"][1] * 6, (2.5, 0.8, 0.8)
+    )
+    assert len(expected) >= 4
+    cases = evaluate_folders("amos22-task1", tmp_path / "pred", tmp_path / "gt")["cases"]
+    for name, value in expected.items():
+        assert cases[name]["liver"]["NSD"] == pytest.approx(value, abs=1e-4), name
+        assert cases[name]["spleen"] == {"Dice": 1.0, "NSD": 1.0}  # absent from both (assumed)
+    assert cases["missed"]["liver"] == {"Dice": 0.0, "NSD": 0.0}  # absent from the prediction (assumed)
