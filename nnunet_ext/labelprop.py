@@ -116,13 +116,31 @@ def interpolate_nearest(stack: np.ndarray, annotated: Sequence[int]) -> np.ndarr
 def _signed_distance(mask: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
     """2D signed distance (in the units of ``sampling``): negative inside, positive outside; the zero level
     lies halfway between the boundary voxels inside (-1 voxel) and outside (+1 voxel)."""
-    from scipy.ndimage import distance_transform_edt
-
     if not mask.any() or mask.all():
         raise ValueError("signed distance of an empty or full mask is undefined")
-    outside = distance_transform_edt(~mask, sampling=sampling)
-    inside = distance_transform_edt(mask, sampling=sampling)
+    outside = _edt_near(~mask, sampling)
+    inside = _edt_near(mask, sampling)
     return (outside - inside).astype(np.float32)
+
+
+def _edt_near(mask: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
+    """``distance_transform_edt(mask, sampling)``, computed inside the bounding box of ``mask`` grown by one
+    voxel (zero outside it): every voxel outside the box is a zero of ``mask``, so the grown box's border holds
+    a zero closer to any voxel in the box than any zero outside the box (project that zero onto the border:
+    no coordinate moves further away, one comes closer). Same nearest zeros, same distances; a small label's
+    inside distances no longer cost a whole slice."""
+    from scipy.ndimage import distance_transform_edt
+
+    box = _foreground_box(mask)
+    if box is None:
+        return np.zeros(mask.shape, np.float64)
+    y0, y1 = max(0, box[0] - 1), min(mask.shape[0], box[1] + 1)
+    x0, x1 = max(0, box[2] - 1), min(mask.shape[1], box[3] + 1)
+    if (y0, y1, x0, x1) == (0, mask.shape[0], 0, mask.shape[1]):
+        return distance_transform_edt(mask, sampling=sampling)
+    out = np.zeros(mask.shape, np.float64)
+    out[y0:y1, x0:x1] = distance_transform_edt(mask[y0:y1, x0:x1], sampling=sampling)
+    return out
 
 
 _FULL = "full"

@@ -146,6 +146,36 @@ def test_shape_crop_gives_the_whole_slice_output(monkeypatch):
     assert np.array_equal(out, interpolate_shape(stack, [0, 4], crop=False))
 
 
+def test_distance_maps_on_the_mask_box_equal_scipy_on_the_whole_slice():
+    """_edt_near (the distance transform inside the box of the mask's voxels + 1) is scipy's on the whole slice:
+    masks touching edges and corners, one voxel, thin lines, anisotropic sampling."""
+    from scipy.ndimage import distance_transform_edt
+
+    import nnunet_ext.labelprop as lp
+
+    rng = np.random.default_rng(1)
+    masks = []
+    for trial in range(40):
+        h, w = int(rng.integers(3, 40)), int(rng.integers(3, 40))
+        mask = np.ones((h, w), bool)
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y1, x1 = int(rng.integers(y0 + 1, h + 1)), int(rng.integers(x0 + 1, w + 1))
+        mask[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < [0.0, 0.3, 0.9][trial % 3]
+        masks.append(mask)
+    one = np.ones((9, 7), bool)
+    one[4, 3] = False
+    line = np.ones((9, 7), bool)
+    line[:, 0] = False
+    corner = np.zeros((9, 7), bool)
+    corner[0, 0] = True
+    masks += [one, line, ~line, corner, ~corner]
+    for i, mask in enumerate(masks):
+        if mask.all():  # no zero: no distance to one (never asked for: _signed_distance refuses it)
+            continue
+        sp = [(1.0, 1.0), (0.8, 0.8), (2.0, 0.7), (0.6, 1.3)][i % 4]
+        assert np.array_equal(lp._edt_near(mask, sp), distance_transform_edt(mask, sampling=sp)), i
+
+
 def test_shape_crop_reproduces_the_whole_slice_implementation_of_e377ef9():
     """Frozen outputs of the implementation before the crop (tests/data/labelprop/README.md)."""
     ref = np.load(Path(__file__).parent / "data" / "labelprop" / "shape_whole_slices_e377ef9.npz")
