@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from nnunet_ext.challenges import get_challenge
-from nnunet_ext.challenges.base import META_KEY, Challenge, image_files, strip_suffix
+from nnunet_ext.challenges.base import IMAGE_SUFFIXES, META_KEY, Challenge, image_files, strip_suffix
 from nnunet_ext.errors import UserError
 from nnunet_ext.io import make_temp_dir, read_json, refuse_existing
 
@@ -42,6 +42,63 @@ def dataset_meta(challenge: Challenge, folder: Path) -> dict:
     if meta.get("challenge") != challenge.name:
         raise UserError(f"{folder} is a converted {meta.get('challenge')} dataset, not {challenge.name}.")
     return meta
+
+
+def image_geometries(*paths: Path) -> list[tuple[tuple[int, ...], tuple[float, ...]]] | None:
+    """``(shape, spacing)`` (z, y, x) of each file from its header, all with the same reader: SimpleITK, or nibabel
+    for all when SimpleITK refuses one (AMOS's sheared files); None if neither reads them all (the reading itself
+    reports that later)."""
+    import SimpleITK as sitk
+
+    try:
+        out = []
+        for path in paths:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            out.append(
+                (
+                    tuple(reversed(reader.GetSize()))[-3:],
+                    tuple(float(x) for x in reversed(reader.GetSpacing()))[-3:],
+                )
+            )
+        return out
+    except RuntimeError:
+        pass
+    try:
+        import nibabel
+
+        headers = [nibabel.load(str(path)).header for path in paths]
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader that needs it
+        return None
+    return [
+        (
+            tuple(int(n) for n in reversed(h.get_data_shape()[:3])),
+            tuple(float(z) for z in reversed(h.get_zooms()[:3])),
+        )
+        for h in headers
+    ]
+
+
+def check_prediction_geometry(case_id: str, prediction: Path, dataset_folder: Path) -> None:
+    """Refuse a prediction whose shape or spacing is not its converted test image's (imagesTs/<case>_0000.*):
+    the submission would keep the prediction's geometry and miss the challenge's reference."""
+    images = [dataset_folder / "imagesTs" / f"{case_id}_0000{suffix}" for suffix in IMAGE_SUFFIXES]
+    image = next((i for i in images if i.is_file()), None)
+    if image is None:
+        return
+    geometries = image_geometries(prediction, image)
+    if geometries is None:
+        return
+    mine, theirs = geometries
+    import numpy as np
+
+    if mine[0] != theirs[0] or not np.allclose(mine[1], theirs[1], rtol=1e-4, atol=1e-4):
+        raise UserError(
+            f"{case_id}: prediction {prediction} has shape {mine[0]} and spacing {mine[1]} (z, y, x), its test "
+            f"image {image.name} {theirs[0]} and {theirs[1]}; predict the converted dataset's imagesTs with "
+            f"nnUNetv2_predict, which writes each prediction in its image's geometry."
+        )
 
 
 def check_out_folder(out: Path, pred_dir: Path, dataset_folder: Path) -> None:
@@ -103,6 +160,8 @@ def submit(
             f"{' ...' if len(missing) > 10 else ''}. Predict the converted dataset's imagesTs, e.g. "
             f"nnUNetv2_predict -i $nnUNet_raw/DatasetXXX/imagesTs -o {pred_dir} ..."
         )
+    for cid in expected:
+        check_prediction_geometry(cid, predictions[cid], folder)
     check_out_folder(out, pred_dir, folder)
     refuse_existing(out, overwrite, "the submission folder", "--overwrite")
     if out.exists() and not (out.is_dir() and ((out / MARKER).is_file() or not any(out.iterdir()))):

@@ -63,6 +63,26 @@ def test_kipa22_names_values_and_completeness(tmp_path, capsys):
         submit("kits21", pred, tmp_path / "other", result.folder)
 
 
+@pytest.mark.parametrize("problem", ["spacing", "shape"])
+def test_a_prediction_off_its_test_images_grid_is_refused(tmp_path, capsys, problem):
+    """A prediction whose spacing or shape is not its test image's: one line naming the case and the fix, exit 1,
+    nothing written (the submission would keep the wrong geometry)."""
+    result = convert(get_challenge("kipa22"), fake_kipa(tmp_path), 12, out=tmp_path / "raw", progress=False)
+    image = result.folder / "imagesTs" / "KiPA_71_0000.nii.gz"
+    lab = organ_label()
+    pred = sitk.GetImageFromArray(lab if problem == "spacing" else lab[:-1])
+    pred.SetSpacing((0.7, 0.7, 2.0) if problem == "spacing" else sitk.ReadImage(str(image)).GetSpacing())
+    (tmp_path / "pred").mkdir()
+    sitk.WriteImage(pred, str(tmp_path / "pred" / "KiPA_71.nii.gz"))
+    out = tmp_path / "submission"
+    assert main(["submit", "kipa22", str(tmp_path / "pred"), str(out), "-d", str(result.folder)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "KiPA_71: prediction" in err and "its test image KiPA_71_0000.nii.gz" in err
+    assert "predict the converted dataset's imagesTs with nnUNetv2_predict" in err
+    assert not out.exists() and not list(tmp_path.glob(".submission*"))
+
+
 def test_kits21_prediction_file_names(tmp_path):
     result = convert(
         get_challenge("kits21"), fake_kits21(tmp_path), 135, out=tmp_path / "raw", progress=False
@@ -136,6 +156,7 @@ def test_amos22_sheared_files_keep_their_affine(tmp_path):
     lab[2:4, 2:4, 1:3] = 6
     write_sheared(src / "imagesTr" / "amos_0003.nii.gz", np.zeros((8, 8, 6)))
     write_sheared(src / "labelsTr" / "amos_0003.nii.gz", lab)  # checked through nibabel's affines
+    write_sheared(src / "imagesTs" / "amos_0010.nii.gz", np.zeros((8, 8, 6)))  # the prediction's geometry
     result = convert(get_challenge("amos22-task1"), src, 218, out=tmp_path / "raw", progress=False)
     assert "amos_0003" in result.converted["Tr"]
     write_sheared(tmp_path / "pred" / "amos_0010.nii.gz", lab)
