@@ -206,7 +206,9 @@ def test_help_lists_the_values_assumed_without_an_official_definition(capsys):
     out = capsys.readouterr().out
     assert "values we assume where no official definition was found" in out
     assert "amos22-task1, amos22-task2, amos22-mri: NSD tolerance 1 mm" in out
-    assert "cosmos22: QuanM" in out
+    assert "cosmos22: QuanM" in out and "cosmos22: Dice of empty masks" in out
+    assert "amos22-task1, amos22-task2, amos22-mri: empty masks: absent from both -> Dice 1, NSD 1" in out
+    assert "kipa22: a structure the reference lacks (the official code crashes)" in out
     written = get_challenge("amos22-task1").rules.to_json()  # the metrics JSON's "conventions"
     assert any("1 mm" in a for a in written["assumed_without_official_definition"])
 

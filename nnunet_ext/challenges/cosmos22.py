@@ -214,7 +214,10 @@ class COSMOS22(Challenge):
             "reference voxels with the ignore label (unannotated slices) are left out",
             "class 'wall' = normal + atherosclerotic wall",
         ),
-        assumed=("QuanM, the official score: no definition found, not computed; we report Dice",),
+        assumed=(
+            "QuanM, the official score: no definition found, not computed; we report Dice",
+            "Dice of empty masks (no official evaluation code found): absent from both 1, from one 0",
+        ),
     )
     submission_format = "<case>.nii.gz, the whole volume (halves put back), uint8 labels 1 lumen, 2/3 wall"
 
