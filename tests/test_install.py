@@ -74,7 +74,7 @@ def wheel(tmp_path_factory) -> Path:
         ),
     )
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
+    built = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -82,15 +82,29 @@ def wheel(tmp_path_factory) -> Path:
             "wheel",
             "--no-deps",
             "--no-build-isolation",
-            "-q",
+            "-v",
             "-w",
             str(out),
             str(src),
         ],
         check=True,
         capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
     )
+    (out / "build.log").write_text(built.stdout + built.stderr, encoding="utf-8")
     return next(out.glob("nnunet_ext-*.whl"))
+
+
+def test_wheel_build_prints_no_setuptools_package_warnings(wheel):
+    log = (wheel.parent / "build.log").read_text(encoding="utf-8")
+    for warning in (
+        "Package would be ignored",
+        "absent from the `packages` configuration",
+        "BuildBackendWarning",
+    ):
+        assert warning not in log, f"`pip install .` warns: {warning}"
 
 
 def test_wheel_installs_only_the_nnunet_ext_namespace(wheel):
@@ -132,3 +146,56 @@ def test_plain_install_resolves_trainers_and_networks(wheel, tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["file"].startswith(str(target)), result
     assert result["same"] and result["archs"]
+
+
+def test_source_namespace_links_are_the_top_level_folders():
+    """Static tools (editors, type checkers) and Python started in the repository root find
+    nnunet_ext.trainers / .architectures / .presets as files under nnunet_ext/: relative symlinks to the
+    top-level folders, so there is one file per module."""
+    for name, folder in (("trainers", "trainers"), ("architectures", "architectures"), ("presets", "plans")):
+        link = REPO / "nnunet_ext" / name
+        assert link.is_symlink() and os.readlink(link) == f"../{folder}", link
+        assert (link / "__init__.py").resolve() == (REPO / folder / "__init__.py").resolve()
+
+
+WITHOUT_EDITABLE_FINDER = (
+    "import sys\n"
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+    "sys.path[:] = [p for p in sys.path if '__editable__' not in p]\n"
+)
+
+
+def test_repository_root_imports_the_same_classes_as_a_plain_install(wheel, tmp_path):
+    """Issue 18 item 5: after a plain `pip install .`, Python started in the repository root imports the source
+    nnunet_ext/ (it shadows the install); nnunet_ext.trainers must still import, and nnU-Net's lookup through
+    nnUNet_extTrainer must return those same class objects."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    code = WITHOUT_EDITABLE_FINDER + (
+        "import json, os, pydoc, nnunet_ext, nnunet_ext.trainers as t\n"
+        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
+        "from nnunet_ext.architectures import ARCHITECTURES as A\n"
+        "os.environ['nnUNet_extTrainer'] = nnunet_ext.trainer_dir()\n"
+        "print(json.dumps({'file': nnunet_ext.__file__, 'trainers': t.__file__,\n"
+        "  'same': all(f(n) is getattr(t, n) for n in t.__all__),\n"
+        "  'archs': all(pydoc.locate(s.network_class_name) is not None for s in A.values())}))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["file"] == str(REPO / "nnunet_ext" / "__init__.py"), result
+    assert result["trainers"] == str(REPO / "nnunet_ext" / "trainers" / "__init__.py"), result
+    assert result["same"] and result["archs"], result
