@@ -480,13 +480,15 @@ def add_parser(sub) -> None:
     p.add_argument("-tr", "--trainer", required=True, help="trainer to measure, e.g. nnUNetTrainerBANet")
     p.add_argument("--baseline", default="nnUNetTrainer", help="baseline trainer (default nnUNetTrainer)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument(
+        "-device", "--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)"
+    )
     p.add_argument("--iterations", type=count_arg(1), default=5, help="timed train steps (default 5)")
     p.add_argument("--warmup", type=count_arg(0), default=2, help="untimed warm-up steps (default 2)")
     p.add_argument(
         "--cases", type=count_arg(1), default=2, help="validation cases for inference timing (default 2)"
     )
-    p.add_argument("--fold", type=count_arg(0), default=0, help="fold whose split is used (default 0)")
+    p.add_argument("-f", "--fold", type=count_arg(0), default=0, help="fold whose split is used (default 0)")
     p.add_argument("--no-mirroring", action="store_true", help="time inference without test-time mirroring")
     p.add_argument(
         "--rounds",

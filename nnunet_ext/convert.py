@@ -151,7 +151,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("challenge", nargs="?", metavar="NAME", help="challenge (see --list)")
     p.add_argument("source", nargs="?", metavar="SOURCE_DIR", help="the challenge's data as downloaded")
-    p.add_argument("--id", type=int, help="nnU-Net dataset id of the result (mots: the first of 7 ids)")
+    p.add_argument("-d", "--id", type=int, help="nnU-Net dataset id of the result (mots: the first of 7 ids)")
     p.add_argument("--name", default=None, help="dataset name (default: the challenge's, e.g. KiPA22)")
     p.add_argument("--out", default=None, help="raw data folder (default $nnUNet_raw)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset with this id")

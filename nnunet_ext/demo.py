@@ -300,7 +300,9 @@ def add_parser(sub) -> None:
         help="trainers to run (default: nnUNetTrainer_demo and nnUNetTrainerBANet_demo; any trainer, e.g. "
         "nnUNetTrainerDoDNet_demo)",
     )
-    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument(
+        "-device", "--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)"
+    )
     p.add_argument("--num-train", type=int, default=12, help="training cases of the phantom (default 12)")
     p.add_argument("--num-test", type=int, default=4, help="test cases of the phantom (default 4)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")

@@ -254,7 +254,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--tolerance", type=float, default=None, help="NSD tolerance in mm for every class")
     p.add_argument("-o", "--output", default=None, help="folder for the JSON and CSV (default PRED_DIR)")
-    p.add_argument("--overwrite", "-f", action="store_true", help="replace existing metrics files")
+    p.add_argument("--overwrite", action="store_true", help="replace existing metrics files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd)
     return p

@@ -839,7 +839,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     }
     for kind in KINDS:
         p = sub.add_parser(kind, help=helps[kind], description=helps[kind])
-        p.add_argument("--id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+        p.add_argument("-d", "--id", type=int, required=True, help="nnU-Net dataset id (1-999)")
         p.add_argument("--name", default=None, help=f"dataset name (default {DEFAULT_NAMES[kind]})")
         p.add_argument("--num-train", type=int, default=12, help="training cases (default 12)")
         p.add_argument("--num-test", type=int, default=4, help="test cases (default 4)")

@@ -1085,8 +1085,8 @@ def add_parser(sub) -> None:
 
     p = ps.add_parser("set", help="change patch/batch size, spacing, features or stages of a configuration")
     common(p, configuration=True)
-    p.add_argument("--patch-size", type=int, nargs="+", metavar="N")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="patch size, one value per axis")
+    p.add_argument("--batch-size", type=int, help="batch size")
     p.add_argument(
         "--spacing",
         type=float,
@@ -1124,12 +1124,15 @@ def add_parser(sub) -> None:
     p = ps.add_parser("check", help="build a configuration's network and time one forward+backward pass")
     common(p, configuration=True)
     p.add_argument(
+        "-device",
         "--device",
         type=device_arg,
         default="auto",
         help="cpu, cuda, cuda:1 or auto (default: cuda if available)",
     )
-    p.add_argument("--trainer", help="build the network the way this trainer does (e.g. nnUNetTrainerBANet)")
+    p.add_argument(
+        "-tr", "--trainer", help="build the network the way this trainer does (e.g. nnUNetTrainerBANet)"
+    )
     p.add_argument("--batch-size", type=count_arg(1), help="override the configuration's batch size")
     p.add_argument(
         "--iterations", type=count_arg(1), default=2, help="timed iterations after one warm-up (default 2)"

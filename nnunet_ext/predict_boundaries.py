@@ -181,7 +181,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "-f", "--folds", nargs="+", type=fold_arg, default=["0"], help="folds to ensemble (default 0)"
     )
-    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument(
+        "-chk",
+        "--checkpoint",
+        default="checkpoint_final.pth",
+        help="checkpoint file name (default checkpoint_final.pth)",
+    )
     p.add_argument(
         "-device", "--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)"
     )

@@ -199,6 +199,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("pred_dir", metavar="PRED_DIR", help="nnUNetv2_predict output for the converted imagesTs")
     p.add_argument("out", metavar="OUT", help="submission folder to write")
     p.add_argument("-d", "--dataset", required=True, help="the converted dataset (id, name or folder)")
-    p.add_argument("--overwrite", "-f", action="store_true", help="replace an existing OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=_cmd)
     return p

@@ -356,7 +356,7 @@ def add_parser(sub) -> None:
         description="Like `nnunet-ext tasks merge` (same --spec/--map/--source), but sources may have different "
         "numbers of image channels. Sources are never modified.",
     )
-    m.add_argument("--id", type=int, required=True, help="id of the merged dataset")
+    m.add_argument("-d", "--id", type=int, required=True, help="id of the merged dataset")
     m.add_argument("--name", default=None, help="name of the merged dataset (default UniSegMerged)")
     m.add_argument(
         "--spec", help='JSON: {"tasks": {TASK: {"source": DATASET, "labels": {SRC: UNIFIED|null}}}}'

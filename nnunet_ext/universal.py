@@ -612,13 +612,20 @@ def add_parser(sub) -> None:
     p.add_argument(
         "-i", "--input", required=True, help="folder with images in nnU-Net layout (CASE_0000.nii.gz)"
     )
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="output folder (created)")
     p.add_argument("-d", "--dataset", help="dataset id or name")
-    p.add_argument("-c", "--configuration")
-    p.add_argument("-tr", "--trainer", default="nnUNetTrainerDoDNet")
-    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("-c", "--configuration", help="configuration, e.g. 3d_fullres")
+    p.add_argument(
+        "-tr", "--trainer", default="nnUNetTrainerDoDNet", help="trainer (default nnUNetTrainerDoDNet)"
+    )
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-f", "--folds", nargs="+", type=fold_arg, help="folds (default: all found)")
-    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument(
+        "-chk",
+        "--checkpoint",
+        default="checkpoint_final.pth",
+        help="checkpoint file name (default checkpoint_final.pth)",
+    )
     p.add_argument("--model-folder", help="the trained model folder instead of -d/-c/-tr/-p")
     p.add_argument("--task", action="append", help="predict only this task's structures (repeat for several)")
     p.add_argument("--by-prefix", action="store_true", help="each case with the task its name's prefix names")
@@ -634,9 +641,19 @@ def add_parser(sub) -> None:
         help="merge tasks with equal cross-task weights (for a model without the weights its validation stores)",
     )
     p.add_argument("--overwrite", action="store_true", help="write into existing --per-task folders")
-    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--disable-tta", action="store_true", help="no mirroring")
-    p.add_argument("--step-size", type=float, default=0.5)
+    p.add_argument(
+        "-device", "--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)"
+    )
+    p.add_argument(
+        "--disable_tta", "--disable-tta", action="store_true", help="no mirroring (test-time augmentation)"
+    )
+    p.add_argument(
+        "-step_size",
+        "--step-size",
+        type=float,
+        default=0.5,
+        help="sliding-window step as a fraction of the patch (default 0.5, as nnU-Net)",
+    )
     p.set_defaults(func=_cmd_predict)
 
     q = sub.add_parser(
@@ -646,7 +663,7 @@ def add_parser(sub) -> None:
         "dataset.json (see docs/dodnet.md); the flags add or override rules. Input files are never modified.",
     )
     q.add_argument("-i", "--input", required=True, help="folder with predicted label maps")
-    q.add_argument("-o", "--output", required=True)
+    q.add_argument("-o", "--output", required=True, help="output folder for the cleaned label maps")
     q.add_argument(
         "--dataset-json", help="dataset.json with labels and task registry (default: INPUT/dataset.json)"
     )
