@@ -31,9 +31,11 @@ structure the task does not annotate is unknown, not background). nnU-Net's igno
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +44,9 @@ from torch import nn
 
 from nnunet_ext.errors import UserError
 from nnunet_ext.tasks import TASKS_KEY, TaskRegistry, case_ids_in_folder, load_task_registry
+
+if TYPE_CHECKING:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 __all__ = [
     "LAYOUT_KEY",
@@ -594,3 +599,52 @@ def own_task_labels(choice: torch.Tensor, label_table: torch.Tensor, task: int) 
     """Label map (global values) of one task's own decisions ``choice`` (*spatial) long (0 background)."""
     table = torch.cat((torch.zeros(1, dtype=torch.long), label_table[task].clamp_min(0).cpu()))
     return table.to(choice.device)[choice]
+
+
+def layout_from_plans(plans_manager: PlansManager, num_output_channels: int) -> TaskLayout:
+    """The task layout a network is built for: the one the trainer wrote into the plans (training, and the
+    results folder's plans.json at inference); else the registry of the preprocessed dataset.json; else one
+    task segmenting every label (e.g. ``nnunet-ext plans check``)."""
+    stored = plans_manager.plans.get(LAYOUT_KEY)
+    if stored is not None:
+        layout = TaskLayout.from_json(stored)
+    else:
+        layout = None
+        pre = os.environ.get("nnUNet_preprocessed")
+        name = plans_manager.plans.get("dataset_name")
+        path = os.path.join(pre, name, "dataset.json") if pre and name else None
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                layout, _ = TaskLayout.from_dataset_json(json.load(f))
+        if layout is None or layout.num_classes != num_output_channels:
+            layout = TaskLayout.single_task(num_output_channels)
+    if layout.num_classes != num_output_channels:
+        raise UserError(
+            f"the task layout in the plans ({LAYOUT_KEY}) is for {layout.num_classes} output channels but the "
+            f"dataset.json has {num_output_channels}; the plans.json and dataset.json of this model folder do "
+            f"not belong together. Use the files the training wrote."
+        )
+    return layout
+
+
+def single_task_segmentation(
+    output: torch.Tensor, task_ids: torch.Tensor, loss: PartialLabelLoss
+) -> torch.Tensor:
+    """Label map of every sample from its own task's channels: threshold 0.5, the later structure of the task
+    wins (the single-task decoding of :meth:`DoDNet.universal_logits`). ``output`` (B, T*K, *spatial), or
+    (B, K, *spatial) of each sample's own task."""
+    sel = torch.sigmoid(loss.select(output, task_ids).float())  # (B, K, ...)
+    labels = loss.label_table.to(output.device)[task_ids]  # (B, K)
+    shape = (*labels.shape, *([1] * (output.ndim - 2)))
+    k = labels.shape[1]
+    rank = torch.arange(k, device=output.device, dtype=sel.dtype).view(1, k, *([1] * (output.ndim - 2)))
+    u = (sel - 0.5) + 0.5 * rank * (sel > 0.5).to(sel.dtype)
+    u = torch.where(labels.view(shape) >= 0, u, torch.full_like(u, -1.0))
+    u = torch.cat((torch.zeros_like(u[:, :1]), u), 1)
+    idx = u.argmax(1)  # 0 background, j+1 structure j
+    values = torch.cat((torch.zeros_like(labels[:, :1]), labels.clamp_min(0)), 1)  # (B, K+1)
+    return torch.gather(
+        values.view(*values.shape, *([1] * (output.ndim - 2))).expand(-1, -1, *idx.shape[1:]),
+        1,
+        idx.unsqueeze(1),
+    )[:, 0]

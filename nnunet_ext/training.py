@@ -66,20 +66,34 @@ def ext_trainer_env(env: dict | None = None) -> dict:
 
 
 def find_trainer(name: str) -> type:
-    """The trainer class ``name``: ours (nnunet_ext.trainers), nnU-Net's, or one in nnUNet_extTrainer."""
-    import nnunet_ext.trainers as ours
-
-    if name in ours.__all__:
-        return getattr(ours, name)
+    """The trainer class ``name``, looked up by name as nnU-Net does (the library never imports
+    ``nnunet_ext.trainers`` itself): ours through the folder of ``nnunet-ext trainer-dir`` with nnU-Net's own
+    search, so the class object is the one ``nnUNetv2_train -tr NAME`` uses; else nnU-Net's or one in
+    ``nnUNet_extTrainer``."""
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
+    from nnunet_ext import trainer_dir
+
+    folder = trainer_dir()
+    with contextlib.redirect_stdout(io.StringIO()):
+        found = recursive_find_python_class(
+            folder, name, None, base_folder=folder, cleanup_imports_from_base_folder=True
+        )
+    if found is not None:
+        return found
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return recursive_find_trainer_class_by_name(name)
     except (RuntimeError, AssertionError) as e:
+        from nnunet_ext.schedules import SCHEDULES
+
+        ours = sorted(f.stem for f in (Path(__file__).parent / "trainers").glob("nnUNetTrainer*.py"))
+        suffixes = ", ".join(f"_{s}" for s in SCHEDULES)
         raise UserError(
-            f"trainer {name!r} not found: not one of nnunet_ext's ({', '.join(ours.__all__)}), not in nnU-Net, "
-            f"not in nnUNet_extTrainer. Check the spelling. ({str(e).splitlines()[0][:200]})"
+            f"trainer {name!r} not found: not one of nnunet_ext's ({', '.join(ours)}, each also with the "
+            f"schedule suffixes {suffixes}), not in nnU-Net, not in nnUNet_extTrainer. Check the "
+            f"spelling. ({str(e).splitlines()[0][:200]})"
         ) from e
 
 

@@ -213,7 +213,7 @@ def merge_mixed_modalities(
 def convert_state_dict(weights: Mapping, plans: Mapping, channels: int | None = None) -> dict:
     """UniSeg network weights -> plain nnU-Net network weights (see the module docstring)."""
     from nnunet_ext.architectures.uniseg import modality_groups
-    from nnunet_ext.trainers.nnUNetTrainerUniSeg import uniseg_facts_from_plans
+    from nnunet_ext.uniseg_training import uniseg_facts_from_plans
 
     facts = uniseg_facts_from_plans(dict(plans))
     layout = facts["layout"]

@@ -23,12 +23,17 @@ rank always gets valid single-task batches and the shares stay equal.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from torch import nn
+
+from nnunet_ext.errors import UserError
+from nnunet_ext.partial import LAYOUT_KEY, TaskLayout
+from nnunet_ext.tasks import TASKS_KEY
 
 __all__ = ["local_label_table", "to_local_targets", "SlicedDCCELoss", "TaskBalancedDataLoader"]
 
@@ -189,3 +194,36 @@ class TaskBalancedDataLoader(nnUNetDataLoader):
     def get_indices(self):
         cases = self.cases_by_task[self.next_task()]
         return list(np.random.choice(cases, self.batch_size, replace=True))
+
+
+#: plans key holding UniSeg's extra network facts (per-task image channels)
+UNISEG_KEY = "nnunet_ext_uniseg"
+
+
+def task_channels_from_dataset_json(dataset_json: dict, layout: TaskLayout) -> list[int]:
+    """Per task its number of image channels: the registry entry's ``channels`` (written by
+    ``nnunet-ext uniseg merge`` for mixed-modality data), else every channel of the dataset."""
+    n = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
+    entries = dataset_json.get(TASKS_KEY, {})
+    out = []
+    for t in layout.tasks:
+        c = entries.get(t, {}).get("channels", n) if isinstance(entries.get(t), dict) else n
+        if not isinstance(c, int) or not 1 <= c <= n:
+            raise UserError(
+                f"task {t!r}: 'channels' in dataset.json['{TASKS_KEY}'] must be an integer 1..{n} (the number of "
+                f"leading image channels its cases have), got {c!r}."
+            )
+        out.append(int(c))
+    return out
+
+
+def uniseg_facts_from_plans(plans: dict) -> dict:
+    """The layout and per-task channels a UniSeg model was built with (from its plans.json)."""
+    if LAYOUT_KEY not in plans:
+        raise UserError(
+            "these plans carry no UniSeg task layout; use the plans.json of a model trained with nnUNetTrainerUniSeg."
+        )
+    return {
+        "layout": TaskLayout.from_json(plans[LAYOUT_KEY]),
+        **json.loads(json.dumps(plans.get(UNISEG_KEY, {}))),
+    }

@@ -199,3 +199,18 @@ def test_repository_root_imports_the_same_classes_as_a_plain_install(wheel, tmp_
     assert result["file"] == str(REPO / "nnunet_ext" / "__init__.py"), result
     assert result["trainers"] == str(REPO / "nnunet_ext" / "trainers" / "__init__.py"), result
     assert result["same"] and result["archs"], result
+
+
+def test_find_trainer_looks_up_by_name_as_nnunet_does():
+    """The library finds a trainer by name through nnU-Net's search of `nnunet-ext trainer-dir` (it never
+    imports nnunet_ext.trainers itself) and gets the class objects nnUNetv2_train uses."""
+    from nnunet_ext.errors import UserError
+    from nnunet_ext.training import find_trainer
+
+    for name in trainers.__all__:
+        assert find_trainer(name) is getattr(trainers, name), name
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    assert find_trainer("nnUNetTrainer") is nnUNetTrainer
+    with pytest.raises(UserError, match="nnUNetTrainerBANet, .*_converge.*Check the spelling"):
+        find_trainer("nnUNetTrainerBANett")

@@ -268,8 +268,8 @@ def test_converted_weights_load_strictly_into_a_plain_nnunet_and_into_banet(styl
 
     from nnunet_ext.architectures.banet import BANet
     from nnunet_ext.partial import LAYOUT_KEY, TaskLayout
-    from nnunet_ext.trainers.nnUNetTrainerUniSeg import UNISEG_KEY
     from nnunet_ext.uniseg import convert_state_dict
+    from nnunet_ext.uniseg_training import UNISEG_KEY
 
     net = make_uniseg(ds=True, input_channels=2, task_channels=[1, 2, 1], style=style)
     plans = {

@@ -8,8 +8,6 @@ prediction merged into the global label map. See docs/uniseg.md.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
@@ -25,37 +23,23 @@ from torch import autocast, nn
 from nnunet_ext.architectures.uniseg import UniSeg
 from nnunet_ext.errors import UserError
 from nnunet_ext.networks import method_network_from_plans
-from nnunet_ext.partial import LAYOUT_KEY, TaskLayout, TaskRegistryTrainerMixin, foreground_labels
-from nnunet_ext.tasks import TASKS_KEY
-from nnunet_ext.trainers.nnUNetTrainerDoDNet import layout_from_plans
+from nnunet_ext.partial import (
+    LAYOUT_KEY,
+    TaskLayout,
+    TaskRegistryTrainerMixin,
+    foreground_labels,
+    layout_from_plans,
+)
 from nnunet_ext.training import backward_and_step
 from nnunet_ext.uniseg_training import (
+    UNISEG_KEY,
     DeepSupervisionTaskLoss,
     SlicedDCCELoss,
     TaskBalancedDataLoader,
     local_label_table,
+    task_channels_from_dataset_json,
     to_local_targets,
 )
-
-#: plans key holding UniSeg's extra network facts (per-task image channels)
-UNISEG_KEY = "nnunet_ext_uniseg"
-
-
-def task_channels_from_dataset_json(dataset_json: dict, layout: TaskLayout) -> list[int]:
-    """Per task its number of image channels: the registry entry's ``channels`` (written by
-    ``nnunet-ext uniseg merge`` for mixed-modality data), else every channel of the dataset."""
-    n = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
-    entries = dataset_json.get(TASKS_KEY, {})
-    out = []
-    for t in layout.tasks:
-        c = entries.get(t, {}).get("channels", n) if isinstance(entries.get(t), dict) else n
-        if not isinstance(c, int) or not 1 <= c <= n:
-            raise UserError(
-                f"task {t!r}: 'channels' in dataset.json['{TASKS_KEY}'] must be an integer 1..{n} (the number of "
-                f"leading image channels its cases have), got {c!r}."
-            )
-        out.append(int(c))
-    return out
 
 
 class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
@@ -288,15 +272,3 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
                 fp[lab - 1] += float((p & ~t).sum())
                 fn[lab - 1] += float((~p & t).sum())
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
-
-
-def uniseg_facts_from_plans(plans: dict) -> dict:
-    """The layout and per-task channels a UniSeg model was built with (from its plans.json)."""
-    if LAYOUT_KEY not in plans:
-        raise UserError(
-            "these plans carry no UniSeg task layout; use the plans.json of a model trained with nnUNetTrainerUniSeg."
-        )
-    return {
-        "layout": TaskLayout.from_json(plans[LAYOUT_KEY]),
-        **json.loads(json.dumps(plans.get(UNISEG_KEY, {}))),
-    }
