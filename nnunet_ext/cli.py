@@ -14,9 +14,9 @@ from nnunet_ext.errors import UserError
 # module of the command being run is imported, and `nnunet-ext --help` imports none, so neither imports torch
 # (tests/test_cli_help.py checks both, and that this table matches what the modules register).
 COMMANDS = {
-    "trainer-dir": ("environment", "print the folder to put in nnUNet_extTrainer"),
+    "trainer-dir": ("doctor", "print the folder to put in nnUNet_extTrainer"),
     "doctor": (
-        "environment",
+        "doctor",
         "check nnU-Net's env vars, nnUNet_extTrainer and that nnU-Net finds our trainers",
     ),
     "plans": ("plans", "edit nnU-Net plans: derive configurations, swap architectures, tiny preset, check"),

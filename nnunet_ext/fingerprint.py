@@ -108,7 +108,7 @@ def exclude_ignore_from_fingerprint(
 
     Extracts the fingerprint first with ``nnUNetv2_extract_fingerprint`` when there is none (``extract``).
     Returns the fingerprint path, or None when the dataset has no ignore label (nothing to do)."""
-    from nnunet_ext.environment import require_folder_var, resolve_dataset
+    from nnunet_ext.paths import require_folder_var, resolve_dataset
 
     raw = resolve_dataset(dataset, "nnUNet_raw")
     dataset_json = read_json(raw / "dataset.json", "the dataset's", "fix the dataset's dataset.json")

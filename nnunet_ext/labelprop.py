@@ -394,7 +394,7 @@ def _resolve_raw(dataset: str | os.PathLike) -> Path:
     path = Path(dataset)
     if path.is_dir() and (path / "dataset.json").is_file():
         return path
-    from nnunet_ext.environment import resolve_dataset
+    from nnunet_ext.paths import resolve_dataset
 
     return resolve_dataset(str(dataset), "nnUNet_raw")
 
@@ -736,7 +736,7 @@ class _DatasetWriter:
 def _raw_root(out: str | os.PathLike | None) -> Path:
     if out is not None:
         return Path(out).expanduser()
-    from nnunet_ext.environment import require_folder_var
+    from nnunet_ext.paths import require_folder_var
 
     return require_folder_var("nnUNet_raw")
 
@@ -876,7 +876,7 @@ def model_folder(
         return path
     if dataset is None:
         raise UserError("no model given: pass --model FOLDER or -d DATASET (with -c, -tr, -p).")
-    from nnunet_ext.environment import resolve_dataset
+    from nnunet_ext.paths import resolve_dataset
 
     folder = resolve_dataset(dataset, "nnUNet_results")
     path = folder / f"{trainer}__{plans}__{configuration}"

@@ -69,7 +69,7 @@ def _exe(name: str) -> str:
 
 
 def default_state_file(out_id: int) -> Path:
-    from nnunet_ext.environment import require_folder_var
+    from nnunet_ext.paths import require_folder_var
 
     return require_folder_var("nnUNet_results") / "labelprop_runs" / f"run_{int(out_id):03d}.json"
 
@@ -165,15 +165,15 @@ class _State:
 
 
 def _dataset_folder(dataset_id: int) -> Path | None:
-    from nnunet_ext.environment import require_folder_var
     from nnunet_ext.io import existing_datasets_with_id
+    from nnunet_ext.paths import require_folder_var
 
     found = existing_datasets_with_id(require_folder_var("nnUNet_raw"), dataset_id)
     return found[0] if found else None
 
 
 def _model_dir(dataset_id: int, trainer: str, opts: RecipeOptions) -> Path:
-    from nnunet_ext.environment import require_folder_var
+    from nnunet_ext.paths import require_folder_var
 
     folder = _dataset_folder(dataset_id)
     name = folder.name if folder is not None else f"Dataset{dataset_id:03d}"
@@ -212,8 +212,8 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
         cmd = [_exe("nnUNetv2_move_plans_between_datasets"), "-s", str(plans_from), "-t", str(dataset_id)]
         _run([*cmd, "-sp", opts.plans, "-tp", opts.plans], env, log, lock)
         # nnUNetv2_preprocess reads <preprocessed>/<dataset>/dataset.json, which only the planner copies there
-        from nnunet_ext.environment import require_folder_var
         from nnunet_ext.io import read_json
+        from nnunet_ext.paths import require_folder_var
 
         raw = _dataset_folder(dataset_id)
         target = require_folder_var("nnUNet_preprocessed") / raw.name / "dataset.json"

@@ -38,7 +38,7 @@ def locate_plans(dataset: str, plans_identifier: str = DEFAULT_PLANS) -> Path:
         if not candidate.is_file():
             raise UserError(f"plans file {candidate} does not exist")
         return candidate
-    from nnunet_ext.environment import resolve_dataset
+    from nnunet_ext.paths import resolve_dataset
 
     folder = resolve_dataset(dataset, "nnUNet_preprocessed")
     path = folder / f"{plans_identifier}.json"

@@ -135,7 +135,7 @@ def predict_boundaries(
 
 
 def _cmd(args):
-    from nnunet_ext.environment import require_folder_var, resolve_dataset
+    from nnunet_ext.paths import require_folder_var, resolve_dataset
 
     if args.model_folder:
         model = Path(args.model_folder)

@@ -359,7 +359,7 @@ def load_task_registry_from_folder(folder: str | os.PathLike) -> TaskRegistry:
 
 def resolve_dataset_folder(dataset: str) -> Path:
     """A folder path, or a dataset id / name resolved under ``$nnUNet_raw`` (then ``$nnUNet_preprocessed``)."""
-    from nnunet_ext.environment import resolve_dataset
+    from nnunet_ext.paths import resolve_dataset
 
     p = Path(dataset).expanduser()
     if p.is_dir():

@@ -610,7 +610,7 @@ class RawDatasetWriter:
 def raw_root(out: str | os.PathLike | None) -> Path:
     if out is not None:
         return Path(out).expanduser()
-    from nnunet_ext.environment import require_folder_var
+    from nnunet_ext.paths import require_folder_var
 
     return require_folder_var("nnUNet_raw")
 
