@@ -21,7 +21,7 @@ COMMANDS = {
     ),
     "plans": ("plans", "edit nnU-Net plans: derive configurations, swap architectures, tiny preset, check"),
     "phantoms": ("phantoms", "write a synthetic abdomen-like CT phantom dataset (nnU-Net raw format)"),
-    "tasks": ("tasks", "show or validate a dataset's task registry (dataset.json['nnunet_ext_tasks'])"),
+    "tasks": ("tasks_cli", "show or validate a dataset's task registry (dataset.json['nnunet_ext_tasks'])"),
     "demo": (
         "demo",
         "run the whole path on a phantom: preprocess, train baseline + ours, predict, evaluate, figure",
@@ -32,7 +32,7 @@ COMMANDS = {
         "write a BA-Net model's boundary probability maps as images (quality checks)",
     ),
     "labelprop": (
-        "labelprop",
+        "labelprop_cli",
         "label propagation: train from sparse slice annotations (interpolate, pseudo, run, qc)",
     ),
     "fingerprint": (

@@ -1093,8 +1093,12 @@ def _add_model_args(p, required: bool) -> None:
     )
     p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
-    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--disable-tta", action="store_true", help="no mirroring at prediction (faster)")
+    p.add_argument(
+        "-device", "--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)"
+    )
+    p.add_argument(
+        "--disable_tta", "--disable-tta", action="store_true", help="no mirroring at prediction (faster)"
+    )
 
 
 def _cmd_interpolate(args) -> int:
@@ -1139,18 +1143,9 @@ def _cmd_pseudo(args) -> int:
     return 0
 
 
-def add_parser(subparsers):
-    from nnunet_ext import labelprop_qc, labelprop_run
-
-    parser = subparsers.add_parser(
-        "labelprop",
-        help="label propagation: train from sparse slice annotations (interpolate, pseudo, run, qc)",
-        description="Label propagation for sparse slice annotations (COSMOS22 1st place): propagate annotated "
-        "slices, train, pseudo-label, retrain. See docs/labelprop.md.",
-    )
-    sub = parser.add_subparsers(dest="labelprop_command", metavar="{interpolate,pseudo,run,qc}")
-    sub.required = True
-
+def add_propagation_parsers(sub) -> None:
+    """Register ``interpolate`` and ``pseudo`` on the ``labelprop`` command's subparsers
+    (:mod:`nnunet_ext.labelprop_cli` builds the command)."""
     p = sub.add_parser(
         "interpolate",
         help="propagate annotated slices to the unannotated ones; writes a new raw dataset",
@@ -1185,7 +1180,3 @@ def add_parser(subparsers):
         "no worker processes",
     )
     p.set_defaults(func=_cmd_pseudo)
-
-    labelprop_run.add_run_parser(sub)
-    labelprop_qc.add_qc_parser(sub)
-    return parser

@@ -455,9 +455,13 @@ def add_run_parser(sub) -> None:
         "--trainer-b", default="nnUNetTrainerLabelPropB", help="model B (default 500 epochs, 4 folds)"
     )
     p.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3"], help="folds (default 0 1 2 3)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"], help="default auto")
+    p.add_argument(
+        "-device", "--device", default="auto", choices=["auto", "cuda", "cpu", "mps"], help="default auto"
+    )
     p.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
-    p.add_argument("--disable-tta", action="store_true", help="no mirroring when pseudo-labelling")
+    p.add_argument(
+        "--disable_tta", "--disable-tta", action="store_true", help="no mirroring when pseudo-labelling"
+    )
     p.add_argument(
         "--qc-cases", type=int, default=3, help="QC figures per written dataset (default 3, 0: none)"
     )

@@ -35,7 +35,7 @@ __all__ = [
     "load_task_registry_from_folder",
     "case_ids_in_folder",
     "resolve_dataset_folder",
-    "add_parser",
+    "add_registry_parsers",
 ]
 
 TASKS_KEY = "nnunet_ext_tasks"
@@ -434,15 +434,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``nnunet-ext tasks {show,validate,merge}``."""
-    parser = subparsers.add_parser(
-        "tasks",
-        help="show or validate a dataset's task registry (dataset.json['nnunet_ext_tasks'])",
-        description="Inspect the task registry of a dataset (see docs/task-registry.md).",
-    )
-    sub = parser.add_subparsers(dest="tasks_command", metavar="{show,validate,merge}")
-    sub.required = True
+def add_registry_parsers(sub) -> None:
+    """Register ``show`` and ``validate`` on the ``tasks`` command's subparsers
+    (:mod:`nnunet_ext.tasks_cli` builds the command)."""
     for name, func, text in (
         ("show", _cmd_show, "print each task's prefixes, labels and number of training cases"),
         (
@@ -454,7 +448,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("dataset", metavar="DATASET", help="dataset id, name (Dataset501_X) or folder path")
         p.set_defaults(func=func)
-    from nnunet_ext.merge import add_merge_parser  # `tasks merge` lives in nnunet_ext.merge
-
-    add_merge_parser(sub)
-    return parser

@@ -10,7 +10,7 @@ merge (:func:`nnunet_ext.partial.merge_task_decisions`, weighted by the own-task
 checkpoint). ``--per-task`` writes ``OUT/<task>/CASE`` for every task (overlapping structures all kept). The stock
 ``nnUNetv2_predict`` averages the networks' merge logits instead (an approximation, documented).
 
-The same functions give the own-task end-of-training validation (:class:`nnunet_ext.partial.TaskRegistryTrainerMixin`).
+The same functions give the own-task end-of-training validation (:class:`nnunet_ext.multitask_trainer.TaskRegistryTrainerMixin`).
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -48,26 +46,10 @@ def write_dataset(folder, dataset_json, cases=CASES, sub="labelsTr"):
 
 
 def run_cli(argv: list[str]) -> int:
-    """``nnunet-ext`` through cli.main; if the CLI can't be built yet (another command module missing),
-    through a parser that only knows ``tasks``, with cli.main's error handling."""
-    try:
-        from nnunet_ext import cli
+    """``nnunet-ext ARGV`` through cli.main (its error handling included)."""
+    from nnunet_ext import cli
 
-        return cli.main(argv)
-    except (ImportError, AttributeError):
-        pass
-    from nnunet_ext import tasks
-
-    parser = argparse.ArgumentParser(prog="nnunet-ext")
-    sub = parser.add_subparsers(dest="command")
-    sub.required = True
-    tasks.add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"nnunet-ext {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    return cli.main(argv)
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -17,13 +17,13 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
 from nnunet_ext.architectures.dodnet import DoDNet
+from nnunet_ext.multitask_trainer import TaskRegistryTrainerMixin
 from nnunet_ext.networks import method_network_from_plans
 from nnunet_ext.partial import (
     LAYOUT_KEY,
     DeepSupervisionPartialLoss,
     PartialLabelLoss,
     TaskLayout,
-    TaskRegistryTrainerMixin,
     foreground_labels,
     layout_from_plans,
     single_task_segmentation,

@@ -22,11 +22,11 @@ from torch import autocast, nn
 
 from nnunet_ext.architectures.uniseg import UniSeg
 from nnunet_ext.errors import UserError
+from nnunet_ext.multitask_trainer import TaskRegistryTrainerMixin
 from nnunet_ext.networks import method_network_from_plans
 from nnunet_ext.partial import (
     LAYOUT_KEY,
     TaskLayout,
-    TaskRegistryTrainerMixin,
     foreground_labels,
     layout_from_plans,
 )
