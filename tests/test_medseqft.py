@@ -196,7 +196,11 @@ def test_kg_rft_expert_student_merge_and_resume(phantom_workspace, task_sequence
     norms = [line for line in log.splitlines() if "gradient norm on the adapters" in line]
     assert norms and all(f"{t} " in norms[0] for t in ("segmentation", "expert", "retention"))
     values = [float(v.split()[-1]) for v in norms[0].split("first batch): ", 1)[1].split(", ")]
-    assert all(v > 0 and math.isfinite(v) for v in values)  # every term reaches the adapters
+    assert all(math.isfinite(v) for v in values)
+    # segmentation and expert reach the adapters from the first batch on; retention only once the adapters have
+    # moved (at the first batch lora_B = 0: the student's buffer features are the teacher's, gradient 0 or
+    # rounding noise), checked after the resumed epoch below
+    assert values[0] > 0 and values[1] > 0 and values[2] >= 0
 
     final = torch.load(Path(trainer.output_folder) / "checkpoint_final.pth", weights_only=False)
     stock = nnUNetTrainer.build_network_architecture(
@@ -217,8 +221,13 @@ def test_kg_rft_expert_student_merge_and_resume(phantom_workspace, task_sequence
         torch.load(Path(resumed.output_folder) / "checkpoint_final.pth", weights_only=False)["current_epoch"]
         == 2
     )
-    log = "".join(p.read_text() for p in Path(resumed.output_folder).glob("training_log_*.txt"))
+    log = Path(resumed.log_file).read_text()
     assert f"expert M_t^FFT from {expert_path}" in log
+    norms = [line for line in log.splitlines() if "gradient norm on the adapters" in line]
+    values = [float(v.split()[-1]) for v in norms[-1].split("first batch): ", 1)[1].split(", ")]
+    assert len(values) == 3 and all(
+        v > 0 and math.isfinite(v) for v in values
+    )  # every term reaches the adapters
 
     # a buffer with a validation case of the fold is refused
     val_case = sorted(set(ids) - set(train_keys))[0]
@@ -228,6 +237,107 @@ def test_kg_rft_expert_student_merge_and_resume(phantom_workspace, task_sequence
     with pytest.raises(RuntimeError, match="not training cases of fold 0"):
         bad.get_buffer_dataloader()
     buffer_path(dataset).unlink()  # the shared workspace: later tests select their own buffer (other k)
+
+
+OPTION_CASES = (
+    # (options, M_{t-1}): "m0" = the foundation checkpoint, "expert" = case 0's expert (a body != M_0)
+    (
+        {
+            "expert_distill": "features",
+            "kd_normalise": True,
+            "kd_batch_size": None,
+            "expert_head_init": False,
+        },
+        "m0",
+    ),
+    ({"expert_distill": "logits", "teacher": "foundation", "distill": "logits"}, "m0"),
+    ({"teacher": "both", "teacher_weights": (0.75, 0.25), "expert_weight": 0.5, "seg_weight": 0.5}, "expert"),
+)
+
+
+@pytest.mark.slow
+def test_kg_rft_every_option_on_a_tiny_network(phantom_workspace, task_sequence, monkeypatch, tmp_path):
+    """Each K&G RFT option besides the defaults trains on a tiny network (expert trained, student distils it,
+    merged M_t strict in the stock network): expert distillation of features only (variance-normalised, a
+    buffer batch of the training batch size, no expert head) or of logits only with the foundation teacher's
+    logit retention; both retention teachers weighted when M_{t-1} != M_0. Bad option combinations are
+    refused when the trainer is built."""
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_ext.medseqft import buffer_path, select_buffer, write_buffer
+    from tests.test_lora import make_trainer
+
+    _, m0 = foundation_checkpoint(phantom_workspace)
+    _env(monkeypatch, phantom_workspace, tmp_path)
+    dataset = task_sequence[1]
+    record = select_buffer(m0, dataset, "3d_tiny", k=2, views=1, progress=False, fold=0)
+    write_buffer(record, buffer_path(dataset), overwrite=True)
+    try:
+        previous = {"m0": m0}
+        for i, (options, start) in enumerate(OPTION_CASES):
+            monkeypatch.setenv("nnUNet_results", str(tmp_path / f"case{i}"))
+            trainer = make_trainer("nnUNetTrainerMedSeqFT_smoke", dataset)
+            for key, value in options.items():
+                setattr(trainer, key, value)
+            # 2 epochs: on the first batch the adapters are still zero (lora_B = 0), so the student's buffer
+            # features are the retention teacher's and that term's gradient is 0 (or rounding noise)
+            trainer.num_epochs, trainer.num_iterations_per_epoch = 2, 2
+            trainer.lora_lr = 0.05
+            maybe_load_checkpoint(trainer, False, False, previous[start])
+            trainer.run_training()
+            log = Path(trainer.log_file).read_text()
+            assert "training the full fine-tuning expert" in log, options
+            expert = torch.load(trainer.expert_checkpoint(), weights_only=False)["network_weights"]
+            previous.setdefault("expert", str(trainer.expert_checkpoint()))
+            norms = [line for line in log.splitlines() if "gradient norm on the adapters" in line]
+            assert len(norms) == 2, options  # every epoch
+            for line in norms:
+                values = dict(part.split() for part in line.split("first batch): ", 1)[1].split(", "))
+                assert set(values) == {"segmentation", "expert", "retention"}, options
+                assert all(math.isfinite(float(v)) for v in values.values()), (options, values)
+            # every term reaches the adapters once they have moved
+            assert all(float(v) > 0 for v in values.values()), (options, values)
+            final = torch.load(Path(trainer.output_folder) / "checkpoint_final.pth", weights_only=False)
+            stock = nnUNetTrainer.build_network_architecture(
+                trainer.plans_manager, trainer.configuration_manager, 1, 2, False
+            )
+            stock.load_state_dict(final["network_weights"], strict=True)
+            head = "decoder.seg_layers.0.weight"
+            if i == 0:
+                # features only, normalised; buffer batch = the training batch; the student's head is its own
+                assert "(features, x 1.0)" in log and "(normalised by teacher variance)" in log
+                assert f"{trainer.batch_size} buffer patch(es) per step" in log
+                start_head = torch.load(Path(trainer.output_folder) / "lora_start.pth")["state"][head]
+                assert not torch.equal(start_head, expert[head])
+            elif i == 1:
+                assert "(logits, x 1.0)" in log
+                assert "1 retention teacher(s) (foundation, weights [1.0]), logits distillation" in log
+                assert "1 buffer patch(es) per step" in log
+            else:
+                # M_{t-1} (case 0's expert) differs from M_0: two teachers, weighted 0.75 / 0.25
+                assert "2 retention teacher(s) (both, weights [0.75, 0.25])" in log
+                assert "(both, x 0.5)" in log
+                start_head = torch.load(Path(trainer.output_folder) / "lora_start.pth")["state"][head]
+                assert torch.equal(start_head, expert[head])  # expert_head_init (default)
+    finally:
+        buffer_path(dataset).unlink(missing_ok=True)
+
+    cls = type(make_trainer("nnUNetTrainerMedSeqFT_smoke", dataset))
+    kwargs = {k: v for k, v in trainer.my_init_kwargs.items() if k != "device"}
+    bad = (
+        ({"distill": "logits"}, "needs the teacher's head"),  # M_{t-1}'s head is never loaded
+        ({"teacher": "both", "teacher_weights": (1.0, -1.0)}, "teacher_weights"),
+        ({"expert": "lora"}, "expert must be"),
+        ({"expert_distill": "attention"}, "expert_distill must be"),
+        ({"teacher": "m0"}, "teacher must be"),
+    )
+    for attributes, message in bad:
+        plans = {**kwargs["plans"], "continue_training": False}  # nnU-Net 2.8 pops this key
+        with pytest.raises(ValueError, match=message):
+            type("nnUNetTrainerMedSeqFTBad", (cls,), attributes)(
+                **{**kwargs, "plans": plans}, device=torch.device("cpu")
+            )
 
 
 @pytest.mark.slow
