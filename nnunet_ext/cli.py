@@ -61,7 +61,7 @@ COMMANDS = {
         "UniSeg: merge tasks with different image channels; convert a checkpoint for fine-tuning",
     ),
     "medseqft": (
-        "medseqft",
+        "medseqft_cli",
         "MedSeqFT: MDS buffer selection and sequential fine-tuning runs (docs/medseqft.md)",
     ),
 }

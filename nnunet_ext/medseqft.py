@@ -48,11 +48,7 @@ from nnunet_ext.io import (
     read_json,
     replace_dataset,
 )
-from nnunet_ext.training import device_arg
-
-BUFFER_FILE = "medseqft_buffer.json"
-SCORES = ("auto", "objective", "features")
-
+from nnunet_ext.medseqft_settings import BUFFER_FILE, PHANTOM_TASKS, SCORES
 
 # ------------------------------------------------------------------------------------ networks
 
@@ -530,8 +526,6 @@ def load_buffer(folder: str | os.PathLike) -> dict:
 
 # ------------------------------------------------------------------------------------ phantom tasks
 
-PHANTOM_TASKS = ("liver", "kidney", "spleen", "tumour", "vessel")
-
 
 def write_task_phantoms(
     raw_root: str | os.PathLike,
@@ -644,68 +638,6 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
     ids = " ".join(str(args.first_id + i) for i in range(len(folders)))
     print(f"next: for d in {ids}; do nnUNetv2_plan_and_preprocess -d $d -c 3d_fullres; done")
     return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``nnunet-ext medseqft {select,run}``."""
-    parser = subparsers.add_parser(
-        "medseqft",
-        help="MedSeqFT: MDS buffer selection and sequential fine-tuning runs (docs/medseqft.md)",
-        description="MedSeqFT sequential fine-tuning (arXiv 2509.06096); see docs/medseqft.md.",
-    )
-    sub = parser.add_subparsers(dest="medseqft_command", metavar="{select,run,phantoms}")
-    sub.required = True
-    sel = sub.add_parser(
-        "select",
-        help="MDS: score the training cases of a task under the foundation model, keep the top K as buffer",
-        description="MDS selection: score every training case of DATASET by its similarity to the "
-        "foundation model's pre-training distribution and write the K most similar as the MedSeqFT buffer "
-        f"(default: nnUNet_preprocessed/DatasetX/{BUFFER_FILE}, where nnUNetTrainerMedSeqFT reads it).",
-    )
-    sel.add_argument("dataset", help="dataset id or name (preprocessed)")
-    sel.add_argument("configuration", help="configuration, e.g. 3d_fullres")
-    sel.add_argument("--checkpoint", required=True, help="foundation model M_0 (nnU-Net checkpoint .pth)")
-    sel.add_argument("-k", type=int, default=None, help="buffer size (default: --fraction of the cases)")
-    sel.add_argument("--fraction", type=float, default=0.2, help="buffer size as a fraction (default 0.2)")
-    sel.add_argument("--views", type=int, default=8, help="random views per case (default 8)")
-    sel.add_argument("--seed", type=int, default=0)
-    sel.add_argument(
-        "-f",
-        "--fold",
-        default="0",
-        help="nnU-Net fold the buffer is for: only its training cases are scored (default 0; 'all': every case)",
-    )
-    sel.add_argument("--score", choices=SCORES, default="auto", help="default auto: objective if available")
-    sel.add_argument("--reference", default=None, help="features score: pre-training dataset as reference")
-    sel.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    sel.add_argument(
-        "--device",
-        type=device_arg,
-        default="auto",
-        help="cpu, cuda, cuda:N, mps or auto (default: CUDA if available)",
-    )
-    sel.add_argument("-o", "--output", default=None, help="write here instead of the preprocessed folder")
-    sel.add_argument("--overwrite", action="store_true", help="replace a buffer selected with other settings")
-    sel.set_defaults(func=_cmd_select)
-    ph = sub.add_parser(
-        "phantoms",
-        help="a task sequence on phantoms: one binary dataset per structure (same plans)",
-        description="Write one binary phantom dataset per task (ids FIRST_ID, FIRST_ID+1, ...) into "
-        "nnUNet_raw (or --out): a task sequence for `nnunet-ext medseqft run`.",
-    )
-    ph.add_argument("--first-id", type=int, required=True)
-    ph.add_argument("--tasks", nargs="+", default=["liver", "kidney", "spleen"], choices=PHANTOM_TASKS)
-    ph.add_argument("--num-train", type=int, default=12)
-    ph.add_argument("--num-test", type=int, default=4)
-    ph.add_argument("--shape", type=int, nargs=3, default=[32, 64, 64], metavar=("Z", "Y", "X"))
-    ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--out", default=None, help="raw folder (default: $nnUNet_raw)")
-    ph.add_argument("--force", action="store_true", help="replace datasets with these ids")
-    ph.set_defaults(func=_cmd_phantoms)
-    from nnunet_ext.medseqft_run import add_run_parser
-
-    add_run_parser(sub)
-    return parser
 
 
 def dice_of(pred: np.ndarray, gt: np.ndarray, labels: list[int]) -> float:

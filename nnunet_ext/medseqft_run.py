@@ -41,14 +41,12 @@ import torch
 
 from nnunet_ext.errors import UserError
 from nnunet_ext.io import read_json
-from nnunet_ext.training import device_arg
+from nnunet_ext.medseqft_settings import STRATEGIES, SUFFIX
 
-STRATEGIES = ("medseqft", "medseqft_noexpert", "sequential", "parallel")
 MEDSEQFT_TRAINERS = {
     "medseqft": "nnUNetTrainerMedSeqFT",
     "medseqft_noexpert": "nnUNetTrainerMedSeqFTNoExpert",
 }
-SUFFIX = {"full": "", "smoke": "_smoke", "demo": "_demo"}
 
 
 @contextlib.contextmanager
@@ -476,50 +474,3 @@ def _cmd_run(args: argparse.Namespace) -> int:
         kd_weight=args.kd_weight,
     )
     return 0
-
-
-def add_run_parser(sub) -> None:
-    from nnunet_ext.medseqft import SCORES
-
-    p = sub.add_parser(
-        "run",
-        help="the whole task sequence: MedSeqFT vs sequential vs parallel fine-tuning, forgetting matrices",
-        description="Fine-tune M_0 on D_1..D_n in order with MedSeqFT, plain sequential fine-tuning and "
-        "parallel fine-tuning; evaluate every M_t on the test sets of all tasks seen so far.",
-    )
-    p.add_argument("--pretrained", required=True, help="foundation model M_0 (nnU-Net checkpoint .pth)")
-    p.add_argument("-d", "--datasets", nargs="+", required=True, help="task datasets D_1..D_n, in order")
-    p.add_argument("-c", "--configuration", required=True)
-    p.add_argument("-o", "--output", required=True, help="run folder (models, forgetting matrices)")
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    p.add_argument("--schedule", choices=list(SUFFIX), default="full", help="training length (default full)")
-    p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (all strategies)")
-    p.add_argument("--iterations", type=int, default=None, help="override iterations per epoch")
-    p.add_argument(
-        "--lora-lr",
-        type=float,
-        default=None,
-        help="learning rate of MedSeqFT's LoRA adapters (default: the trainer's lora_lr)",
-    )
-    p.add_argument(
-        "--kd-weight",
-        type=float,
-        default=None,
-        help="weight of MedSeqFT's distillation term (default: the trainer's kd_weight)",
-    )
-    p.add_argument("-f", "--fold", type=int, default=0)
-    p.add_argument("-p", "--plans", default="nnUNetPlans")
-    p.add_argument("-k", type=int, default=None, help="MDS buffer size (default --fraction of the cases)")
-    p.add_argument("--fraction", type=float, default=0.2)
-    p.add_argument("--views", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--score", choices=SCORES, default="auto")
-    p.add_argument("--max-test-cases", type=int, default=None, help="evaluate at most N test cases per task")
-    p.add_argument(
-        "--device",
-        type=device_arg,
-        default="auto",
-        help="cpu, cuda, cuda:N, mps or auto (default: CUDA if available)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace buffers / a run with other settings")
-    p.set_defaults(func=_cmd_run)

@@ -1,0 +1,134 @@
+"""The import graph of nnunet_ext (issue 18 item 2): no cycles, counting imports inside functions; no library
+module imports a trainer; a trainer imports from another trainer only that trainer's class (to subclass it)."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nnunet_ext"
+#: the tools above the trainers: they list, check or run every trainer we ship
+TOOLS = {"nnunet_ext.doctor", "nnunet_ext.demo", "nnunet_ext.trainer_dir.nnunet_ext_trainers"}
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the package (trainers/ and architectures/ through their links) by dotted name."""
+    out = {}
+    files = [Path(root) / f for root, _, names in os.walk(PACKAGE, followlinks=True) for f in names]
+    for f in sorted(f for f in files if f.suffix == ".py"):
+        parts = [p for p in f.relative_to(PACKAGE).with_suffix("").parts if p != "__init__"]
+        out[".".join(["nnunet_ext", *parts])] = f
+    return out
+
+
+MODULES = module_files()
+
+
+def resolve(name: str) -> str | None:
+    """The module a dotted import name refers to (a module, or a name inside one)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def imports_of(module: str) -> dict[str, set[str]]:
+    """{imported module: names imported from it} of every import statement in ``module``, at any depth."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+    out: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                target = resolve(alias.name) if alias.name.startswith("nnunet_ext") else None
+                if target:
+                    out.setdefault(target, set())
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            if not base.startswith("nnunet_ext"):
+                continue
+            for alias in node.names:
+                target = resolve(f"{base}.{alias.name}")
+                if target == f"{base}.{alias.name}":  # a submodule
+                    out.setdefault(target, set())
+                elif target:
+                    out.setdefault(target, set()).add(alias.name)
+    out.pop(module, None)
+    return out
+
+
+GRAPH = {m: imports_of(m) for m in MODULES}
+
+
+def strongly_connected(graph: dict[str, dict]) -> list[list[str]]:
+    """Tarjan's strongly connected components with more than one module (an import cycle each)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_the_whole_package():
+    assert {
+        "nnunet_ext.cli",
+        "nnunet_ext.trainers.nnUNetTrainerBANet",
+        "nnunet_ext.architectures.dodnet",
+    } <= set(MODULES)
+    # a function-level import counts: cli imports every command module only inside build_parser
+    assert "nnunet_ext.doctor" not in GRAPH["nnunet_ext.cli"]  # by name through importlib, not an import
+    assert "nnunet_ext.partial" in GRAPH["nnunet_ext.universal"]
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert strongly_connected({"a": {"b": set()}, "b": {"c": set()}, "c": {"a": set()}, "d": {}}) == [
+        ["a", "b", "c"]
+    ]
+
+
+def test_no_import_cycles():
+    assert strongly_connected(GRAPH) == []
+
+
+def test_no_library_module_imports_a_trainer():
+    upward = {
+        m: sorted(t for t in deps if t.startswith("nnunet_ext.trainers"))
+        for m, deps in GRAPH.items()
+        if not m.startswith("nnunet_ext.trainers") and m not in TOOLS
+    }
+    assert {m: t for m, t in upward.items() if t} == {}
+
+
+@pytest.mark.parametrize("trainer", sorted(m for m in MODULES if m.startswith("nnunet_ext.trainers.")))
+def test_a_trainer_imports_only_the_class_of_another_trainer(trainer):
+    for target, names in GRAPH[trainer].items():
+        if target.startswith("nnunet_ext.trainers"):
+            assert names == {target.rpartition(".")[2]}, f"{trainer} imports {sorted(names)} from {target}"
