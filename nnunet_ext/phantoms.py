@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from nnunet_ext.errors import UserError
 from nnunet_ext.io import (
@@ -89,7 +88,10 @@ DEFAULT_SHAPE = (32, 64, 64)
 DEFAULT_SPACING = (2.5, 1.2, 1.2)
 FILE_ENDING = ".nii.gz"
 
-_SIX = ndimage.generate_binary_structure(3, 1)
+# 6-connectivity (scipy's generate_binary_structure(3, 1)), built here so that importing the module (and
+# `nnunet-ext phantoms --help`) does not import scipy.ndimage
+_SIX = np.zeros((3, 3, 3), dtype=bool)
+_SIX[1, 1, :] = _SIX[1, :, 1] = _SIX[:, 1, 1] = True
 
 # Image profiles (ranges drawn per case; the same draws in the same order for every profile, so a seed gives
 # the same anatomy in both). "standard": CT-like contrasts (liver and spleen 5-30 HU apart, noise 8-14 HU,
@@ -172,6 +174,8 @@ def _ellipsoid_f(grids, centre, radii, angle: float) -> np.ndarray:
 
 def _curve_mask(points_vox: np.ndarray, shape, spacing, radius_mm: float) -> np.ndarray:
     """Voxels within ``radius_mm`` of a densely sampled curve (points in voxel coordinates)."""
+    from scipy import ndimage
+
     mask = np.zeros(shape, dtype=bool)
     idx = np.rint(points_vox).astype(int)
     idx = idx[np.all((idx >= 0) & (idx < np.array(shape)), axis=1)]
@@ -234,6 +238,8 @@ def make_case_parts(
 ) -> PhantomCase:
     """Generate one case (see :class:`PhantomCase`). Channel 0 is CT (HU); channel 1, if asked, MR-like.
     ``profile``: the image profile (:data:`PROFILES`)."""
+    from scipy import ndimage
+
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
     prof = PROFILES[profile]
@@ -395,6 +401,8 @@ def _render_ct(
     """Contrast-enhanced (portal-venous phase) CT in Hounsfield units, as in KiPA/AMOS/MOTS: air -1000,
     fat ~-100, muscle 40-55, liver 105-120, spleen 88-100, kidney 160-190, tumours hypodense, vessels ~290
     (the standard profile; ``prof``: another entry of :data:`PROFILES`)."""
+    from scipy import ndimage
+
     prof = prof or PROFILES["standard"]
     mean = {
         "fat": rng.uniform(-110, -90),
@@ -436,6 +444,8 @@ def _render_ct(
 
 def _render_mr(rng, grids, shape, body, muscle_wall, spine, marrow, bowel, gas, organs, tumour_host, vessel):
     """T2-like MR (arbitrary units): bright fat and tumours, dark liver, flow-void vessels, bias field."""
+    from scipy import ndimage
+
     img = np.zeros(shape, dtype=np.float32)
     layers = [
         (body, rng.uniform(550, 650)),
