@@ -291,10 +291,17 @@ def run_logged(
 
 
 # ------------------------------------------------------------------------------------- inside train_step
-def backward_and_step(trainer, loss, max_norm: float = 12.0) -> None:
+#: nnU-Net's gradient-norm clip (nnUNetTrainer.train_step); a trainer changes it with a ``grad_clip`` class attribute
+GRAD_CLIP = 12.0
+
+
+def backward_and_step(trainer, loss) -> None:
     """The end of nnU-Net's ``train_step``, for our trainers that compute their own loss: backward (through the
-    AMP grad scaler when there is one), gradient clipping to ``max_norm``, optimizer step."""
+    AMP grad scaler when there is one), gradient clipping to the trainer's ``grad_clip`` (nnU-Net's 12 unless the
+    class sets another), optimizer step."""
     import torch
+
+    max_norm = getattr(trainer, "grad_clip", GRAD_CLIP)
 
     if trainer.grad_scaler is not None:
         trainer.grad_scaler.scale(loss).backward()

@@ -119,7 +119,7 @@ class nnUNetTrainerBANet(nnUNetTrainer):
             del data
             loss = self.banet_loss(seg_output, target, boundary_output, boundary_target)
 
-        backward_and_step(self, loss, 12)
+        backward_and_step(self, loss)
         return {"loss": loss.detach().cpu().numpy()}
 
     # validation_step, checkpoints, --val and inference are nnU-Net's: in eval mode BANet returns the

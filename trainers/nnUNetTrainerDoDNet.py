@@ -49,8 +49,6 @@ class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
     #: dynamic head: ``head_channels -> ... -> K`` with ``head_layers`` 1x1 convs (the paper: 8, 3)
     head_channels: int = 8
     head_layers: int = 3
-    #: gradient-norm clipping (nnU-Net's value)
-    grad_clip: float = 12.0
     #: a method for partially labelled data: the end-to-end test trains it on the partial phantom
     partially_labelled_data: bool = True
 
@@ -131,7 +129,7 @@ class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
             del data
             loss = self.loss(output, target, task_ids)
 
-        backward_and_step(self, loss, self.grad_clip)
+        backward_and_step(self, loss)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:

@@ -375,7 +375,7 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
             terms = self.loss_terms(self.network, data, target, buffer)
             loss = sum(weights[name] * value for name, value in terms.items())
 
-        backward_and_step(self, loss, 12)
+        backward_and_step(self, loss)
         out = {"loss": loss.detach().cpu().numpy()}
         for name, value in terms.items():
             out[f"{name}_loss"] = value.detach().cpu().numpy()

@@ -56,8 +56,6 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
     #: iterations per epoch = ``iterations_per_task * number of tasks`` (the official UniSeg_Trainer:
     #: ``num_batches_per_epoch = 50 * total_task_num``, 550 for its 11 tasks)
     iterations_per_task: int = 50
-    #: gradient-norm clipping (nnU-Net's value)
-    grad_clip: float = 12.0
     #: a multi-task method: the end-to-end test trains it on the partial (multi-task) phantom
     partially_labelled_data: bool = True
 
@@ -236,7 +234,7 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
             output = self.network(data, task_ids)  # local logits of each sample's task
             del data
             loss = self.loss(output, target, task_ids)
-        backward_and_step(self, loss, self.grad_clip)
+        backward_and_step(self, loss)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
