@@ -116,36 +116,66 @@ def test_wheel_installs_only_the_nnunet_ext_namespace(wheel):
     assert "nnunet_ext/trainers/__init__.py" in names and "nnunet_ext/architectures/__init__.py" in names
 
 
-def test_plain_install_resolves_trainers_and_networks(wheel, tmp_path):
-    """`pip install .` (not editable): nnU-Net's lookup returns the installed package's class objects."""
-    target = tmp_path / "site"
+WITHOUT_EDITABLE_FINDER = (
+    "import sys\n"
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+    "sys.path[:] = [p for p in sys.path if '__editable__' not in p]\n"
+)
+PROBE = WITHOUT_EDITABLE_FINDER + (
+    "import json, os, pydoc, nnunet_ext, nnunet_ext.trainers as t\n"
+    "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
+    "from nnunet_ext.architectures import ARCHITECTURES as A\n"
+    "os.environ['nnUNet_extTrainer'] = nnunet_ext.trainer_dir()\n"
+    "print(json.dumps({'file': nnunet_ext.__file__, 'trainers': t.__file__,\n"
+    "  'same': all(f(n) is getattr(t, n) for n in t.__all__),\n"
+    "  'archs': all(pydoc.locate(s.network_class_name) is not None for s in A.values())}))\n"
+)
+
+
+@pytest.fixture(scope="module")
+def plain_site(wheel, tmp_path_factory) -> Path:
+    """The wheel installed as `pip install .` does (not editable), into a folder of its own."""
+    target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
         check=True,
         capture_output=True,
     )
-    code = (
-        "import json, os, pydoc, nnunet_ext, nnunet_ext.trainers as t\n"
-        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
-        "from nnunet_ext.architectures import ARCHITECTURES as A\n"
-        "os.environ['nnUNet_extTrainer'] = nnunet_ext.trainer_dir()\n"
-        "print(json.dumps({'file': nnunet_ext.__file__, 'same': all(f(n) is getattr(t, n) for n in t.__all__),\n"
-        "  'archs': all(pydoc.locate(s.network_class_name) is not None for s in A.values())}))\n"
-    )
-    env = dict(os.environ, PYTHONPATH=str(target))
+    return target
+
+
+def probe_plain_install(site: Path, cwd: Path) -> dict:
+    """Import nnunet_ext in a fresh interpreter with only the plain install (no editable finder) from ``cwd``:
+    where it and its trainers came from, whether nnU-Net's lookup returns those class objects and whether every
+    architecture's dotted path resolves."""
     out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
+        [sys.executable, "-c", PROBE],
+        env=dict(os.environ, PYTHONPATH=str(site)),
         capture_output=True,
         text=True,
         encoding="utf-8",
         errors="replace",
-        cwd=tmp_path,
+        cwd=cwd,
     )
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["file"].startswith(str(target)), result
-    assert result["same"] and result["archs"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_plain_install_resolves_trainers_and_networks(plain_site, tmp_path):
+    """`pip install .` (not editable): nnU-Net's lookup returns the installed package's class objects."""
+    result = probe_plain_install(plain_site, tmp_path)
+    assert result["file"].startswith(str(plain_site)), result
+    assert result["same"] and result["archs"], result
+
+
+def test_repository_root_imports_the_same_classes_as_a_plain_install(plain_site):
+    """Issue 18 item 5: after a plain `pip install .`, Python started in the repository root imports the source
+    nnunet_ext/ (it shadows the install); nnunet_ext.trainers must still import, and nnU-Net's lookup through
+    nnUNet_extTrainer must return those same class objects."""
+    result = probe_plain_install(plain_site, REPO)
+    assert result["file"] == str(REPO / "nnunet_ext" / "__init__.py"), result
+    assert result["trainers"] == str(REPO / "nnunet_ext" / "trainers" / "__init__.py"), result
+    assert result["same"] and result["archs"], result
 
 
 def test_source_namespace_links_are_the_top_level_folders():
@@ -156,49 +186,6 @@ def test_source_namespace_links_are_the_top_level_folders():
         link = REPO / "nnunet_ext" / name
         assert link.is_symlink() and os.readlink(link) == f"../{folder}", link
         assert (link / "__init__.py").resolve() == (REPO / folder / "__init__.py").resolve()
-
-
-WITHOUT_EDITABLE_FINDER = (
-    "import sys\n"
-    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
-    "sys.path[:] = [p for p in sys.path if '__editable__' not in p]\n"
-)
-
-
-def test_repository_root_imports_the_same_classes_as_a_plain_install(wheel, tmp_path):
-    """Issue 18 item 5: after a plain `pip install .`, Python started in the repository root imports the source
-    nnunet_ext/ (it shadows the install); nnunet_ext.trainers must still import, and nnU-Net's lookup through
-    nnUNet_extTrainer must return those same class objects."""
-    target = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-        check=True,
-        capture_output=True,
-    )
-    code = WITHOUT_EDITABLE_FINDER + (
-        "import json, os, pydoc, nnunet_ext, nnunet_ext.trainers as t\n"
-        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
-        "from nnunet_ext.architectures import ARCHITECTURES as A\n"
-        "os.environ['nnUNet_extTrainer'] = nnunet_ext.trainer_dir()\n"
-        "print(json.dumps({'file': nnunet_ext.__file__, 'trainers': t.__file__,\n"
-        "  'same': all(f(n) is getattr(t, n) for n in t.__all__),\n"
-        "  'archs': all(pydoc.locate(s.network_class_name) is not None for s in A.values())}))\n"
-    )
-    env = dict(os.environ, PYTHONPATH=str(target))
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        cwd=REPO,
-    )
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["file"] == str(REPO / "nnunet_ext" / "__init__.py"), result
-    assert result["trainers"] == str(REPO / "nnunet_ext" / "trainers" / "__init__.py"), result
-    assert result["same"] and result["archs"], result
 
 
 def test_find_trainer_looks_up_by_name_as_nnunet_does():
