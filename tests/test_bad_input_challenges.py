@@ -131,7 +131,7 @@ def test_an_unwritable_output_is_one_line_without_traceback(tmp_path, capsys, mo
     [
         (
             ["demo", "--device", "gpu0"],
-            "argument --device: 'gpu0' is not a device; use auto, cpu, cuda, cuda:N or mps",
+            "argument -device/--device: 'gpu0' is not a device; use auto, cpu, cuda, cuda:N or mps",
         ),
         (["bench", "--device", "cuda:x"], "'cuda:x' is not a device"),
         (["evaluate", "p", "g"], "the following arguments are required: --challenge"),

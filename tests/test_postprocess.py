@@ -115,7 +115,7 @@ def test_a_broken_dataset_json_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--device", "gpu0"], "argument --device: 'gpu0' is not a device"),
+        (["--device", "gpu0"], "argument -device/--device: 'gpu0' is not a device"),
         (["-f", "abc"], "argument -f/--folds: 'abc' is not a fold; folds are whole numbers or 'all'"),
         (["--step-size", "0"], "--step-size 0.0: the tile step is a fraction of the patch in (0, 1]"),
     ],
