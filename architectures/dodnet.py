@@ -15,7 +15,7 @@ ResidualEncoderUNet style):
 ``network(x)``; no side-channel task attribute, so torch.compile and DDP work). It generates the heads of
 all T tasks from one backbone pass. In training mode it returns the task-major per-structure logits
 (B, T*K, *spatial) - a list with deep supervision - and the trainer's loss picks each sample's task channels
-from ``batch['keys']`` (:class:`nnunet_ext.partial.PartialLabelLoss`).
+from ``batch['keys']`` (:class:`nnunet_ext.multitask.partial_labels.PartialLabelLoss`).
 
 **Deep supervision.** The same per-sample dynamic head (its parameters come from the bottleneck, which all
 scales share) is applied to the 8-channel reduction of every decoder stage; each scale is supervised with
@@ -55,7 +55,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork, build_nnunet_encoder
-from nnunet_ext.partial import fill_missing_merge_weights, register_merge_weights
+from nnunet_ext.multitask.partial_labels import fill_missing_merge_weights, register_merge_weights
 
 IntOrSeq = Union[int, list, tuple]
 

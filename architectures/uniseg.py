@@ -61,7 +61,11 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork
-from nnunet_ext.partial import MERGE_WEIGHTS_SET, fill_missing_merge_weights, register_merge_weights
+from nnunet_ext.multitask.partial_labels import (
+    MERGE_WEIGHTS_SET,
+    fill_missing_merge_weights,
+    register_merge_weights,
+)
 
 IntOrSeq = Union[int, list, tuple]
 

@@ -6,7 +6,7 @@
 For each seed: a full phantom (liver, kidney, spleen touching each other, tumours, vessels) generated with
 that seed, planned and preprocessed with the stock CLI, the tiny configuration; then the stock
 `nnUNetv2_train` for `nnUNetTrainer_<schedule>` and `nnUNetTrainerBANet_<schedule>` (identical schedule,
-fold 0), `nnUNetv2_predict` of the test cases, and Dice + HD95 (nnunet_ext.metrics, MONAI) per structure.
+fold 0), `nnUNetv2_predict` of the test cases, and Dice + HD95 (nnunet_ext.core.metrics, MONAI) per structure.
 Prints per-seed and mean tables; writes <workdir>/banet_accuracy.json.
 """
 
@@ -22,11 +22,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_ext.io import atomic_write_json
-from nnunet_ext.metrics import per_structure
-from nnunet_ext.phantoms import write_phantom_dataset
-from nnunet_ext.plans import load_plans, save_plans, tiny_configuration
-from nnunet_ext.training import ext_trainer_env, nnunet_command, predict_command, run_logged, train_command
+from nnunet_ext.core.io import atomic_write_json
+from nnunet_ext.core.metrics import per_structure
+from nnunet_ext.core.nnunet_commands import (
+    ext_trainer_env,
+    nnunet_command,
+    predict_command,
+    run_logged,
+    train_command,
+)
+from nnunet_ext.planning.plans import load_plans, save_plans, tiny_configuration
+from nnunet_ext.tools.phantoms import write_phantom_dataset
 
 
 def evaluate(dataset: Path, predictions: Path) -> dict:

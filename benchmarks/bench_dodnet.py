@@ -4,7 +4,7 @@
     python benchmarks/bench_dodnet.py --parts speed infer   # skip the (slow) accuracy part
     python benchmarks/bench_dodnet.py --iterations 300 --device cuda
 
-1. speed: `nnunet-ext bench` (nnunet_ext.bench.run_benchmark): train-step time, peak memory and inference time
+1. speed: `nnunet-ext bench` (nnunet_ext.tools.bench.run_benchmark): train-step time, peak memory and inference time
    per case of nnUNetTrainerDoDNet / nnUNetTrainerTransDoDNet vs nnUNetTrainer on the same plans.
 2. infer: sliding-window inference time per case (nnU-Net's predictor, no mirroring) of the universal prediction
    (all tasks from one backbone pass) vs one single-task prediction vs T single-task predictions.
@@ -66,8 +66,8 @@ def prepare(
 ) -> Path:
     """Raw + preprocessed + 3d_tiny for the partial phantom, or (task given) a per-task subset of it whose labels
     are renumbered 1..n in the task's order. Returns the preprocessed folder."""
-    from nnunet_ext.phantoms import PARTIAL_LABELS, write_phantom_dataset
-    from nnunet_ext.plans import load_plans, save_plans, tiny_configuration
+    from nnunet_ext.planning.plans import load_plans, save_plans, tiny_configuration
+    from nnunet_ext.tools.phantoms import PARTIAL_LABELS, write_phantom_dataset
 
     raw, pre = workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed"
     for folder in (raw, pre, workdir / "nnUNet_results"):
@@ -85,7 +85,7 @@ def prepare(
     else:
         import SimpleITK as sitk
 
-        from nnunet_ext.phantoms import PARTIAL_TASKS
+        from nnunet_ext.tools.phantoms import PARTIAL_TASKS
 
         names = PARTIAL_TASKS[task]["labels"]
         target = raw / f"Dataset{dataset_id:03d}_Phantom{task.capitalize()}"
@@ -123,7 +123,7 @@ def prepare(
 
 
 def make_trainer(pre: Path, trainer: str, device: torch.device, epochs: int = 1, iterations: int = 1):
-    from nnunet_ext.training import find_trainer
+    from nnunet_ext.core.nnunet_commands import find_trainer
 
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False
@@ -159,7 +159,7 @@ def predictor_for(trainer, device):
 
 
 def part_speed(pre: Path, args) -> dict:
-    from nnunet_ext.bench import format_report, run_benchmark
+    from nnunet_ext.tools.bench import format_report, run_benchmark
 
     out = {}
     for trainer in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet"):
@@ -195,7 +195,7 @@ def part_infer(pre: Path, raw: Path, device: torch.device, repeats: int) -> dict
 def infer_times(p, net, data, repeats: int) -> dict:
     """Seconds per case of the score pass of `nnunet-ext predict` (nnU-Net's sliding window, every task's
     probabilities from one backbone pass) for all tasks, one task, and each task separately."""
-    from nnunet_ext.universal import predict_task_scores
+    from nnunet_ext.multitask.predict import predict_task_scores
 
     times = {}
     for mode, selections in (
@@ -252,7 +252,7 @@ def score_multitask(model: Path, device, raw: Path) -> dict:
     each structure from its own task's prediction (`nnunet-ext predict --per-task`); the merged all-task map
     with exact decoding and the stored cross-task weights (`nnunet-ext predict`); the stock
     `nnUNetv2_predict` map (network(x), nnU-Net averages the merge logits)."""
-    from nnunet_ext.universal import load_predictor, predict_tasks
+    from nnunet_ext.multitask.predict import load_predictor, predict_tasks
 
     test_images, truths = test_set(raw)
     p, layout = load_predictor(model, ("all",), device=device.type, tta=False)
@@ -320,7 +320,7 @@ def per_task_baselines(
 ) -> dict:
     """One plain nnUNetTrainer per task, trained on that task's cases only with 1/T of the iterations per epoch
     (so the T of them train as many iterations in total as one all-task model); Dice per unified label."""
-    from nnunet_ext.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
+    from nnunet_ext.tools.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
 
     plain = {}
     for task, tid in TASK_IDS.items():
@@ -427,7 +427,7 @@ def main() -> None:
         report["accuracy"] = part_accuracy(
             pre, raw, workdir, device, args.iterations, args.epochs, args.accuracy_models, args.seed
         )
-    from nnunet_ext.io import atomic_write_json
+    from nnunet_ext.core.io import atomic_write_json
 
     name = f"bench_dodnet_seed{args.seed}.json" if args.seed else "bench_dodnet.json"
     atomic_write_json(workdir / name, report)

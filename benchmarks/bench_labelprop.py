@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.io import atomic_write_json
+from nnunet_ext.core.io import atomic_write_json
 
 FG = {"liver": 1, "kidney": 2, "spleen": 3, "tumour": 4, "vessel": 5}
 SPARSE_IDS = {4: 810, 8: 820}
@@ -81,7 +81,7 @@ def setup_env(workdir: Path) -> None:
 
 
 def sparse_dataset(workdir: Path, every: int, args) -> Path:
-    from nnunet_ext.phantoms import write_phantom_dataset
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     found = list((workdir / "nnUNet_raw").glob(f"Dataset{SPARSE_IDS[every]}_*"))
     if found:
@@ -100,7 +100,7 @@ def sparse_dataset(workdir: Path, every: int, args) -> Path:
 
 # ----------------------------------------------------------------------------------------- interpolation
 def bench_interp(workdir: Path, args) -> dict:
-    from nnunet_ext.labelprop import interpolate_volume, load_sparse_dataset
+    from nnunet_ext.labelprop.propagate import interpolate_volume, load_sparse_dataset
 
     results = {}
     for every in args.every:
@@ -137,8 +137,8 @@ def _dice_from_confusion(conf: np.ndarray) -> np.ndarray:
 
 def bench_parcellation(args) -> dict:
     """nearest vs shape on synthetic parcellations: Dice on the propagated slices only."""
-    from nnunet_ext.labelprop import METHODS, interpolate_volume
-    from nnunet_ext.phantoms import make_parcellation
+    from nnunet_ext.labelprop.propagate import METHODS, interpolate_volume
+    from nnunet_ext.tools.phantoms import make_parcellation
 
     shape, spacing, k = tuple(args.parc_shape), tuple(args.parc_spacing), args.parc_labels
     n = k + 1
@@ -190,7 +190,7 @@ def _whole_slice_distances():
     """The implementation before the crops: every distance transform on the whole slice (scipy's, no box)."""
     from scipy.ndimage import distance_transform_edt
 
-    import nnunet_ext.labelprop as lp
+    import nnunet_ext.labelprop.propagate as lp
 
     near = lp._edt_near
     lp._edt_near = lambda mask, sampling: distance_transform_edt(mask, sampling=sampling)
@@ -201,7 +201,7 @@ def _whole_slice_distances():
 
 
 def bench_speed(args) -> dict:
-    from nnunet_ext.labelprop import interpolate_shape, interpolate_volume
+    from nnunet_ext.labelprop.propagate import interpolate_shape, interpolate_volume
 
     shape = (200, 512, 512)
     zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
@@ -277,7 +277,7 @@ def write_trainer(workdir: Path, args) -> None:
     (folder / "nnunet_ext_labelprop_bench.py").write_text(
         TRAINER_SOURCE.format(epochs=args.epochs, iterations=args.iterations)
     )
-    from nnunet_ext.training import ext_trainer_env
+    from nnunet_ext.core.nnunet_commands import ext_trainer_env
 
     os.environ["nnUNet_extTrainer"] = ext_trainer_env()["nnUNet_extTrainer"] + os.pathsep + str(folder)
 
@@ -286,7 +286,7 @@ def predict_dice(dataset_id: int, src: Path, workdir: Path) -> dict:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_ext.io import existing_datasets_with_id
+    from nnunet_ext.core.datasets import existing_datasets_with_id
 
     name = existing_datasets_with_id(workdir / "nnUNet_raw", dataset_id)[0].name
     model = workdir / "nnUNet_results" / name / f"{TRAINER}__nnUNetPlans__3d_tiny"
@@ -300,7 +300,7 @@ def predict_dice(dataset_id: int, src: Path, workdir: Path) -> dict:
 
 
 def train_direct(dataset_id: int, args, log) -> None:
-    from nnunet_ext.labelprop_run import RecipeOptions, _preprocess, _train
+    from nnunet_ext.labelprop.run import RecipeOptions, _preprocess, _train
 
     opts = RecipeOptions(source="", out_id=dataset_id, configuration="3d_tiny", folds=("0",), num_processes=2)
     pre = Path(os.environ["nnUNet_preprocessed"])
@@ -317,8 +317,8 @@ def train_direct(dataset_id: int, args, log) -> None:
 
 
 def bench_train(workdir: Path, args) -> dict:
-    from nnunet_ext.labelprop_run import RecipeOptions, run_recipe
-    from nnunet_ext.phantoms import write_phantom_dataset
+    from nnunet_ext.labelprop.run import RecipeOptions, run_recipe
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     write_trainer(workdir, args)
     os.environ["nnUNet_n_proc_DA"] = "0"

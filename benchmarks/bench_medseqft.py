@@ -106,8 +106,8 @@ def _targets(out: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def efficiency(args) -> dict:
-    from nnunet_ext import lora
-    from nnunet_ext.medseqft import FeatureTap, unet_features
+    from nnunet_ext.core import lora
+    from nnunet_ext.medseqft.method import FeatureTap, unet_features
     from nnunet_ext.trainers import nnUNetTrainerLoRA as T
 
     if args.plans:
@@ -241,8 +241,8 @@ def memory(args) -> dict:
     """Activation memory of full fine-tuning (batch B) vs the MedSeqFT student over task + buffer patches
     (B + kd_batch_size, kd_batch_size in {B, 1}); the frozen teachers / expert run without gradients and save
     nothing."""
-    from nnunet_ext import lora
-    from nnunet_ext.medseqft import FeatureTap
+    from nnunet_ext.core import lora
+    from nnunet_ext.medseqft.method import FeatureTap
     from nnunet_ext.trainers import nnUNetTrainerLoRA as T
 
     if args.plans:
@@ -295,8 +295,8 @@ def sequence(args) -> dict:
     os.environ.update(
         {k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_compile")}
     )
-    from nnunet_ext.medseqft import write_task_phantoms
-    from nnunet_ext.phantoms import write_phantom_dataset
+    from nnunet_ext.medseqft.method import write_task_phantoms
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     pre = work / "preprocessed"
     ids = [args.first_id + i for i in range(4)]  # M_0's dataset, then the 3 tasks
@@ -312,7 +312,7 @@ def sequence(args) -> dict:
     if not (m0 / "checkpoint_final.pth").is_file():
         from nnunetv2.run.run_training import maybe_load_checkpoint  # noqa: F401 (nnU-Net's path)
 
-        from nnunet_ext.medseqft_run import _trainer
+        from nnunet_ext.medseqft.run import _trainer
 
         os.environ["nnUNet_n_proc_DA"] = env.get("nnUNet_n_proc_DA", "2")
         trainer = _trainer(
@@ -326,7 +326,7 @@ def sequence(args) -> dict:
         trainer.num_epochs, trainer.num_iterations_per_epoch = args.m0_epochs, args.iterations
         trainer.num_val_iterations_per_epoch = max(1, args.iterations // 5)
         trainer.run_training()
-    from nnunet_ext.medseqft_run import run_sequence
+    from nnunet_ext.medseqft.run import run_sequence
 
     start = time.perf_counter()
     run = f"run_{args.epochs}x{args.iterations}" + (f"_lora_lr{args.lora_lr:g}" if args.lora_lr else "")
@@ -408,7 +408,7 @@ def main() -> int:
     if "sequence" in args.parts:
         out["sequence"] = sequence(args)
     if args.json or "sequence" in args.parts:
-        from nnunet_ext.io import atomic_write_json
+        from nnunet_ext.core.io import atomic_write_json
 
         path = Path(args.json) if args.json else Path(args.workdir) / "bench_medseqft.json"
         atomic_write_json(path, out)

@@ -4,7 +4,7 @@
     python benchmarks/bench_uniseg.py --parts speed infer   # skip the (slow) accuracy part
     python benchmarks/bench_uniseg.py --iterations 300 --device cuda
 
-1. speed: `nnunet-ext bench` (nnunet_ext.bench.run_benchmark): train-step time, peak memory and inference time per
+1. speed: `nnunet-ext bench` (nnunet_ext.tools.bench.run_benchmark): train-step time, peak memory and inference time per
    case of nnUNetTrainerUniSeg vs nnUNetTrainer on the same plans, measured in the same run (separate processes
    and interleaved in one process); the issue's target is a train-step ratio of at most 1.1.
 2. infer: sliding-window inference time per case (nnU-Net's predictor, no mirroring) of all tasks in one call
@@ -51,7 +51,7 @@ TRAINER = "nnUNetTrainerUniSeg"
 
 
 def part_speed(pre: Path, args) -> dict:
-    from nnunet_ext.bench import format_report, run_benchmark
+    from nnunet_ext.tools.bench import format_report, run_benchmark
 
     r = run_benchmark(
         pre / "nnUNetPlans.json", "3d_tiny", TRAINER, device=args.device, iterations=args.speed_iterations,
@@ -146,7 +146,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     workdir = Path(args.workdir).resolve()
     os.environ.setdefault("nnUNet_compile", "f")
-    from nnunet_ext.training import ext_trainer_env
+    from nnunet_ext.core.nnunet_commands import ext_trainer_env
 
     os.environ["nnUNet_extTrainer"] = ext_trainer_env()["nnUNet_extTrainer"]
     pre = prepare(workdir, DATASET_ID, profile=args.profile)
@@ -169,7 +169,7 @@ def main() -> None:
             args.reuse_trained,
             args.seed,
         )
-    from nnunet_ext.io import atomic_write_json
+    from nnunet_ext.core.io import atomic_write_json
 
     name = f"bench_uniseg_seed{args.seed}.json" if args.seed else "bench_uniseg.json"
     atomic_write_json(workdir / name, report)

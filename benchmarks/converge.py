@@ -9,7 +9,7 @@ the stock `nnUNetv2_train DATASET 3d_tiny 0 -tr <Trainer>_converge` (100 epochs 
 nnUNetTrainer plateaus on every structure by ~3000 iterations there), one torch thread per run
 (OMP_NUM_THREADS=1), so two runs of this script (other seeds) can share a 2-core machine. Then
 `nnUNetv2_predict` on the test cases and, per structure, Dice, HD95 and the normalised surface Dice at 1 mm
-(nnunet_ext.metrics: MONAI surfaces, DeepMind's NSD definition).
+(nnunet_ext.core.metrics: MONAI surfaces, DeepMind's NSD definition).
 
 Resumable: a finished training (checkpoint_final.pth), prediction or evaluation is never redone, an
 interrupted training continues from its checkpoint_latest.pth (`nnUNetv2_train --c`), and each run's result is
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.io import atomic_write_json, atomic_write_text
+from nnunet_ext.core.io import atomic_write_json, atomic_write_text
 
 # comparison -> (phantom kind, baseline trainer, method trainers)
 COMPARISONS = {"banet": ("full", "nnUNetTrainer", ["nnUNetTrainerBANet"])}
@@ -45,9 +45,9 @@ PLATEAU_GAIN = 0.02  # mean of the last 20% minus the mean of the 20% before
 
 def prepare(workdir: Path, seed: int, kind: str, env: dict, log: Path) -> tuple[int, Path]:
     """The seed's converge phantom, planned and preprocessed, with 3d_tiny (each step once)."""
-    from nnunet_ext.phantoms import write_phantom_dataset
-    from nnunet_ext.plans import load_plans, save_plans, tiny_configuration
-    from nnunet_ext.training import nnunet_command, run_logged
+    from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
+    from nnunet_ext.planning.plans import load_plans, save_plans, tiny_configuration
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     dataset_id = 930 + seed
     raw, pre = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
@@ -118,7 +118,7 @@ def learning_curve(checkpoint: Path, names: list[str], title: str, png: Path) ->
 def evaluate(dataset: Path, predictions: Path) -> dict:
     import SimpleITK as sitk
 
-    from nnunet_ext.metrics import normalized_surface_dice, per_structure
+    from nnunet_ext.core.metrics import normalized_surface_dice, per_structure
 
     labels = {k: v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items() if v}
     cases = {}
@@ -141,7 +141,7 @@ def evaluate(dataset: Path, predictions: Path) -> dict:
 
 def run(workdir: Path, comparison: str, seed: int, trainer: str, device: str) -> dict:
     """One trained, predicted and evaluated model (each step skipped when its output exists)."""
-    from nnunet_ext.training import ext_trainer_env, predict_command, run_logged, train_command
+    from nnunet_ext.core.nnunet_commands import ext_trainer_env, predict_command, run_logged, train_command
 
     result_file = workdir / "runs" / f"{comparison}_seed{seed}_{trainer}.json"
     if result_file.is_file():

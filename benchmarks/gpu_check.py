@@ -6,7 +6,7 @@
     nice -n 10 python benchmarks/gpu_check.py --device cpu --size tiny \\
         --out benchmarks/results/gpu_check_cpu_tiny.json                  # the CPU stand-in
 
-It prepares its own phantoms (nnunet_ext.phantoms, planned and preprocessed with the stock
+It prepares its own phantoms (nnunet_ext.tools.phantoms, planned and preprocessed with the stock
 ``nnUNetv2_plan_and_preprocess``) in a workspace whose nnUNet_raw / nnUNet_preprocessed / nnUNet_results it
 points nnU-Net to (a temporary folder, or ``--workdir`` to keep and reuse it). ``--size real`` uses nnU-Net's
 own 3d_fullres plans of 80 x 160 x 160 phantoms (patch 80 x 160 x 160, 6 stages, 32-320 features, batch 2);
@@ -25,7 +25,7 @@ try/except: one failure is recorded with its traceback and the others go on):
 3. **train**: warm-up, then timed train steps alternating with a compiled ``nnUNetTrainer`` on the same plans
    in this process (rounds ABBA, ``--steps-per-round`` steps each; ms per step and ratio: medians of the
    rounds); every loss finite, the trainable weights changed; the FLOPs of one eager step
-   (``nnunet_ext.bench.train_step_flops``); peak memory ``torch.cuda.max_memory_allocated`` during the
+   (``nnunet_ext.tools.bench.train_step_flops``); peak memory ``torch.cuda.max_memory_allocated`` during the
    trainer's own rounds minus what was allocated before it was built (on a CPU the process max RSS, no ratio);
 4. **round trip**: ``save_checkpoint``, a fresh trainer ``load_checkpoint``s it (``nnUNetv2_train --c``) and
    saves it again: both checkpoints' tensors identical; one test case predicted with the stock
@@ -70,8 +70,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere: nnunet_ext is installed, this keeps it simple
     sys.path.insert(0, str(REPO))
 
-from nnunet_ext.errors import UserError  # noqa: E402
-from nnunet_ext.training import count_arg, device_arg  # noqa: E402
+from nnunet_ext.core.errors import UserError  # noqa: E402
+from nnunet_ext.core.nnunet_commands import count_arg, device_arg  # noqa: E402
 
 # nnUNetTrainer (the baseline itself: its ratio calibrates the method to ~1.0) and every shipped method
 # trainer, in the order the run does them (what the targets are about first; the nnU-Net-network trainers
@@ -184,8 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ the plan
 def trainer_spec(name: str) -> dict:
     """What a trainer needs: which phantom, pretrained weights, MedSeqFT's buffer and expert, its folds."""
+    from nnunet_ext.core.nnunet_commands import find_trainer
     from nnunet_ext.trainers import nnUNetTrainerDoDNet, nnUNetTrainerUniSeg, nnUNetTrainerUniSegFT
-    from nnunet_ext.training import find_trainer
 
     cls = find_trainer(name)
     pretrained = None
@@ -314,7 +314,7 @@ class Run:
         }
 
     def save(self) -> None:
-        from nnunet_ext.io import atomic_write_json
+        from nnunet_ext.core.io import atomic_write_json
 
         atomic_write_json(Path(self.args.out), self.report)
 
@@ -421,7 +421,7 @@ def environ(**values):
 
 def eager_module(trainer):
     """The plain network a trainer trains (inside torch.compile / DDP and MedSeqFT's FeatureTap)."""
-    from nnunet_ext import lora
+    from nnunet_ext.core import lora
 
     return trainer.base_network() if hasattr(trainer, "base_network") else lora.unwrap(trainer.network)
 
@@ -482,10 +482,10 @@ def tensor_differences(a, b, path: str = "") -> list[str]:
 # ------------------------------------------------------------------------------------------ preparation
 def prepare_datasets(run: Run) -> None:
     """Phantoms of the kinds the trainers need, planned + preprocessed with the stock CLI (reused if present)."""
-    from nnunet_ext.io import atomic_write_json
-    from nnunet_ext.phantoms import write_phantom_dataset
-    from nnunet_ext.plans import load_plans, save_plans, tiny_configuration
-    from nnunet_ext.splits import kfold_split
+    from nnunet_ext.core.io import atomic_write_json
+    from nnunet_ext.core.splits import kfold_split
+    from nnunet_ext.planning.plans import load_plans, save_plans, tiny_configuration
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     size = SIZES[run.args.size]
     raw, pre = run.root / "nnUNet_raw", run.root / "nnUNet_preprocessed"
@@ -610,7 +610,7 @@ def prepare_foundation(run: Run) -> None:
         del t
     run.foundation = str(path)
     if any(s["mds_buffer"] for s in run.plan["trainers"]):
-        from nnunet_ext.medseqft import buffer_path, select_buffer, write_buffer
+        from nnunet_ext.medseqft.method import buffer_path, select_buffer, write_buffer
 
         cfg = SIZES[run.args.size]["configuration"]
         with run.quiet():
@@ -631,7 +631,7 @@ def prepare_foundation(run: Run) -> None:
 
 # ------------------------------------------------------------------------------------------------ phases
 def timed(run: Run, trainer, batches) -> tuple[float, float]:
-    from nnunet_ext.bench import _timed_steps
+    from nnunet_ext.tools.bench import _timed_steps
 
     with run.autocast():
         return _timed_steps(trainer, batches, run.device)
@@ -642,7 +642,7 @@ def flop_step(run: Run, trainer, batch, res: dict) -> float | None:
     step), and the dtype autocast gave the first convolution (``autocast_dtype_seen``)."""
     from torch import nn
 
-    from nnunet_ext.bench import train_step_flops
+    from nnunet_ext.tools.bench import train_step_flops
 
     module = trainer.network
     plain = module._orig_mod if is_compiled(trainer) else module
@@ -726,7 +726,7 @@ def check_trainer(run: Run, name: str, res: dict) -> None:
     """The four phases for one trainer; ``res`` (its JSON entry) is filled in as they finish."""
     import torch
 
-    from nnunet_ext import lora
+    from nnunet_ext.core import lora
 
     spec = next(s for s in run.plan["trainers"] if s["trainer"] == name)
     kind = spec["dataset"]
@@ -1014,7 +1014,7 @@ def task_inference(run: Run, trainer, rounds: int = 5) -> dict:
 
     import torch
 
-    from nnunet_ext.universal import restrict_tasks
+    from nnunet_ext.multitask.predict import restrict_tasks
 
     net = eager_module(trainer)
     net.eval()
@@ -1133,7 +1133,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
 
-    from nnunet_ext.training import ext_trainer_env
+    from nnunet_ext.core.nnunet_commands import ext_trainer_env
 
     keep = args.workdir is not None
     root = Path(args.workdir).resolve() if keep else Path(tempfile.mkdtemp(prefix="nnunet_ext_gpu_check_"))

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 import nnunet_ext.trainers as ours
-from nnunet_ext.bench import format_report, run_benchmark
-from nnunet_ext.io import atomic_write_json
-from nnunet_ext.phantoms import write_phantom_dataset
-from nnunet_ext.plans import load_plans, save_plans, tiny_configuration
+from nnunet_ext.core.io import atomic_write_json
+from nnunet_ext.planning.plans import load_plans, save_plans, tiny_configuration
+from nnunet_ext.tools.bench import format_report, run_benchmark
+from nnunet_ext.tools.phantoms import write_phantom_dataset
 
 DATASET_ID = 980
 

@@ -8,60 +8,69 @@ import errno
 import sys
 
 from nnunet_ext import __version__
-from nnunet_ext.errors import UserError
+from nnunet_ext.core.errors import UserError
 
 # Every top-level sub-command, the module whose ``add_parser`` registers it, and its one-line help. Only the
 # module of the command being run is imported, and `nnunet-ext --help` imports none, so neither imports torch
 # (tests/test_cli_help.py checks both, and that this table matches what the modules register).
 COMMANDS = {
-    "trainer-dir": ("doctor", "print the folder to put in nnUNet_extTrainer"),
+    "trainer-dir": ("tools.doctor", "print the folder to put in nnUNet_extTrainer"),
     "doctor": (
-        "doctor",
+        "tools.doctor",
         "check nnU-Net's env vars, nnUNet_extTrainer and that nnU-Net finds our trainers",
     ),
-    "plans": ("plans", "edit nnU-Net plans: derive configurations, swap architectures, tiny preset, check"),
-    "phantoms": ("phantoms", "write a synthetic abdomen-like CT phantom dataset (nnU-Net raw format)"),
-    "tasks": ("tasks_cli", "show or validate a dataset's task registry (dataset.json['nnunet_ext_tasks'])"),
+    "plans": (
+        "planning.plans",
+        "edit nnU-Net plans: derive configurations, swap architectures, tiny preset, check",
+    ),
+    "phantoms": ("tools.phantoms", "write a synthetic abdomen-like CT phantom dataset (nnU-Net raw format)"),
+    "tasks": (
+        "multitask.cli",
+        "show or validate a dataset's task registry (dataset.json['nnunet_ext_tasks'])",
+    ),
     "demo": (
-        "demo",
+        "tools.demo",
         "run the whole path on a phantom: preprocess, train baseline + ours, predict, evaluate, figure",
     ),
-    "bench": ("bench", "train-step time, peak memory and inference time of a trainer vs plain nnUNetTrainer"),
+    "bench": (
+        "tools.bench",
+        "train-step time, peak memory and inference time of a trainer vs plain nnUNetTrainer",
+    ),
     "predict-boundaries": (
-        "predict_boundaries",
+        "banet.predict_boundaries",
         "write a BA-Net model's boundary probability maps as images (quality checks)",
     ),
     "labelprop": (
-        "labelprop_cli",
+        "labelprop.cli",
         "label propagation: train from sparse slice annotations (interpolate, pseudo, run, qc)",
     ),
     "fingerprint": (
-        "fingerprint",
+        "planning.fingerprint",
         "nnU-Net's dataset fingerprint without the ignore label in the foreground intensity statistics",
     ),
     "predict": (
-        "universal",
+        "multitask.predict",
         "DoDNet/TransDoDNet/UniSeg prediction: all tasks, one task (--task) or each case's task (--by-prefix)",
     ),
     "postprocess": (
-        "universal",
+        "multitask.predict",
         "DoDNet-style post-processing of label maps: largest components, tumour inside organ, small blobs",
     ),
-    "convert": ("convert", "convert a challenge's download into an nnU-Net raw dataset"),
+    "convert": ("challenges.convert", "convert a challenge's download into an nnU-Net raw dataset"),
     "evaluate": (
-        "evaluate",
+        "challenges.evaluate",
         "a challenge's official metrics (Dice, HD95, HD, average distance, NSD, ...) per case and class",
     ),
     "submit": (
-        "submit",
+        "challenges.submit",
         "write predictions as a challenge's evaluation expects them (names, format, label values)",
     ),
     "uniseg": (
-        "uniseg",
+        "uniseg.commands",
         "UniSeg: merge tasks with different image channels; convert a checkpoint for fine-tuning",
     ),
     "medseqft": (
-        "medseqft_cli",
+        "medseqft.cli",
         "MedSeqFT: MDS buffer selection and sequential fine-tuning runs (docs/medseqft.md)",
     ),
 }

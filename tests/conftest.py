@@ -67,7 +67,7 @@ class PhantomWorkspace:
 
     def dataset(self, dataset_id: int = 501, kind: str = "full") -> Path:
         """Raw folder of phantom ``dataset_id`` (tiny: 24x48x48, one tile of 3d_tiny), preprocessed + 3d_tiny."""
-        from nnunet_ext.phantoms import write_phantom_dataset
+        from nnunet_ext.tools.phantoms import write_phantom_dataset
 
         if dataset_id not in self._ready:
             write_phantom_dataset(

@@ -111,7 +111,7 @@ def test_evaluate_refuses_bad_tolerances_and_truncated_files(tmp_path, capsys, a
 def test_an_unwritable_output_is_one_line_without_traceback(tmp_path, capsys, monkeypatch):
     """A full disk or read-only output folder (simulated: root ignores permissions) ends every command with a
     one-line error, exit 1."""
-    import nnunet_ext.evaluate as evaluate
+    import nnunet_ext.challenges.evaluate as evaluate
 
     def full_disk(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -201,7 +201,7 @@ def test_broken_json_is_one_line_naming_the_file(tmp_path, capsys, content, mess
 def test_one_dataset_name_rule_for_every_writer(tmp_path, capsys, monkeypatch, name):
     """labelprop interpolate accepted names that the other commands refuse; now one rule (io)."""
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    from nnunet_ext.phantoms import write_phantom_dataset
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     write_phantom_dataset(
         tmp_path / "raw", 580, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4
@@ -225,7 +225,7 @@ def test_one_dataset_name_rule_for_every_writer(tmp_path, capsys, monkeypatch, n
 
 def test_labelprop_copy_instead_of_hard_links(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    from nnunet_ext.phantoms import write_phantom_dataset
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     src = write_phantom_dataset(
         tmp_path / "raw", 584, kind="sparse", num_train=5, num_test=1, shape=(16, 40, 40), every=4

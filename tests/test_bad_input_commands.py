@@ -83,7 +83,7 @@ def test_medseqft_device_defaults_to_auto():
     select = parser.parse_args(["medseqft", "select", "1", "3d_fullres", "--checkpoint", "m0.pth"])
     run = parser.parse_args(["medseqft", "run", "--pretrained", "m", "-d", "1", "-c", "c", "-o", "o"])
     assert select.device == run.device == "auto"
-    from nnunet_ext.medseqft import resolve_device
+    from nnunet_ext.medseqft.method import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("CPU") == torch.device("cpu")
@@ -204,7 +204,7 @@ def test_medseqft_run_refuses_an_unreadable_pretrained_checkpoint(tmp_path, caps
 def test_medseqft_run_refuses_a_broken_state_or_buffer_file(tmp_path, capsys, monkeypatch, content, message):
     """The run's state file (medseqft_run.json) and a task's buffer file: refused before anything is written or
     trained (the architecture check is stubbed: the checkpoint here is not a network)."""
-    import nnunet_ext.medseqft_run as medseqft_run
+    import nnunet_ext.medseqft.run as medseqft_run
 
     base = _medseqft_env(tmp_path, monkeypatch)
     monkeypatch.setattr(medseqft_run, "check_compatible", lambda *a, **k: None)
@@ -226,8 +226,8 @@ def test_medseqft_run_refuses_a_broken_state_or_buffer_file(tmp_path, capsys, mo
 
 
 def test_trainer_buffer_reader_names_the_file(tmp_path):
-    from nnunet_ext.errors import UserError
-    from nnunet_ext.medseqft import BUFFER_FILE, load_buffer
+    from nnunet_ext.core.errors import UserError
+    from nnunet_ext.medseqft.method import BUFFER_FILE, load_buffer
 
     (tmp_path / BUFFER_FILE).write_bytes(b'{"buffer": [')
     with pytest.raises(
@@ -243,7 +243,7 @@ def test_trainer_buffer_reader_names_the_file(tmp_path):
 @pytest.fixture
 def labelprop_raw(tmp_path, monkeypatch):
     """A sparse phantom source (580) and the dataset `labelprop interpolate` wrote from it (581)."""
-    from nnunet_ext.phantoms import write_phantom_dataset
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     raw = tmp_path / "raw"
     monkeypatch.setenv("nnUNet_raw", str(raw))
@@ -310,7 +310,7 @@ def test_labelprop_refuses_a_broken_source_dataset_json(tmp_path, capsys, labelp
 @pytest.fixture
 def uniseg_merged(tmp_path, monkeypatch):
     """Two tiny phantom sources (1 and 2 channels) and their UniSeg merge Dataset603_Mixed (written by the CLI)."""
-    from nnunet_ext.phantoms import write_phantom_dataset
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     raw = tmp_path / "raw"
     monkeypatch.setenv("nnUNet_raw", str(raw))
@@ -381,15 +381,16 @@ def test_uniseg_merge_force_failing_midway_leaves_the_old_dataset(
 def test_uniseg_merge_force_with_a_full_disk_leaves_the_old_dataset(
     tmp_path, capsys, monkeypatch, uniseg_merged
 ):
-    import nnunet_ext.io as io
+    import nnunet_ext.core.datasets as datasets
 
     raw, _, _, merged, argv = uniseg_merged
 
     def full_disk(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(io, "atomic_write_json", full_disk)
-    refused(argv, capsys, raw, "error: No space left on device (")
+    monkeypatch.setattr(datasets, "atomic_write_json", full_disk)  # the writer's last file
+    err = refused(argv, capsys, raw, "cannot write dataset.json of the new dataset in")
+    assert "No space left on device" in err
     assert (merged / "dataset.json").is_file()
 
 

@@ -69,12 +69,12 @@ def read_only(folder, monkeypatch=None):
 
 
 def disk_full(folder, monkeypatch):
-    import nnunet_ext.io
+    import nnunet_ext.core.io
 
     def fail(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(nnunet_ext.io, "atomic_write_json", fail)
+    monkeypatch.setattr(nnunet_ext.core.io, "atomic_write_json", fail)
 
 
 def plans_bytes(data: bytes):

@@ -17,8 +17,8 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import nn
 
 from nnunet_ext.architectures.banet import BANet
-from nnunet_ext.errors import UserError
-from nnunet_ext.losses import BoundaryAwareLoss
+from nnunet_ext.banet.loss import BoundaryAwareLoss
+from nnunet_ext.core.errors import UserError
 
 torch.set_num_threads(2)
 
@@ -184,7 +184,7 @@ def _banet_loss(ignore_label=None, n_outputs=2):
 
 @pytest.mark.parametrize("style", ["plain", "resenc"])
 def test_gradients_reach_encoder_and_both_decoders(style):
-    from nnunet_ext.boundary import boundary_targets_for_deep_supervision
+    from nnunet_ext.banet.boundary_targets import boundary_targets_for_deep_supervision
 
     net = make_banet(style=style, n_stages=3).train()
     x = torch.randn(2, 1, 16, 16, 16)
@@ -504,7 +504,7 @@ def test_pretrained_plain_nnunet_checkpoint_through_stock_path(nnunet_dirs, tmp_
 def test_4fold_split(nnunet_dirs):
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    from nnunet_ext.splits import kfold_split
+    from nnunet_ext.core.splits import kfold_split
     from nnunet_ext.trainers import nnUNetTrainerBANet_4fold
 
     splits_file = _remove_splits(nnunet_dirs)

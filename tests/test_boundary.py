@@ -1,4 +1,4 @@
-"""Boundary targets (nnunet_ext.boundary) against hand-made volumes and nnU-Net's own DS downsampling."""
+"""Boundary targets (nnunet_ext.banet.boundary_targets) against hand-made volumes and nnU-Net's own DS downsampling."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from scipy.ndimage import minimum_filter
 
-from nnunet_ext.boundary import (
+from nnunet_ext.banet.boundary_targets import (
     boundary_target,
     boundary_targets_for_deep_supervision,
     downsample_for_deep_supervision,

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from nnunet_ext.challenges import get_challenge
 from nnunet_ext.challenges.base import convert
 from nnunet_ext.cli import main
-from nnunet_ext.errors import UserError
+from nnunet_ext.core.errors import UserError
 
 SHAPE = (6, 8, 8)  # z, y, x
 
@@ -336,7 +336,7 @@ def _mk(path: Path) -> Path:
 
 
 def test_mots_seven_sources_then_tasks_merge(tmp_path, capsys):
-    from nnunet_ext.tasks import load_task_registry_from_folder
+    from nnunet_ext.multitask.tasks import load_task_registry_from_folder
 
     src = fake_mots(tmp_path)
     before = tree_hash(src)
@@ -390,7 +390,7 @@ def test_mots_reports_missing_sources(tmp_path):
     import shutil
 
     shutil.rmtree(src / "5Lung")
-    from nnunet_ext.convert import convert_mots
+    from nnunet_ext.challenges.convert import convert_mots
 
     with pytest.raises(UserError, match=r"no folder for lung \(5Lung or Task06_Lung\)"):
         convert_mots(src, 720, out=tmp_path / "raw", progress=False)

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from nnunet_ext.challenges import get_challenge
 from nnunet_ext.challenges.base import convert
 from nnunet_ext.challenges.cosmos22 import _side_of, contour_mask, nearest_status, read_qvj
-from nnunet_ext.errors import UserError
+from nnunet_ext.core.errors import UserError
 from tests.test_convert import COSMOS_SHAPE, fake_cosmos, outline, qvj, qvs, read, tree_hash
 
 
@@ -50,7 +50,7 @@ def test_sparse_slices_with_ignore_label_consumed_by_labelprop(tmp_path):
     assert tree_hash(src) == before
 
     # one step of label propagation works on the converted dataset
-    from nnunet_ext.labelprop import interpolate_dataset
+    from nnunet_ext.labelprop.propagate import interpolate_dataset
 
     out = interpolate_dataset(r.folder, 41, "nearest", out=raw, progress=False)
     filled = read(out / "labelsTr" / "c01_L.nii.gz")

@@ -20,7 +20,7 @@ from nnunet_ext.architectures.dodnet import (
     dynamic_head_num_params,
 )
 from nnunet_ext.architectures.transdodnet import TaskQueryTransformer, TransDoDNet
-from nnunet_ext.partial import DeepSupervisionPartialLoss, PartialLabelLoss, TaskLayout
+from nnunet_ext.multitask.partial_labels import DeepSupervisionPartialLoss, PartialLabelLoss, TaskLayout
 
 torch.set_num_threads(2)
 
@@ -387,7 +387,7 @@ def test_transdodnet_queries_generate_per_task_heads():
 
 
 def test_transdodnet_trainer_defaults_and_warmup_schedule():
-    from nnunet_ext.schedules import PolyLRScheduler
+    from nnunet_ext.core.schedules import PolyLRScheduler
     from nnunet_ext.trainers import nnUNetTrainerTransDoDNet
 
     assert nnUNetTrainerTransDoDNet.grad_clip == 0.1 and nnUNetTrainerTransDoDNet.warmup_epochs == 10
@@ -442,7 +442,7 @@ def partial_env(phantom_workspace):
 def test_trainer_step_validation_checkpoint_and_predictor(partial_env, tmp_path, cls_name):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_ext.partial import LAYOUT_KEY
+    from nnunet_ext.multitask.partial_labels import LAYOUT_KEY
 
     trainer = _partial_trainer(partial_env, cls_name)
     assert trainer.plans_manager.plans[LAYOUT_KEY]["labels"] == [[1, 2], [3, 4], [5]]
@@ -491,8 +491,8 @@ def test_trainer_step_validation_checkpoint_and_predictor(partial_env, tmp_path,
     # nnunet-ext predict: universal vs single-task predictions through nnU-Net's predictor and export
     import SimpleITK as sitk
 
-    from nnunet_ext.errors import UserError
-    from nnunet_ext.universal import load_predictor, predict_tasks
+    from nnunet_ext.core.errors import UserError
+    from nnunet_ext.multitask.predict import load_predictor, predict_tasks
 
     images = partial_env.dataset(502, "partial") / "imagesTs"
     pred, layout = load_predictor(out_base, (0,), device="cpu", tta=False)
@@ -594,8 +594,8 @@ def test_fully_labelled_dataset_is_one_task():
 
 
 def test_postprocessing_rules_from_registry():
-    from nnunet_ext.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
-    from nnunet_ext.universal import default_postprocessing_rules, postprocess_segmentation
+    from nnunet_ext.multitask.predict import default_postprocessing_rules, postprocess_segmentation
+    from nnunet_ext.tools.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
 
     rules = default_postprocessing_rules({"labels": PARTIAL_LABELS, "nnunet_ext_tasks": PARTIAL_TASKS})
     assert rules["keep_largest"] == {1: 1, 3: 2, 5: 1} and rules["inside"] == {2: 1, 4: 3}
@@ -618,7 +618,7 @@ def _probs_to_logits(p: list[float]) -> torch.Tensor:
 
 
 def _exact(net: DoDNet, p: list[float], weights=None) -> int:
-    from nnunet_ext.universal import decode_scores
+    from nnunet_ext.multitask.predict import decode_scores
 
     scores = torch.tensor(p, dtype=torch.float32).view(-1, 1, 1, 1)
     return int(decode_scores(net, scores, "merged", weights=weights).flatten()[0])
@@ -655,7 +655,7 @@ def test_merge_never_loses_a_structure_to_a_task_that_does_not_annotate_it():
 def test_merge_weights_stop_an_overconfident_task():
     """A task that fires everywhere (spleen p = 0.99 on a liver voxel) takes the voxel with equal weights; with the
     own-task validation Dice as weights (spleen 0.1, liver 0.9) the liver task keeps it."""
-    from nnunet_ext.partial import merge_task_decisions
+    from nnunet_ext.multitask.partial_labels import merge_task_decisions
 
     net = make_dodnet()
     case = [0.8, 0.01, 0.01, 0.01, 0.99, 0.0]
@@ -674,7 +674,7 @@ def test_merge_weights_stop_an_overconfident_task():
 def test_exact_decoding_averages_probabilities_before_thresholding():
     """Mirrors: tumour p 7 x 0.55 and 1 x 0.45 (mean 0.5375 > 0.5: DoDNet says tumour), organ p 0.99. The exact
     decoding (mean sigmoid, then threshold) gives the tumour; nnU-Net's averaging of the stock logits does not."""
-    from nnunet_ext.universal import decode_scores
+    from nnunet_ext.multitask.predict import decode_scores
 
     net = make_dodnet()
     mirrors = [[0.99, 0.55, 0.01, 0.01, 0.01, 0.0]] * 7 + [[0.99, 0.45, 0.01, 0.01, 0.01, 0.0]]
@@ -686,7 +686,7 @@ def test_exact_decoding_averages_probabilities_before_thresholding():
 
 
 def test_merge_weights_travel_in_the_state_dict_and_old_checkpoints_load():
-    from nnunet_ext.partial import merge_weights_from_summary
+    from nnunet_ext.multitask.partial_labels import merge_weights_from_summary
 
     net = make_dodnet()
     sd = net.state_dict()

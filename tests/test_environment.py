@@ -8,8 +8,8 @@ import pytest
 
 import nnunet_ext
 from nnunet_ext.cli import main
-from nnunet_ext.errors import UserError
-from nnunet_ext.paths import resolve_dataset
+from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.paths import resolve_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

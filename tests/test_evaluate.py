@@ -13,10 +13,10 @@ import SimpleITK as sitk
 
 from nnunet_ext.challenges import get_challenge
 from nnunet_ext.challenges.base import class_metrics
+from nnunet_ext.challenges.evaluate import evaluate_folders
 from nnunet_ext.cli import main
-from nnunet_ext.errors import UserError
-from nnunet_ext.evaluate import evaluate_folders
-from nnunet_ext.metrics import distance_metrics, normalized_surface_dice
+from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.metrics import distance_metrics, normalized_surface_dice
 
 
 def write(path: Path, array: np.ndarray, spacing_xyz=(1.0, 1.0, 1.0)) -> None:

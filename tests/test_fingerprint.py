@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from nnunet_ext.phantoms import write_phantom_dataset
+from nnunet_ext.tools.phantoms import write_phantom_dataset
 from tests.conftest import BIN, nnunet_env, run
 
 
@@ -29,7 +29,7 @@ def fingerprint(root, name) -> dict:
 def test_without_ignore_label_it_reproduces_nnunets_statistics(workspace):
     """Our recomputation uses nnU-Net's own sampling: on a dataset without ignore label it gives nnU-Net's
     numbers (so on a sparse one the only difference is the ignore label)."""
-    from nnunet_ext.fingerprint import foreground_intensity_properties
+    from nnunet_ext.planning.fingerprint import foreground_intensity_properties
 
     env = nnunet_env(workspace)
     run(["nnUNetv2_extract_fingerprint", "-d", "871", "-np", "1"], env)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nnunet_ext"
 #: the tools above the trainers: they list, check or run every trainer we ship
-TOOLS = {"nnunet_ext.doctor", "nnunet_ext.demo", "nnunet_ext.trainer_dir.nnunet_ext_trainers"}
+TOOLS = {"nnunet_ext.tools.doctor", "nnunet_ext.tools.demo", "nnunet_ext.trainer_dir.nnunet_ext_trainers"}
 
 
 def module_files() -> dict[str, Path]:
@@ -104,8 +105,10 @@ def test_the_graph_sees_the_whole_package():
         "nnunet_ext.architectures.dodnet",
     } <= set(MODULES)
     # a function-level import counts: cli imports every command module only inside build_parser
-    assert "nnunet_ext.doctor" not in GRAPH["nnunet_ext.cli"]  # by name through importlib, not an import
-    assert "nnunet_ext.partial" in GRAPH["nnunet_ext.universal"]
+    assert (
+        "nnunet_ext.tools.doctor" not in GRAPH["nnunet_ext.cli"]
+    )  # by name through importlib, not an import
+    assert "nnunet_ext.multitask.partial_labels" in GRAPH["nnunet_ext.multitask.predict"]
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -132,3 +135,29 @@ def test_a_trainer_imports_only_the_class_of_another_trainer(trainer):
     for target, names in GRAPH[trainer].items():
         if target.startswith("nnunet_ext.trainers"):
             assert names == {target.rpartition(".")[2]}, f"{trainer} imports {sorted(names)} from {target}"
+
+
+def test_core_imports_nothing_of_ours_outside_core():
+    """core/ is the bottom layer: the nnU-Net glue every method shares depends on no method, tool or network."""
+    outside = {
+        m: sorted(t for t in deps if not t.startswith("nnunet_ext.core") and t != "nnunet_ext")
+        for m, deps in GRAPH.items()
+        if m.startswith("nnunet_ext.core")
+    }
+    assert {m: t for m, t in outside.items() if t} == {}
+
+
+def test_the_package_tree_is_the_documented_one():
+    """Every subpackage of nnunet_ext/ is in the README's layout table (and the table names no other)."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `nnunet_ext/([a-z_]+)/` \|", readme, flags=re.M))
+    actual = {
+        p.name
+        for p in PACKAGE.iterdir()
+        if p.is_dir() and not p.is_symlink() and (p / "__init__.py").exists()
+    }
+    linked = {p.name for p in PACKAGE.iterdir() if p.is_symlink()}
+    assert documented == actual, (documented, actual)
+    assert linked == {"architectures", "trainers", "presets"}
+    flat = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert flat == ["__init__.py", "cli.py"], flat  # everything else lives in a subpackage

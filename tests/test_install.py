@@ -191,8 +191,8 @@ def test_source_namespace_links_are_the_top_level_folders():
 def test_find_trainer_looks_up_by_name_as_nnunet_does():
     """The library finds a trainer by name through nnU-Net's search of `nnunet-ext trainer-dir` (it never
     imports nnunet_ext.trainers itself) and gets the class objects nnUNetv2_train uses."""
-    from nnunet_ext.errors import UserError
-    from nnunet_ext.training import find_trainer
+    from nnunet_ext.core.errors import UserError
+    from nnunet_ext.core.nnunet_commands import find_trainer
 
     for name in trainers.__all__:
         assert find_trainer(name) is getattr(trainers, name), name

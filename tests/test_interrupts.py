@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from nnunet_ext.cli import main
-from nnunet_ext.training import RunLock
+from nnunet_ext.core.nnunet_commands import RunLock
 
 PARENT = textwrap.dedent(
     """
     import sys
-    from nnunet_ext.training import RunLock, child_process
+    from nnunet_ext.core.nnunet_commands import RunLock, child_process
     with RunLock(sys.argv[1], "the test run") as lock:
         with child_process([sys.executable, "-c", "import time; time.sleep(120)"], {}, lock):
             pass
@@ -63,7 +63,7 @@ def test_a_signal_to_the_command_stops_its_child_and_frees_the_lock(tmp_path, si
 
 def _sparse_sources(tmp_path, monkeypatch, *dataset_ids: int) -> None:
     """nnU-Net's folders under tmp_path and tiny sparse phantoms with these ids."""
-    from nnunet_ext.phantoms import write_phantom_dataset
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
         monkeypatch.setenv(var, str(tmp_path / sub))
@@ -132,7 +132,7 @@ def test_a_broken_state_file_is_one_line(tmp_path, capsys, monkeypatch):
 def test_medseqft_run_refuses_while_another_run_of_its_folder_is_alive(tmp_path, capsys, monkeypatch):
     """Two `medseqft run` into one --output would train into the same model folders: the second is refused
     while the first (recorded in medseqft_run.lock) is alive, and takes a stale lock over."""
-    import nnunet_ext.medseqft_run as medseqft_run
+    import nnunet_ext.medseqft.run as medseqft_run
     from tests.test_bad_input_commands import _medseqft_env
 
     _medseqft_env(tmp_path, monkeypatch)

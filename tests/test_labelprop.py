@@ -1,4 +1,4 @@
-"""Label propagation (nnunet_ext.labelprop): interpolation with known answers, datasets, bad input, pseudo-labels,
+"""Label propagation (nnunet_ext.labelprop.propagate): interpolation with known answers, datasets, bad input, pseudo-labels,
 QC figures, trainers, and the whole recipe through the stock nnU-Net CLIs on a tiny sparse phantom."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_image, atomic_write_json
-from nnunet_ext.labelprop import (
+from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.io import atomic_write_image, atomic_write_json
+from nnunet_ext.labelprop.propagate import (
     annotated_slices_of,
     detect_axis,
     interpolate_dataset,
@@ -117,7 +117,7 @@ def _random_label_stack(rng, n, h, w, k):
 def test_shape_crop_gives_the_whole_slice_output(monkeypatch):
     """Cropping each gap to the labels' bounding box (+ margin) changes nothing: labels touching the slice
     edges, background-only and label-filled end slices, anisotropic sampling, several gap lengths."""
-    import nnunet_ext.labelprop as lp
+    import nnunet_ext.labelprop.propagate as lp
 
     rng = np.random.default_rng(0)
     for trial in range(24):
@@ -151,7 +151,7 @@ def test_distance_maps_on_the_mask_box_equal_scipy_on_the_whole_slice():
     masks touching edges and corners, one voxel, thin lines, anisotropic sampling."""
     from scipy.ndimage import distance_transform_edt
 
-    import nnunet_ext.labelprop as lp
+    import nnunet_ext.labelprop.propagate as lp
 
     rng = np.random.default_rng(1)
     masks = []
@@ -189,7 +189,7 @@ def test_parcellation_phantom_many_adjacent_nonconvex_regions():
     region present, regions touch each other, several are clearly non-convex; shape beats nearest on it."""
     from scipy.spatial import ConvexHull
 
-    from nnunet_ext.phantoms import make_parcellation
+    from nnunet_ext.tools.phantoms import make_parcellation
 
     sp = (2.0, 1.0, 1.0)
     lab = make_parcellation(np.random.default_rng(4), (24, 48, 48), sp, num_labels=10)
@@ -327,7 +327,7 @@ def test_interpolate_dataset_writes_new_dataset(tmp_path, method):
 def test_interpolate_dataset_reads_each_label_file_once(tmp_path, monkeypatch):
     """Checks and interpolation share one read per label file; a case with an axis given and a fully annotated
     case (no ignore voxel) come out right."""
-    import nnunet_ext.labelprop as lp
+    import nnunet_ext.labelprop.propagate as lp
 
     src = _toy_dataset(tmp_path)
     full = _read(src / "labelsTr_dense" / "toy_002.nii.gz")
@@ -442,7 +442,7 @@ def test_cli_interpolate_and_qc(tmp_path):
 
 
 def test_pseudo_refuses_negative_worker_count(tmp_path):
-    from nnunet_ext.labelprop import pseudo_label_dataset
+    from nnunet_ext.labelprop.propagate import pseudo_label_dataset
 
     with pytest.raises(UserError, match="--num-processes must be 0"):
         pseudo_label_dataset(tmp_path, tmp_path, 5, num_processes=-1, out=tmp_path)
@@ -483,8 +483,8 @@ def _untrained_model(workspace, folder: Path) -> Path:
 def test_pseudo_labels_with_worker_processes_match_case_by_case(phantom_workspace, tmp_path, monkeypatch):
     """labelprop pseudo with nnU-Net's background preprocessing/export processes (-np 2) writes exactly what
     the case-by-case prediction (-np 0) writes, with the annotated voxels kept."""
-    from nnunet_ext.labelprop import pseudo_label_dataset
-    from nnunet_ext.phantoms import write_phantom_dataset
+    from nnunet_ext.labelprop.propagate import pseudo_label_dataset
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     for k in ("nnUNet_extTrainer", "nnUNet_compile", "nnUNet_def_n_proc"):
         monkeypatch.setenv(k, phantom_workspace.env[k])
@@ -510,7 +510,7 @@ def test_pseudo_labels_with_worker_processes_match_case_by_case(phantom_workspac
 # ------------------------------------------------------------------------------------------ trainers
 def test_trainers_schedule_and_folds():
     import nnunet_ext.trainers as ours
-    from nnunet_ext.schedules import SCHEDULES
+    from nnunet_ext.core.schedules import SCHEDULES
 
     a, b = ours.nnUNetTrainerLabelPropA, ours.nnUNetTrainerLabelPropB
     assert a.num_folds == b.num_folds == 4 and a.recipe_epochs == 100 and b.recipe_epochs == 500
@@ -525,7 +525,7 @@ def test_trainers_schedule_and_folds():
 def test_run_recipe_end_to_end_and_resume(phantom_workspace):
     """interpolate -> plan/preprocess -> train A (_smoke, 3d_tiny, fold 0) -> pseudo -> plan/preprocess -> train B,
     through `nnunet-ext labelprop run`; then a rerun skips everything and an interrupted training resumes."""
-    from nnunet_ext.phantoms import write_phantom_dataset
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     root, env = phantom_workspace.root, training_env(phantom_workspace.env)
     src = write_phantom_dataset(
@@ -574,7 +574,7 @@ def test_run_recipe_end_to_end_and_resume(phantom_workspace):
         assert lab.max() <= 5 and lab.shape == sparse.shape
     assert (interp / "labelprop.json").is_file()
     # model A's dataset keeps the ignore label outside the annotated range: planned from a fingerprint whose
-    # foreground statistics leave it out (nnunet_ext.fingerprint)
+    # foreground statistics leave it out (nnunet_ext.planning.fingerprint)
     assert "ignore" in json.loads((interp / "dataset.json").read_text())["labels"]
     fingerprint = json.loads((root / "preprocessed" / interp.name / "dataset_fingerprint.json").read_text())
     assert fingerprint["nnunet_ext_ignore_label_excluded"] is True

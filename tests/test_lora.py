@@ -1,4 +1,4 @@
-"""LoRA on nnU-Net networks (nnunet_ext.lora): injection through the alias trap, gradients, exact merge,
+"""LoRA on nnU-Net networks (nnunet_ext.core.lora): injection through the alias trap, gradients, exact merge,
 strict loading of merged weights into the stock network; nnUNetTrainerLoRA (pretrained -> adapters ->
 merged checkpoint, resume). Tiny networks on CPU."""
 
@@ -11,7 +11,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from torch import nn
 
-from nnunet_ext import lora
+from nnunet_ext.core import lora
 
 torch.set_num_threads(2)
 
@@ -187,7 +187,7 @@ def test_trainable_parameters_of_the_default_network_stay_under_5_percent():
 
 
 def test_poly_schedule_decays_every_group_from_its_own_learning_rate():
-    from nnunet_ext.schedules import PolyLRScheduler
+    from nnunet_ext.core.schedules import PolyLRScheduler
 
     adapters, head = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [adapters], "lr": 0.1}, {"params": [head]}], lr=0.01, momentum=0.99)
@@ -214,7 +214,7 @@ def _setenv(monkeypatch, workspace):
 
 
 def make_trainer(name: str, dataset: str, fold: int = 0):
-    from nnunet_ext.medseqft_run import _trainer
+    from nnunet_ext.medseqft.run import _trainer
 
     return _trainer(name, dataset, "3d_tiny", fold, "nnUNetPlans", torch.device("cpu"))
 
@@ -354,7 +354,7 @@ def test_uncompiled_strips_compile_at_every_depth_and_leaves_the_original():
 def test_adapted_network_under_torch_compile_and_autocast():
     """What nnUNetTrainerLoRA / MedSeqFT train: compiled (the aot_eager backend traces exactly what inductor
     would compile, without needing a C++ compiler) and under autocast; same outputs, adapters get gradients."""
-    from nnunet_ext.medseqft import FeatureTap
+    from nnunet_ext.medseqft.method import FeatureTap
 
     net = make_net("plain")
     lora.inject_lora(net, lora.LoRAConfig(rank=2))
@@ -382,7 +382,7 @@ def _ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from nnunet_ext.medseqft import FeatureTap, unet_features
+    from nnunet_ext.medseqft.method import FeatureTap, unet_features
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -23,7 +23,7 @@ TASK_IDS = (611, 612, 613)
 @pytest.mark.parametrize("style", ["plain", "resenc"])
 @pytest.mark.parametrize("deep_supervision", [True, False])
 def test_unet_features_reproduce_the_forward_pass(style, deep_supervision):
-    from nnunet_ext.medseqft import FeatureTap, unet_features
+    from nnunet_ext.medseqft.method import FeatureTap, unet_features
 
     net = make_net(style).eval()
     net.decoder.deep_supervision = deep_supervision
@@ -43,8 +43,8 @@ def test_unet_features_reproduce_the_forward_pass(style, deep_supervision):
 
 
 def test_feature_tap_rejects_networks_without_unet_decoder():
-    from nnunet_ext.errors import UserError
-    from nnunet_ext.medseqft import FeatureTap
+    from nnunet_ext.core.errors import UserError
+    from nnunet_ext.medseqft.method import FeatureTap
 
     with pytest.raises(UserError, match="UNetDecoder"):
         FeatureTap(nn.Conv3d(1, 1, 1))
@@ -68,7 +68,7 @@ def test_cli_errors_name_the_fix(tmp_path, capsys, monkeypatch):
 
 
 def test_feature_mse_normalised_by_teacher_variance_is_scale_free():
-    from nnunet_ext.medseqft import feature_mse, logit_distillation
+    from nnunet_ext.medseqft.method import feature_mse, logit_distillation
 
     torch.manual_seed(0)
     s = [torch.randn(2, 4, 4, 8, 8), torch.randn(2, 8, 2, 4, 4)]
@@ -100,8 +100,8 @@ def _env(monkeypatch, workspace, results: Path | None = None):
 
 @pytest.mark.slow
 def test_mds_selection_is_deterministic_for_a_seed(phantom_workspace, monkeypatch, tmp_path):
-    from nnunet_ext.errors import UserError
-    from nnunet_ext.medseqft import select_buffer, write_buffer
+    from nnunet_ext.core.errors import UserError
+    from nnunet_ext.medseqft.method import select_buffer, write_buffer
 
     dataset, ckpt = foundation_checkpoint(phantom_workspace)
     _env(monkeypatch, phantom_workspace)
@@ -135,7 +135,7 @@ def test_mds_selection_is_deterministic_for_a_seed(phantom_workspace, monkeypatc
 @pytest.fixture
 def task_sequence(phantom_workspace, monkeypatch):
     """Three binary phantom tasks (liver, kidney, spleen) planned like the other phantoms, with 3d_tiny."""
-    from nnunet_ext.medseqft import write_task_phantoms
+    from nnunet_ext.medseqft.method import write_task_phantoms
 
     root = phantom_workspace.root
     _env(monkeypatch, phantom_workspace)
@@ -162,7 +162,7 @@ def test_kg_rft_expert_student_merge_and_resume(phantom_workspace, task_sequence
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_ext.medseqft import buffer_path, fold_training_keys, select_buffer, write_buffer
+    from nnunet_ext.medseqft.method import buffer_path, fold_training_keys, select_buffer, write_buffer
     from tests.test_lora import make_trainer
 
     _, ckpt = foundation_checkpoint(phantom_workspace)
@@ -265,7 +265,7 @@ def test_kg_rft_every_option_on_a_tiny_network(phantom_workspace, task_sequence,
     from nnunetv2.run.run_training import maybe_load_checkpoint
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_ext.medseqft import buffer_path, select_buffer, write_buffer
+    from nnunet_ext.medseqft.method import buffer_path, select_buffer, write_buffer
     from tests.test_lora import make_trainer
 
     _, m0 = foundation_checkpoint(phantom_workspace)
@@ -346,7 +346,7 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_ext.medseqft_run import run_sequence
+    from nnunet_ext.medseqft.run import run_sequence
 
     _, ckpt = foundation_checkpoint(phantom_workspace)
     _env(monkeypatch, phantom_workspace)

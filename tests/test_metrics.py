@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from nnunet_ext.metrics import dice, hd95, per_structure
+from nnunet_ext.core.metrics import dice, hd95, per_structure
 
 
 def cube(shape, lo, hi):

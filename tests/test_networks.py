@@ -1,4 +1,4 @@
-"""Building method networks from nnU-Net plans (nnunet_ext.networks): one place, clear errors."""
+"""Building method networks from nnU-Net plans (nnunet_ext.architectures.from_plans): one place, clear errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ext.architectures.banet import BANet
-from nnunet_ext.errors import UserError
-from nnunet_ext.networks import method_network_from_plans
+from nnunet_ext.architectures.from_plans import method_network_from_plans
+from nnunet_ext.core.errors import UserError
 
 DATA = Path(__file__).parent / "data"
 

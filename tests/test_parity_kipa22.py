@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from nnunet_ext.challenges import get_challenge
-from nnunet_ext.evaluate import evaluate_folders
+from nnunet_ext.challenges.evaluate import evaluate_folders
 from tests.volumes import ball, write_label
 
 FIXTURE = Path(__file__).parent / "data" / "parity" / "kipa22_official.json"

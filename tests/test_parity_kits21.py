@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_ext.evaluate import evaluate_folders
+from nnunet_ext.challenges.evaluate import evaluate_folders
 from tests.volumes import ball, write_label
 
 FIXTURE = Path(__file__).parent / "data" / "parity" / "kits21_official.json"

@@ -19,8 +19,8 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_ext.challenges import get_challenge
+from nnunet_ext.challenges.evaluate import evaluate_folders
 from nnunet_ext.challenges.mots import DODNET_SPACING, dodnet_grid, dodnet_postprocess
-from nnunet_ext.evaluate import evaluate_folders
 
 FIXTURE = Path(__file__).parent / "data" / "parity" / "mots_dodnet_official.json"
 
@@ -251,7 +251,7 @@ def test_the_same_boundary_error_scores_alike_at_every_native_spacing(official, 
 def test_merged_dataset_scores_like_the_source(official, tmp_path):
     """Unified labels are put back in the task's source values before resampling (the anti-aliasing sees the
     values DoDNet's files hold)."""
-    from nnunet_ext.merge import MOTS_PRESET
+    from nnunet_ext.multitask.merge import MOTS_PRESET
 
     unified = get_challenge("mots").labels
     for name in ("kidney_two_shifted", "colon_shifted"):
@@ -278,7 +278,7 @@ def test_dodnet_grid_size_and_values():
     out = dodnet_grid(lab, (2.5, 0.8, 0.8))
     assert out.shape == (20, 30, 30) and out.dtype == np.uint8  # int(12 * 2.5 / 1.5) = 20
     assert set(np.unique(out)) == {0, 2}
-    from nnunet_ext.errors import UserError
+    from nnunet_ext.core.errors import UserError
 
     with pytest.raises(UserError, match="no voxel on DoDNet's"):
         dodnet_grid(np.zeros((1, 4, 4), np.uint8), (1.0, 0.8, 0.8))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nnunet_ext.metrics import distance_metrics, normalized_surface_dice, surface_distances
+from nnunet_ext.core.metrics import distance_metrics, normalized_surface_dice, surface_distances
 from tests.volumes import ball
 
 FIXTURE = Path(__file__).parent / "data" / "parity" / "surface_distance_official.json"
@@ -123,7 +123,7 @@ def test_medpy_assd_pools_the_two_directions():
 def test_amos22_nsd_through_evaluate_equals_deepmind_at_its_assumed_1mm(tmp_path):
     """`evaluate --challenge amos22-task1` scores an organ's NSD at the assumed 1 mm tolerance as DeepMind's code
     does (fixture), on anisotropic label files; the assumed empty-mask values: absent from both 1, from one 0."""
-    from nnunet_ext.evaluate import evaluate_folders
+    from nnunet_ext.challenges.evaluate import evaluate_folders
     from tests.volumes import write_label
 
     fixture = json.loads(FIXTURE.read_text())["cases"]

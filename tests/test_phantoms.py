@@ -1,5 +1,5 @@
 """Synthetic phantoms: anatomy, intensities, determinism, the four dataset variants (checked with nnU-Net's
-own verify_dataset_integrity), safe writing, the CLI; plus the nnunet_ext.io helpers they use."""
+own verify_dataset_integrity), safe writing, the CLI; plus the nnunet_ext.core.io helpers they use."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_ext import phantoms
-from nnunet_ext.errors import UserError
-from nnunet_ext.io import atomic_write_image, atomic_write_json, refuse_existing
-from nnunet_ext.phantoms import (
+from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.io import atomic_write_image, atomic_write_json, refuse_existing
+from nnunet_ext.multitask.tasks import load_task_registry_from_folder
+from nnunet_ext.tools import phantoms
+from nnunet_ext.tools.phantoms import (
     FULL_LABELS,
     IGNORE_LABEL,
     PARTIAL_LABELS,
@@ -24,7 +25,6 @@ from nnunet_ext.phantoms import (
     make_case_parts,
     write_phantom_dataset,
 )
-from nnunet_ext.tasks import load_task_registry_from_folder
 
 SHAPE = (16, 40, 40)
 SPACING = (2.5, 1.5, 1.5)

@@ -11,8 +11,8 @@ import pytest
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ext.cli import main
-from nnunet_ext.errors import UserError
-from nnunet_ext.plans import (
+from nnunet_ext.core.errors import UserError
+from nnunet_ext.planning.plans import (
     add_configuration,
     apply_preset,
     check_configuration,

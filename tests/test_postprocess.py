@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_ext.cli import main
-from nnunet_ext.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
+from nnunet_ext.tools.phantoms import PARTIAL_LABELS, PARTIAL_TASKS
 from tests.test_bad_input_challenges import run_refused
 
 

@@ -43,8 +43,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_ext import lora
-from nnunet_ext.training import find_trainer
+from nnunet_ext.core import lora
+from nnunet_ext.core.nnunet_commands import find_trainer
 from tests.test_lora import _setenv, foundation_checkpoint, make_trainer
 
 EPOCHS = 3  # run length
@@ -257,7 +257,7 @@ def test_resume_equals_uninterrupted_run(name, phantom_workspace, monkeypatch, t
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
 
     if name == "nnUNetTrainerMedSeqFT":  # the MDS buffer of this fold's training cases (not written to disk)
-        from nnunet_ext.medseqft import select_buffer
+        from nnunet_ext.medseqft.method import select_buffer
 
         record = select_buffer(pretrained, dataset, "3d_tiny", k=2, views=1, progress=False, fold=0)
         module = sys.modules[find_trainer(name).__module__]

@@ -8,9 +8,9 @@ import SimpleITK as sitk
 
 from nnunet_ext.challenges import get_challenge
 from nnunet_ext.challenges.base import convert
+from nnunet_ext.challenges.submit import submit
 from nnunet_ext.cli import main
-from nnunet_ext.errors import UserError
-from nnunet_ext.submit import submit
+from nnunet_ext.core.errors import UserError
 from tests.test_convert import (
     COSMOS_SHAPE,
     fake_cosmos,
@@ -121,7 +121,7 @@ def test_cosmos22_puts_the_halves_back_together(tmp_path):
 
 
 def test_mots_merged_predictions_back_to_each_source(tmp_path):
-    from nnunet_ext.convert import convert_mots
+    from nnunet_ext.challenges.convert import convert_mots
 
     raw = tmp_path / "raw"
     convert_mots(fake_mots(tmp_path), 701, merge_id=700, out=raw, progress=False)

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from nnunet_ext.errors import UserError
-from nnunet_ext.tasks import (
+from nnunet_ext.core.errors import UserError
+from nnunet_ext.multitask.tasks import (
     TASKS_KEY,
     TaskRegistryError,
     case_ids_in_folder,
@@ -245,7 +245,7 @@ def test_nested_flag_is_read_validated_and_written_back():
     reg = load_task_registry(make_dataset_json(tasks), CASES)
     assert reg.nested_of("liver") and not reg.nested_of("kidney")
     assert reg.to_json()["liver"]["nested"] is True and "nested" not in reg.to_json()["kidney"]
-    from nnunet_ext.partial import TaskLayout
+    from nnunet_ext.multitask.partial_labels import TaskLayout
 
     layout, _ = TaskLayout.from_dataset_json(make_dataset_json(tasks))
     assert layout.nested == (True, False, False)

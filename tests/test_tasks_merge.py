@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_ext.cli import main
-from nnunet_ext.errors import UserError
-from nnunet_ext.merge import MOTS_PRESET, merge_datasets
-from nnunet_ext.tasks import load_task_registry_from_folder
+from nnunet_ext.core.errors import UserError
+from nnunet_ext.multitask.merge import MOTS_PRESET, merge_datasets
+from nnunet_ext.multitask.tasks import load_task_registry_from_folder
 
 
 def write_raw(root: Path, dataset_id: int, name: str, labels: dict, channels=None, n=2, seed=0) -> Path:
@@ -229,13 +229,15 @@ def test_merge_force_keeps_the_old_dataset_until_the_new_one_is_in_place(sources
     spec = {"tasks": {"liver": {"source": str(liver), "labels": {"1": "liver", "2": "liver_tumour"}}}}
     old, _ = merge_datasets(spec, raw, 30)
     old_hash = tree_hash(old)
-    import nnunet_ext.merge as merge
+    import nnunet_ext.core.datasets as datasets
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(merge, "atomic_write_json", fail)  # the new dataset fails at its last file
-    with pytest.raises(OSError):
+    monkeypatch.setattr(datasets, "atomic_write_json", fail)  # the new dataset fails at its last file
+    with pytest.raises(
+        UserError, match="cannot write dataset.json of the new dataset.*No space left on device"
+    ):
         merge_datasets(spec, raw, 30, force=True)
     assert tree_hash(old) == old_hash  # the old dataset is untouched
     assert sorted(p.name for p in raw.iterdir()) == [

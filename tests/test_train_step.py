@@ -1,4 +1,4 @@
-"""The shared end of our trainers' train_step (nnunet_ext.training.backward_and_step): gradient clipping is one
+"""The shared end of our trainers' train_step (nnunet_ext.core.nnunet_commands.backward_and_step): gradient clipping is one
 class attribute, ``grad_clip``, nnU-Net's 12 unless a trainer sets another (TransDoDNet: 0.1)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nnunet_ext.training import GRAD_CLIP, backward_and_step
+from nnunet_ext.core.nnunet_commands import GRAD_CLIP, backward_and_step
 
 
 def step(grad_clip=None) -> float:

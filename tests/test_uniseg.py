@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nnunet_ext.architectures.uniseg import UniSeg, bottleneck_size
-from nnunet_ext.uniseg_training import (
+from nnunet_ext.uniseg.training import (
     SlicedDCCELoss,
     TaskBalancedDataLoader,
     local_label_table,
@@ -90,7 +90,7 @@ def test_prompt_shape_from_plans_through_the_trainer():
     """build_network_architecture derives the prompt from the configuration's patch size and strides."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_ext.partial import LAYOUT_KEY, TaskLayout
+    from nnunet_ext.multitask.partial_labels import LAYOUT_KEY, TaskLayout
     from nnunet_ext.trainers import nnUNetTrainerUniSeg
 
     here = os.path.dirname(__file__)
@@ -267,9 +267,9 @@ def test_converted_weights_load_strictly_into_a_plain_nnunet_and_into_banet(styl
     from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
     from nnunet_ext.architectures.banet import BANet
-    from nnunet_ext.partial import LAYOUT_KEY, TaskLayout
-    from nnunet_ext.uniseg import convert_state_dict
-    from nnunet_ext.uniseg_training import UNISEG_KEY
+    from nnunet_ext.multitask.partial_labels import LAYOUT_KEY, TaskLayout
+    from nnunet_ext.uniseg.commands import convert_state_dict
+    from nnunet_ext.uniseg.training import UNISEG_KEY
 
     net = make_uniseg(ds=True, input_channels=2, task_channels=[1, 2, 1], style=style)
     plans = {
@@ -306,7 +306,7 @@ def test_converted_weights_load_strictly_into_a_plain_nnunet_and_into_banet(styl
             got = target.encoder(x)
         for a, b in zip(ref, got):
             torch.testing.assert_close(a, b)
-    from nnunet_ext.errors import UserError
+    from nnunet_ext.core.errors import UserError
 
     with pytest.raises(UserError, match="modality groups"):
         convert_state_dict(net.state_dict(), plans, 4)
@@ -346,7 +346,7 @@ def test_trainer_predictor_task_prediction_and_fine_tuning(uniseg_env, tmp_path)
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
     from nnunet_ext.cli import main
-    from nnunet_ext.universal import load_predictor, predict_tasks
+    from nnunet_ext.multitask.predict import load_predictor, predict_tasks
 
     # the weights (and so the tie-free decisions the merge invariants below need) must not depend on which
     # tests ran before in this process: one seed for this test (torch: weights; numpy: nnU-Net's batch sampling)
@@ -474,8 +474,8 @@ def test_trainer_predictor_task_prediction_and_fine_tuning(uniseg_env, tmp_path)
 def test_mixed_modality_merge_trains_and_predicts(tmp_path):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_ext.phantoms import write_phantom_dataset
-    from nnunet_ext.uniseg import merge_mixed_modalities
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
+    from nnunet_ext.uniseg.commands import merge_mixed_modalities
     from tests.conftest import nnunet_env, run
 
     raw = tmp_path / "raw"
@@ -520,7 +520,7 @@ def test_mixed_modality_merge_trains_and_predicts(tmp_path):
 
     pad = sitk.GetArrayFromImage(sitk.ReadImage(str(target / "imagesTr" / "organs_phantom_000_0001.nii.gz")))
     assert pad.shape == (16, 40, 40) and not pad.any()
-    from nnunet_ext.errors import UserError
+    from nnunet_ext.core.errors import UserError
 
     with pytest.raises(UserError, match="already exists"):
         merge_mixed_modalities(spec, raw, 603, "Mixed")
@@ -617,7 +617,7 @@ def test_weighted_merge_keeps_an_undertrained_task_off_other_structures():
     """An under-trained spleen task fires everywhere with a large margin. With equal weights it takes the liver
     (the failure seen in the benchmark); with the stored own-task Dice weights the liver task keeps its voxel,
     through the stock forward (nnU-Net's predictor) and the exact decoding alike."""
-    from nnunet_ext.universal import decode_scores
+    from nnunet_ext.multitask.predict import decode_scores
 
     net = make_uniseg(ds=False).eval()
     # (B, T, K, 1, 1, 1) probabilities: liver task says liver (0.7), kidney background, spleen says spleen (0.95)

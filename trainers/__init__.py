@@ -3,13 +3,13 @@
 One class per file, named after the file, as in nnU-Net. Add a new trainer by importing it here and
 listing it in ``TRAINERS`` (and in ``METHOD_TRAINERS`` if it is a method's main trainer rather than a
 recipe variant such as a different split); its ``_smoke`` and ``_demo`` schedule variants are then created
-too (see :mod:`nnunet_ext.schedules`), and ``nnUNetv2_train -tr`` finds all of them through
+too (see :mod:`nnunet_ext.core.schedules`), and ``nnUNetv2_train -tr`` finds all of them through
 ``nnUNet_extTrainer``.
 """
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.schedules import add_schedule_variants
+from nnunet_ext.core.schedules import add_schedule_variants
 from nnunet_ext.trainers.nnUNetTrainerBANet import nnUNetTrainerBANet
 from nnunet_ext.trainers.nnUNetTrainerBANet_4fold import nnUNetTrainerBANet_4fold
 from nnunet_ext.trainers.nnUNetTrainerDoDNet import nnUNetTrainerDoDNet

@@ -13,11 +13,11 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
 from nnunet_ext.architectures.banet import BANet
-from nnunet_ext.boundary import boundary_targets_for_deep_supervision
-from nnunet_ext.errors import UserError
-from nnunet_ext.losses import BoundaryAwareLoss
-from nnunet_ext.networks import method_network_from_plans
-from nnunet_ext.training import backward_and_step
+from nnunet_ext.architectures.from_plans import method_network_from_plans
+from nnunet_ext.banet.boundary_targets import boundary_targets_for_deep_supervision
+from nnunet_ext.banet.loss import BoundaryAwareLoss
+from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.nnunet_commands import backward_and_step
 
 BANET_CLASS_NAME = "nnunet_ext.architectures.banet.BANet"
 
@@ -30,7 +30,7 @@ class nnUNetTrainerBANet(nnUNetTrainer):
       ``network_class_name`` the plans name;
     * loss: nnU-Net's Dice+CE with deep supervision on the segmentation output + ``boundary_weight`` x the same
       Dice+CE (same deep-supervision weights, same ignore label) on the 2-channel boundary output; boundary targets
-      are computed on the device from the augmented full-resolution label (see :mod:`nnunet_ext.boundary`).
+      are computed on the device from the augmented full-resolution label (see :mod:`nnunet_ext.banet.boundary_targets`).
     """
 
     #: weight of the boundary loss relative to the segmentation loss (the paper: 1:1). Change in a subclass.

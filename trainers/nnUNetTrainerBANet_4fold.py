@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nnunet_ext.splits import KFoldSplit
+from nnunet_ext.core.splits import KFoldSplit
 from nnunet_ext.trainers.nnUNetTrainerBANet import nnUNetTrainerBANet
 
 
@@ -12,7 +12,7 @@ class nnUNetTrainerBANet_4fold(KFoldSplit, nnUNetTrainerBANet):
     The split is written to the dataset's ``splits_final.json`` (nnU-Net's file and format) if that file does not
     exist yet, so other trainers of the dataset (e.g. the ResEnc nnU-Net the KiPA entry was ensembled with) use
     the same folds. An existing file with another number of folds is an error (see
-    :func:`nnunet_ext.splits.kfold_do_split`).
+    :func:`nnunet_ext.core.splits.kfold_do_split`).
     """
 
     num_folds: int = 4

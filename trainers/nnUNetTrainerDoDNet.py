@@ -17,9 +17,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
 from nnunet_ext.architectures.dodnet import DoDNet
-from nnunet_ext.multitask_trainer import TaskRegistryTrainerMixin
-from nnunet_ext.networks import method_network_from_plans
-from nnunet_ext.partial import (
+from nnunet_ext.architectures.from_plans import method_network_from_plans
+from nnunet_ext.core.nnunet_commands import backward_and_step
+from nnunet_ext.multitask.partial_labels import (
     LAYOUT_KEY,
     DeepSupervisionPartialLoss,
     PartialLabelLoss,
@@ -28,12 +28,12 @@ from nnunet_ext.partial import (
     layout_from_plans,
     single_task_segmentation,
 )
-from nnunet_ext.training import backward_and_step
+from nnunet_ext.multitask.trainer import TaskRegistryTrainerMixin
 
 
 class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
     """nnU-Net's trainer with DoDNet's network (:class:`nnunet_ext.architectures.dodnet.DoDNet`) and the
-    partial-label loss (:class:`nnunet_ext.partial.PartialLabelLoss`); data, augmentation, schedule, SGD,
+    partial-label loss (:class:`nnunet_ext.multitask.partial_labels.PartialLabelLoss`); data, augmentation, schedule, SGD,
     checkpoints and inference are nnU-Net's.
 
     * the task of a training case comes from its identifier through the task registry (``batch['keys']``),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.splits import KFoldSplit
+from nnunet_ext.core.splits import KFoldSplit
 
 
 class nnUNetTrainerLabelPropA(KFoldSplit, nnUNetTrainer):
@@ -15,7 +15,7 @@ class nnUNetTrainerLabelPropA(KFoldSplit, nnUNetTrainer):
     pseudo-labels (see docs/labelprop.md).
 
     The split is written to the dataset's ``splits_final.json`` if that file does not exist yet (see
-    :func:`nnunet_ext.splits.kfold_do_split`); an existing file with another number of folds is an error.
+    :func:`nnunet_ext.core.splits.kfold_do_split`); an existing file with another number of folds is an error.
     """
 
     num_folds: int = 4

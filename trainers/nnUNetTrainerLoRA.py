@@ -8,7 +8,7 @@ adapters has keys such as ``...conv.base_layer.weight`` that no stock checkpoint
 1. ``initialize()`` builds the STOCK network exactly as nnUNetTrainer does (same class, same compile/DDP
    wrapping), so nnU-Net's ``load_pretrained_weights`` (``-pretrained_weights``, run by nnUNetv2_train
    right after ``initialize()``) loads into it unchanged;
-2. ``on_train_start()`` injects the adapters into the (pretrained) network (:mod:`nnunet_ext.lora`), freezes
+2. ``on_train_start()`` injects the adapters into the (pretrained) network (:mod:`nnunet_ext.core.lora`), freezes
    everything except adapters + ``seg_layers``, then re-applies torch.compile and DDP and rebuilds the
    optimizer over the trainable parameters only. Without ``-pretrained_weights`` (weights still equal to
    the random initialisation) it stops with an error, unless ``requires_pretrained_weights = False``;
@@ -20,7 +20,7 @@ adapters has keys such as ``...conv.base_layer.weight`` that no stock checkpoint
    which record its SHA-256; ``load_checkpoint`` (``--c``) re-injects the adapters and puts the frozen base
    back bit-exactly from that file, so a resumed run equals an uninterrupted one. Without the file (or with
    another training's) it rebuilds the base as ``W_merged - delta``
-   (:func:`nnunet_ext.lora.load_merged_with_adapters`; float rounding, ~1e-7 relative), says so in the log and
+   (:func:`nnunet_ext.core.lora.load_merged_with_adapters`; float rounding, ~1e-7 relative), says so in the log and
    writes a new start file. Checkpoints of older versions (the whole unmerged state in ``lora_state``) still
    load;
 4. ``on_train_end()`` merges the adapters into the network, so nnU-Net's final validation runs the
@@ -36,9 +36,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnunet_ext import lora
-from nnunet_ext.io import atomic_torch_save
-from nnunet_ext.schedules import PolyLRScheduler
+from nnunet_ext.core import lora
+from nnunet_ext.core.io import atomic_torch_save
+from nnunet_ext.core.schedules import PolyLRScheduler
 
 START_FILE = "lora_start.pth"
 

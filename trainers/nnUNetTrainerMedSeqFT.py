@@ -49,8 +49,9 @@ import torch
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
-from nnunet_ext import lora
-from nnunet_ext.medseqft import (
+from nnunet_ext.core import lora
+from nnunet_ext.core.nnunet_commands import backward_and_step
+from nnunet_ext.medseqft.method import (
     FeatureTap,
     feature_mse,
     load_buffer,
@@ -59,7 +60,6 @@ from nnunet_ext.medseqft import (
     unet_features,
 )
 from nnunet_ext.trainers.nnUNetTrainerLoRA import nnUNetTrainerLoRA
-from nnunet_ext.training import backward_and_step
 
 TERMS = ("segmentation", "expert", "retention")
 
@@ -118,7 +118,7 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
 
     # ------------------------------------------------------------------ expert M_t^FFT
     def expert_trainer_name(self) -> str:
-        from nnunet_ext.schedules import SCHEDULES
+        from nnunet_ext.core.schedules import SCHEDULES
 
         name = type(self).__name__
         suffix = next((f"_{s}" for s in SCHEDULES if name.endswith(f"_{s}")), "")
@@ -134,7 +134,7 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
     def train_expert(self) -> nn.Module:
         """Full fine-tuning of M_{t-1} (the weights -pretrained_weights loaded, body only: nnU-Net never loads the
         head) on this task, with this trainer's schedule; returns the trained (stock) network."""
-        from nnunet_ext.training import find_trainer
+        from nnunet_ext.core.nnunet_commands import find_trainer
 
         init = self.my_init_kwargs
         cls = find_trainer(self.expert_trainer_name())

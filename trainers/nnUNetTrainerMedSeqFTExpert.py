@@ -23,7 +23,7 @@ class nnUNetTrainerMedSeqFTExpert(nnUNetTrainer):
         self._random_init_fingerprint = self._fingerprint()
 
     def _fingerprint(self) -> torch.Tensor:
-        from nnunet_ext import lora
+        from nnunet_ext.core import lora
 
         net = lora.unwrap(self.network)
         return torch.stack([p.detach().float().abs().sum() for p in net.parameters()]).cpu()

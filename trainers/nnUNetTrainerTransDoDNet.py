@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from nnunet_ext.architectures.transdodnet import TransDoDNet
-from nnunet_ext.schedules import PolyLRScheduler
+from nnunet_ext.core.schedules import PolyLRScheduler
 from nnunet_ext.trainers.nnUNetTrainerDoDNet import nnUNetTrainerDoDNet
 
 

@@ -20,18 +20,18 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 
+from nnunet_ext.architectures.from_plans import method_network_from_plans
 from nnunet_ext.architectures.uniseg import UniSeg
-from nnunet_ext.errors import UserError
-from nnunet_ext.multitask_trainer import TaskRegistryTrainerMixin
-from nnunet_ext.networks import method_network_from_plans
-from nnunet_ext.partial import (
+from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.nnunet_commands import backward_and_step
+from nnunet_ext.multitask.partial_labels import (
     LAYOUT_KEY,
     TaskLayout,
     foreground_labels,
     layout_from_plans,
 )
-from nnunet_ext.training import backward_and_step
-from nnunet_ext.uniseg_training import (
+from nnunet_ext.multitask.trainer import TaskRegistryTrainerMixin
+from nnunet_ext.uniseg.training import (
     UNISEG_KEY,
     DeepSupervisionTaskLoss,
     SlicedDCCELoss,

@@ -14,7 +14,7 @@ from nnunet_ext.challenges.cosmos22 import COSMOS22
 from nnunet_ext.challenges.kipa22 import KiPA22
 from nnunet_ext.challenges.kits21 import KiTS21
 from nnunet_ext.challenges.mots import MOTS, MOTS_SOURCES
-from nnunet_ext.errors import UserError
+from nnunet_ext.core.errors import UserError
 
 __all__ = ["CHALLENGES", "Challenge", "EvalClass", "MetricRules", "convert", "get_challenge"]
 

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from nnunet_ext.challenges.base import Challenge, MetricRules, SourceCase, image_files, strip_suffix
-from nnunet_ext.errors import UserError
+from nnunet_ext.core.errors import UserError
 
 ORGANS = (
     "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",

@@ -20,31 +20,37 @@ and reported.
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
-import shutil
 import sys
 import time
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.errors import UserError
-from nnunet_ext.io import (
-    atomic_write_json,
-    check_dataset_id_and_name,
-    existing_datasets_with_id,
-    make_temp_dir,
-    replace_dataset,
+from nnunet_ext.core.datasets import (  # noqa: F401 - the challenge modules import these from here
+    FILE_ENDING,
+    IMAGE_SUFFIXES,
+    LabelVolume,
+    RawDatasetWriter,
+    bad_label_values,
+    geometry_mismatch,
+    image_files,
+    incomplete_image,
+    is_image_file,
+    raw_root,
+    read_label_array,
+    read_label_pair,
+    read_label_volume,
+    strip_suffix,
+    write_label_like,
 )
+from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.io import atomic_write_json  # noqa: F401
 
 META_KEY = "nnunet_ext_challenge"
-FILE_ENDING = ".nii.gz"
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".mhd")
 ALL_METRICS = ("Dice", "HD", "HD95", "HD95_pooled", "ASSD", "AVD", "NSD")
 DISTANCE_METRICS = ("HD", "HD95", "HD95_pooled", "ASSD", "AVD")
 
@@ -121,12 +127,12 @@ def class_metrics(
         elif metric == "NSD":
             if tolerance is None:
                 raise UserError("NSD needs a tolerance; pass --tolerance MM.")
-            from nnunet_ext.metrics import normalized_surface_dice
+            from nnunet_ext.core.metrics import normalized_surface_dice
 
             value = normalized_surface_dice(pred, gt, spacing, tolerance)
         else:
             if distances is None:
-                from nnunet_ext.metrics import distance_metrics
+                from nnunet_ext.core.metrics import distance_metrics
 
                 distances = distance_metrics(pred, gt, spacing)
             value = distances[metric]
@@ -257,119 +263,6 @@ class Challenge:
         return written
 
 
-# ============================================================================================ reading
-def _sitk():
-    import SimpleITK as sitk
-
-    return sitk
-
-
-def strip_suffix(name: str) -> str:
-    for s in IMAGE_SUFFIXES:
-        if name.lower().endswith(s):
-            return name[: -len(s)]
-    return name
-
-
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and any(path.name.lower().endswith(s) for s in IMAGE_SUFFIXES)
-
-
-def image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if is_image_file(p) and not p.name.startswith("."))
-
-
-def _geometry_sitk(path: Path):
-    sitk = _sitk()
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return {
-        "size": tuple(reader.GetSize()),
-        "spacing": np.array(reader.GetSpacing()),
-        "origin": np.array(reader.GetOrigin()),
-        "direction": np.array(reader.GetDirection()),
-    }
-
-
-def _geometry_nibabel(path: Path):
-    import nibabel
-
-    img = nibabel.load(str(path))
-    return {"size": tuple(img.shape[:3]), "affine": np.asarray(img.affine)}
-
-
-def geometry_mismatch(image: Path, label: Path) -> str | None:
-    """None if ``image`` and ``label`` share size, spacing, origin and direction; else what differs.
-
-    SimpleITK reads the headers; files SimpleITK refuses (e.g. AMOS's non-orthonormal direction cosines)
-    are compared through nibabel's affines instead."""
-    try:
-        a, b = _geometry_sitk(image), _geometry_sitk(label)
-    except RuntimeError:
-        try:
-            a, b = _geometry_nibabel(image), _geometry_nibabel(label)
-        except Exception as e:  # noqa: BLE001 - any reader failure is a problem of the case
-            return f"cannot read the headers of {image.name} / {label.name}: {e}"
-    diffs = []
-    for key in a:
-        va, vb = a[key], b[key]
-        if key == "size":
-            if va != vb:
-                diffs.append(f"size {va} vs {vb}")
-        elif not np.allclose(va, vb, rtol=1e-4, atol=1e-3):
-            diffs.append(f"{key} {np.round(va, 4).tolist()} vs {np.round(vb, 4).tolist()}")
-    return "; ".join(diffs) or None
-
-
-def incomplete_image(path: Path) -> str | None:
-    """None if the image file holds every voxel its header promises; else what is wrong. SimpleITK reads a
-    truncated NIfTI without an error and fills the missing voxels with 0, so every NIfTI file is read to its end
-    (decompressed) and its size compared with the header's; other formats are read fully by SimpleITK."""
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
-        try:
-            _sitk().ReadImage(str(path))
-        except RuntimeError as e:
-            return f"{path.name} cannot be read: {str(e).strip().splitlines()[-1]}"
-        return None
-    import nibabel
-
-    try:
-        header = nibabel.load(str(path)).header
-        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * int(
-            header.get_data_dtype().itemsize
-        )
-    except Exception as e:  # noqa: BLE001 - any header problem is a problem of this file
-        return f"{path.name} has no readable NIfTI header (truncated, or not a NIfTI file): {e}"
-    size = 0
-    try:
-        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                size += len(chunk)
-    except (EOFError, OSError, zlib.error) as e:
-        return f"{path.name} is truncated or corrupt ({e})"
-    if size < expected:
-        return f"{path.name} is truncated: {size} bytes of the {expected} its header promises"
-    return None
-
-
-def read_label_array(path: Path) -> np.ndarray:
-    try:
-        return _sitk().GetArrayFromImage(_sitk().ReadImage(str(path)))
-    except RuntimeError:
-        import nibabel
-
-        return np.asanyarray(nibabel.load(str(path)).dataobj)
-
-
-def bad_label_values(array: np.ndarray, allowed: set[int]) -> list:
-    values = np.unique(array)
-    return [v.item() for v in values if v != np.round(v) or int(v) not in allowed]
-
-
 def check_case(case: SourceCase, allowed: set[int]) -> list[str]:
     """Problems of a copy-converted case: missing files, label values, geometry of every image vs label."""
     files = [p for p in [*case.images, case.label] if p is not None]
@@ -396,223 +289,6 @@ def check_case(case: SourceCase, allowed: set[int]) -> list[str]:
         if diff:
             problems.append(f"geometry of {image.name} differs from {reference.name}: {diff}")
     return problems
-
-
-@dataclass
-class LabelVolume:
-    """A label map as a (z, y, x) array with its spacing (z, y, x), and what is needed to write one like it."""
-
-    array: np.ndarray
-    spacing: tuple[float, ...]
-    reference: object  # SimpleITK image, or nibabel image when SimpleITK cannot read the file
-    reader: str  # "sitk" or "nibabel"
-
-    def write_like(self, path: Path, array: np.ndarray) -> None:
-        """Write ``array`` ((z, y, x), uint8) with this volume's geometry."""
-        if self.reader == "sitk":
-            write_label_like(path, array, self.reference)
-            return
-        import nibabel
-
-        ref = self.reference
-        header = ref.header.copy()
-        header.set_data_dtype(np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        nibabel.save(
-            nibabel.Nifti1Image(np.asarray(array).transpose(2, 1, 0).astype(np.uint8), ref.affine, header),
-            str(path),
-        )
-
-
-def read_label_volume(path: Path, reader: str | None = None) -> LabelVolume:
-    """SimpleITK, or nibabel for files SimpleITK refuses (non-orthonormal direction cosines, as in AMOS);
-    ``reader`` forces one. A truncated or corrupt file is refused (SimpleITK would read it as zeros)."""
-    _refuse_incomplete(path)
-    return _read_volume(path, reader)
-
-
-def _refuse_incomplete(path: Path) -> None:
-    problem = incomplete_image(path)
-    if problem:
-        raise UserError(
-            f"{path} {problem.removeprefix(path.name + ' ')}; replace the file with a complete copy."
-        )
-
-
-def _read_volume(path: Path, reader: str | None = None) -> LabelVolume:
-    if reader in (None, "sitk"):
-        try:
-            image = _sitk().ReadImage(str(path))
-            spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
-            return LabelVolume(_sitk().GetArrayFromImage(image), spacing, image, "sitk")
-        except RuntimeError:
-            if reader == "sitk":
-                raise
-    import nibabel
-
-    image = nibabel.load(str(path))
-    array = np.asanyarray(image.dataobj)
-    if array.ndim != 3:
-        raise UserError(f"{path} is not a 3D image (shape {array.shape}).")
-    spacing = tuple(float(z) for z in reversed(image.header.get_zooms()[:3]))
-    return LabelVolume(array.transpose(2, 1, 0), spacing, image, "nibabel")
-
-
-def read_label_pair(a: Path, b: Path) -> tuple[LabelVolume, LabelVolume]:
-    """Both files with the same reader (nibabel for both if SimpleITK refuses either); truncated or corrupt
-    files are refused."""
-    _refuse_incomplete(a)
-    _refuse_incomplete(b)
-    first = _read_volume(a)
-    try:
-        second = _read_volume(b, first.reader)
-    except RuntimeError:
-        return _read_volume(a, "nibabel"), _read_volume(b, "nibabel")
-    return first, second
-
-
-def write_label_like(path: Path, array: np.ndarray, reference) -> None:
-    """Write a label array (uint8) with the geometry of the SimpleITK image ``reference``."""
-    sitk = _sitk()
-    out = sitk.GetImageFromArray(
-        np.asarray(array).astype(np.uint8 if array.max(initial=0) < 256 else np.uint16)
-    )
-    out.CopyInformation(reference)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(out, str(path), True)
-
-
-# ============================================================================================ writing
-class RawDatasetWriter:
-    """A new ``nnUNet_raw/DatasetXXX_NAME`` built in a hidden temp folder and renamed into place by
-    :meth:`finish`; ``force`` replaces an existing dataset with the same id (refused otherwise)."""
-
-    def __init__(self, raw_root: Path, dataset_id: int, name: str, force: bool, link: bool = False):
-        check_dataset_id_and_name(dataset_id, name)
-        self.raw_root = Path(raw_root)
-        self.created_root = (
-            not self.raw_root.exists()
-        )  # removed again by abort(), so a failure leaves nothing
-        self.raw_root.mkdir(parents=True, exist_ok=True)
-        self.id = int(dataset_id)
-        self.target = self.raw_root / f"Dataset{self.id:03d}_{name}"
-        existing = existing_datasets_with_id(self.raw_root, self.id)
-        if existing and not force:
-            raise UserError(
-                f"dataset id {self.id} already exists: {', '.join(str(p) for p in existing)}; pass --force to "
-                f"replace it, or choose another --id."
-            )
-        self.link = link
-        self.tmp = make_temp_dir(f".{self.target.name}.tmp-", self.raw_root)
-        self.files: dict[str, list[Path]] = {}
-        self.group = ""
-
-    def begin_case(self, case_id: str) -> None:
-        """Files written from now on belong to source case ``case_id`` (:meth:`drop_case` removes them)."""
-        self.group = case_id
-
-    def _dst(self, case_id: str, sub: str, name: str) -> Path:
-        dst = self.tmp / sub / name
-        try:
-            dst.parent.mkdir(exist_ok=True)
-        except OSError as e:
-            raise self._write_error(dst.parent, e) from e
-        if dst.exists():
-            raise UserError(f"two source cases map to the same output file {sub}/{name}; rename one of them.")
-        self.files.setdefault(self.group or case_id, []).append(dst)
-        return dst
-
-    def _write_error(self, dst: Path, error: Exception) -> UserError:
-        """A failed write into the new dataset: never a problem of the source case, never skipped."""
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1]
-        return UserError(
-            f"cannot write {dst.relative_to(self.tmp)} of the new dataset in {self.raw_root}: {reason}; nothing "
-            f"was written (the partial dataset was removed). Free space on that disk or make it writable "
-            f"(or pass another --out), then rerun."
-        )
-
-    def _copy(self, src: Path, dst: Path) -> None:
-        low = src.name.lower()
-        if low.endswith(".nii.gz") and self.link:
-            try:
-                os.link(src, dst)
-                return
-            except OSError:
-                pass
-        if low.endswith((".nii.gz", ".nii")):  # a gzipped .nii is a valid .nii.gz
-            self._copy_bytes(src, dst, compress=low.endswith(".nii"))
-        else:
-            image = _sitk().ReadImage(str(src))  # a read error is the source's problem
-            self._write_sitk(image, dst)
-
-    def _copy_bytes(self, src: Path, dst: Path, compress: bool) -> None:
-        """Copy ``src`` to ``dst`` (gzipped if ``compress``); read errors propagate as they are (a problem of
-        the source case), write errors become :meth:`_write_error`."""
-        with open(src, "rb") as fi:
-            try:
-                fo = gzip.open(dst, "wb", compresslevel=1) if compress else open(dst, "wb")
-            except OSError as e:
-                raise self._write_error(dst, e) from e
-            with fo:
-                while chunk := fi.read(1 << 22):
-                    try:
-                        fo.write(chunk)
-                    except OSError as e:
-                        raise self._write_error(dst, e) from e
-                try:
-                    fo.flush()
-                except OSError as e:
-                    raise self._write_error(dst, e) from e
-
-    def _write_sitk(self, image, dst: Path) -> None:
-        try:
-            _sitk().WriteImage(image, str(dst), True)
-        except (RuntimeError, OSError) as e:
-            raise self._write_error(dst, e) from e
-
-    def copy_image(self, src: Path, case_id: str, channel: int, split: str = "Tr") -> None:
-        self._copy(src, self._dst(case_id, f"images{split}", f"{case_id}_{channel:04d}{FILE_ENDING}"))
-
-    def copy_label(self, src: Path, case_id: str, split: str = "Tr") -> None:
-        self._copy(src, self._dst(case_id, f"labels{split}", f"{case_id}{FILE_ENDING}"))
-
-    def write_image(self, image, case_id: str, channel: int, split: str = "Tr") -> None:
-        dst = self._dst(case_id, f"images{split}", f"{case_id}_{channel:04d}{FILE_ENDING}")
-        self._write_sitk(image, dst)
-
-    def write_label(self, array: np.ndarray, reference, case_id: str, split: str = "Tr") -> None:
-        dst = self._dst(case_id, f"labels{split}", f"{case_id}{FILE_ENDING}")
-        try:
-            write_label_like(dst, array, reference)
-        except (RuntimeError, OSError) as e:
-            raise self._write_error(dst, e) from e
-
-    def drop_case(self, case_id: str) -> None:
-        for p in self.files.pop(case_id, []):
-            p.unlink(missing_ok=True)
-
-    def finish(self, dataset_json: dict) -> Path:
-        try:
-            atomic_write_json(self.tmp / "dataset.json", dataset_json)
-            return replace_dataset(self.tmp, self.target, self.id)
-        except OSError as e:
-            raise self._write_error(self.tmp / "dataset.json", e) from e
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        if self.created_root:
-            try:
-                self.raw_root.rmdir()
-            except OSError:  # not empty: something else was put there meanwhile
-                pass
-
-
-def raw_root(out: str | os.PathLike | None) -> Path:
-    if out is not None:
-        return Path(out).expanduser()
-    from nnunet_ext.paths import require_folder_var
-
-    return require_folder_var("nnUNet_raw")
 
 
 def _progress(items: Sequence, desc: str, enabled: bool):

@@ -57,7 +57,7 @@ from nnunet_ext.challenges.base import (
     image_files,
     write_label_like,
 )
-from nnunet_ext.errors import UserError
+from nnunet_ext.core.errors import UserError
 
 LUMEN, NORMAL_WALL, ATHERO_WALL, IGNORE = 1, 2, 3, 4
 #: CASCADE's contour coordinates are on a 512 x 512 grid (convertor/convert.py: x / 512 * width)

@@ -46,7 +46,7 @@ from nnunet_ext.challenges.base import (
     image_files,
     strip_suffix,
 )
-from nnunet_ext.errors import UserError
+from nnunet_ext.core.errors import UserError
 
 HD95_PENALTY = 373.12866
 #: DoDNet's target spacing (z, y, x) in mm, ``dataset/re_spacing.py`` (the same for all seven tasks)
@@ -214,7 +214,7 @@ def dodnet_postprocessing_plan(dataset_json: dict) -> list[tuple[str, int | None
     a merged MOTS dataset (``tasks merge --preset mots``: unified label names) or one converted source
     (``convert mots-<task>``: the source's own labels)."""
     from nnunet_ext.challenges.base import META_KEY
-    from nnunet_ext.merge import MOTS_PRESET
+    from nnunet_ext.multitask.merge import MOTS_PRESET
 
     labels = {
         str(k): v for k, v in dataset_json.get("labels", {}).items() if not isinstance(v, (list, tuple))
@@ -433,7 +433,7 @@ def _score_on_dodnet_grid(challenge: Challenge, task: str, pred, gt, spacing, ca
 
 def _unified_labels() -> dict[str, int]:
     """The merged label space of ``tasks merge --preset mots`` (first appearance order, as plan_merge)."""
-    from nnunet_ext.merge import MOTS_PRESET
+    from nnunet_ext.multitask.merge import MOTS_PRESET
 
     order: list[str] = []
     for entry in MOTS_PRESET["tasks"].values():
@@ -479,7 +479,7 @@ class MOTS(Challenge):
         )
 
     def eval_classes(self, case_id: str) -> list[EvalClass]:
-        from nnunet_ext.merge import MOTS_PRESET
+        from nnunet_ext.multitask.merge import MOTS_PRESET
 
         task = self.task_of(case_id)
         unified = self.labels
@@ -491,7 +491,7 @@ class MOTS(Challenge):
 
     def to_source_values(self, task: str, seg: np.ndarray) -> np.ndarray:
         """A unified label map in ``task``'s source label values (other tasks' structures -> background)."""
-        from nnunet_ext.merge import MOTS_PRESET
+        from nnunet_ext.multitask.merge import MOTS_PRESET
 
         unified = self.labels
         lut = np.zeros(max(max(unified.values()), int(np.max(seg, initial=0))) + 1, np.uint8)

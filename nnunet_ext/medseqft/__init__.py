@@ -1,0 +1,1 @@
+"""MedSeqFT: MDS buffer selection, K&G RFT distillation pieces and ``nnunet-ext medseqft {select,phantoms,run}``."""

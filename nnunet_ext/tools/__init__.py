@@ -1,0 +1,1 @@
+"""Tools around the methods: ``nnunet-ext demo``, ``bench``, ``phantoms``, ``doctor`` and ``trainer-dir``."""
