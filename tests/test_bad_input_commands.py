@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from support.medseqft_env import DATA, _fake_preprocessed, _medseqft_env  # noqa: F401
+from support.refusals import run_refused, tree, truncate
 
 from nnunet_ext.cli import main
-from tests.test_bad_input_challenges import run_refused, tree, truncate
-
-DATA = Path(__file__).parent / "data"
 
 
 class _Kept:
@@ -108,30 +107,6 @@ def test_medseqft_run_refuses_a_device_this_machine_lacks(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ medseqft
-def _fake_preprocessed(root: Path, dataset_id: int = 611) -> Path:
-    """nnUNet_preprocessed/DatasetXXX_Tiny with real plans and two (empty) case files: enough for `medseqft
-    select` to get as far as the checkpoint (-f all: no split needed)."""
-    base = root / f"Dataset{dataset_id:03d}_Tiny"
-    plans = json.loads((DATA / "nnUNetPlans.json").read_text())
-    plans["dataset_name"] = base.name
-    (base / plans["configurations"]["3d_fullres"]["data_identifier"]).mkdir(parents=True)
-    (base / "nnUNetPlans.json").write_text(json.dumps(plans))
-    shutil.copy(DATA / "dataset.json", base / "dataset.json")
-    for case in ("case_a", "case_b"):
-        (base / plans["configurations"]["3d_fullres"]["data_identifier"] / f"{case}.npz").write_bytes(b"")
-    return base
-
-
-def _medseqft_env(tmp_path, monkeypatch) -> Path:
-    pre = tmp_path / "preprocessed"
-    for key, sub in (
-        ("nnUNet_raw", "raw"),
-        ("nnUNet_preprocessed", "preprocessed"),
-        ("nnUNet_results", "res"),
-    ):
-        (tmp_path / sub).mkdir(exist_ok=True)
-        monkeypatch.setenv(key, str(tmp_path / sub))
-    return _fake_preprocessed(pre)
 
 
 def _write_checkpoint(path: Path, kind: str) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.commands import run, training_env
 
 import nnunet_ext.trainers as ours
-from tests.conftest import run, training_env
 
 ALL_TRAINERS = ["nnUNetTrainer_smoke"] + [f"{t.__name__}_smoke" for t in ours.TRAINERS]
 # Trainers whose stock-CLI path another test already runs, kept out of this (slow) loop: they change only the

@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
+from support.paths import REPO
 
-PACKAGE = Path(__file__).resolve().parents[1] / "nnunet_ext"
+PACKAGE = REPO / "nnunet_ext"
 #: the tools above the trainers: they list, check or run every trainer we ship
 TOOLS = {"nnunet_ext.tools.doctor", "nnunet_ext.tools.demo", "nnunet_ext.trainer_dir.nnunet_ext_trainers"}
 

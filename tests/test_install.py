@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from support.paths import REPO
 
 import nnunet_ext
 import nnunet_ext.trainers as trainers
 from nnunet_ext.architectures import ARCHITECTURES
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_nnunet_finds_our_class_objects(monkeypatch):

@@ -213,7 +213,7 @@ def interpolate_shape(
     grown by :data:`SHAPE_MARGIN` voxels, and background (0) outside it. The output is the same as on whole
     slices: outside the box both end slices are background, so background wins there; inside it every distance
     is exact, because the nearest voxel of any label (background included) lies inside the box or on its
-    background border (tests/test_labelprop.py compares ``crop=False``).
+    background border (tests/labelprop/test_labelprop.py compares ``crop=False``).
     """
     ann = _check_annotated(annotated, stack.shape[0])
     out = stack.copy()
