@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn
+from torch import nn
 
 from nnunet_ext.architectures.banet import BANet
 from nnunet_ext.architectures.from_plans import method_network_from_plans
 from nnunet_ext.banet.boundary_targets import boundary_targets_for_deep_supervision
 from nnunet_ext.banet.loss import BoundaryAwareLoss
 from nnunet_ext.core.errors import UserError
-from nnunet_ext.core.nnunet_commands import backward_and_step
+from nnunet_ext.core.train_step import batch_to_device, optimizer_step
 
 BANET_CLASS_NAME = "nnunet_ext.architectures.banet.BANet"
 
@@ -102,25 +101,14 @@ class nnUNetTrainerBANet(nnUNetTrainer):
         return boundary_targets_for_deep_supervision(target, None, self.label_manager.ignore_label)
 
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"]
-        target = batch["target"]
-
-        data = data.to(self.device, non_blocking=True)
-        if isinstance(target, list):
-            target = [i.to(self.device, non_blocking=True) for i in target]
-        else:
-            target = target.to(self.device, non_blocking=True)
+        data, target = batch_to_device(self, batch)
         boundary_target = self.boundary_targets(target)
 
-        self.optimizer.zero_grad(set_to_none=True)
-        # autocast on cuda only, as nnU-Net does
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        def loss():
             seg_output, boundary_output = self.network(data)  # training mode: (segmentation, boundary)
-            del data
-            loss = self.banet_loss(seg_output, target, boundary_output, boundary_target)
+            return self.banet_loss(seg_output, target, boundary_output, boundary_target)
 
-        backward_and_step(self, loss)
-        return {"loss": loss.detach().cpu().numpy()}
+        return optimizer_step(self, loss)
 
     # validation_step, checkpoints, --val and inference are nnU-Net's: in eval mode BANet returns the
     # segmentation output only, exactly like a plain nnU-Net network (the val loss is the segmentation loss).

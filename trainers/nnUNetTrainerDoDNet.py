@@ -12,13 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn
+from torch import nn
 
 from nnunet_ext.architectures.dodnet import DoDNet
 from nnunet_ext.architectures.from_plans import method_network_from_plans
-from nnunet_ext.core.nnunet_commands import backward_and_step
+from nnunet_ext.core.train_step import autocast_for, batch_to_device, optimizer_step
 from nnunet_ext.multitask.partial_labels import (
     LAYOUT_KEY,
     DeepSupervisionPartialLoss,
@@ -113,37 +112,18 @@ class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
         return DeepSupervisionPartialLoss(loss, None if weights is None else list(weights)).to(self.device)
 
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        if isinstance(target, list):
-            target = [i.to(self.device, non_blocking=True) for i in target]
-        else:
-            target = target.to(self.device, non_blocking=True)
+        data, target = batch_to_device(self, batch)
         task_ids = self.task_ids(batch["keys"])
-
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(
-                data, task_ids
-            )  # training mode: (B, K, ...) logits of each sample's own task
-            del data
-            loss = self.loss(output, target, task_ids)
-
-        backward_and_step(self, loss)
-        return {"loss": loss.detach().cpu().numpy()}
+        # training mode: the network returns the (B, K, ...) logits of each sample's own task
+        return optimizer_step(self, lambda: self.loss(self.network(data, task_ids), target, task_ids))
 
     def validation_step(self, batch: dict) -> dict:
         """Partial-label loss and the pseudo Dice of each sample's own task (single-task decoding: threshold 0.5,
         later structure of the task wins); a label counts only in samples whose task annotates it."""
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        if isinstance(target, list):
-            target = [i.to(self.device, non_blocking=True) for i in target]
-        else:
-            target = target.to(self.device, non_blocking=True)
+        data, target = batch_to_device(self, batch)
         task_ids = self.task_ids(batch["keys"])
         net = self.unwrapped_network()  # the per-task outputs (eval mode returns universal logits)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with autocast_for(self):
             output = net.forward_tasks(data, task_ids)  # (B, K, ...): each sample's own task
             del data
             loss = self.loss(output, target, task_ids)

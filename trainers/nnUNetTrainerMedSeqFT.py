@@ -46,11 +46,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast, nn
+from torch import nn
 
 from nnunet_ext.core import lora
-from nnunet_ext.core.nnunet_commands import backward_and_step
+from nnunet_ext.core.train_step import autocast_for, batch_to_device, optimizer_step
 from nnunet_ext.medseqft.method import (
     FeatureTap,
     feature_mse,
@@ -341,7 +340,7 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
         params = [p for n, p in module.named_parameters() if p.requires_grad and lora.is_adapter_parameter(n)]
         scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
         weights = self.term_weights()
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with autocast_for(self):
             terms = self.loss_terms(module, data, target, buffer, seg_loss)
         norms = {}
         names = list(terms)
@@ -357,12 +356,7 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
         return norms
 
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        if isinstance(target, list):
-            target = [i.to(self.device, non_blocking=True) for i in target]
-        else:
-            target = target.to(self.device, non_blocking=True)
+        data, target = batch_to_device(self, batch)
         buffer = next(self.dataloader_buffer)["data"].to(self.device, non_blocking=True)
         norms = {}
         if self.log_gradient_norms and self.epoch_step == 0:
@@ -370,13 +364,13 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
         self.epoch_step += 1
 
         weights = self.term_weights()
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            terms = self.loss_terms(self.network, data, target, buffer)
-            loss = sum(weights[name] * value for name, value in terms.items())
+        terms = {}
 
-        backward_and_step(self, loss)
-        out = {"loss": loss.detach().cpu().numpy()}
+        def loss():
+            terms.update(self.loss_terms(self.network, data, target, buffer))
+            return sum(weights[name] * value for name, value in terms.items())
+
+        out = optimizer_step(self, loss)
         for name, value in terms.items():
             out[f"{name}_loss"] = value.detach().cpu().numpy()
             out[f"{name}_grad"] = np.float64(norms.get(name, np.nan))

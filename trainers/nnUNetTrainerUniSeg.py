@@ -16,14 +16,13 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn
+from torch import nn
 
 from nnunet_ext.architectures.from_plans import method_network_from_plans
 from nnunet_ext.architectures.uniseg import UniSeg
 from nnunet_ext.core.errors import UserError
-from nnunet_ext.core.nnunet_commands import backward_and_step
+from nnunet_ext.core.train_step import autocast_for, optimizer_step
 from nnunet_ext.multitask.partial_labels import (
     LAYOUT_KEY,
     TaskLayout,
@@ -229,13 +228,8 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
         data = batch["data"].to(self.device, non_blocking=True)
         task_ids = self.task_ids(batch["keys"])
         target = self._local(batch["target"], task_ids)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data, task_ids)  # local logits of each sample's task
-            del data
-            loss = self.loss(output, target, task_ids)
-        backward_and_step(self, loss)
-        return {"loss": loss.detach().cpu().numpy()}
+        # the local logits of each sample's task
+        return optimizer_step(self, lambda: self.loss(self.network(data, task_ids), target, task_ids))
 
     def validation_step(self, batch: dict) -> dict:
         """Sliced loss and the pseudo Dice of each sample's own task, counted per global label over the samples
@@ -244,7 +238,7 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
         task_ids = self.task_ids(batch["keys"])
         global_target = batch["target"]
         target = self._local(global_target, task_ids)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with autocast_for(self):
             output = self.network(data, task_ids)
             del data
             loss = self.loss(output, target, task_ids)

@@ -290,28 +290,3 @@ def run_logged(
     if code != 0:
         raise UserError(f"`{Path(cmd[0]).name}` failed with exit code {code}; see the log {log}")
     return time.perf_counter() - start
-
-
-# ------------------------------------------------------------------------------------- inside train_step
-#: nnU-Net's gradient-norm clip (nnUNetTrainer.train_step); a trainer changes it with a ``grad_clip`` class attribute
-GRAD_CLIP = 12.0
-
-
-def backward_and_step(trainer, loss) -> None:
-    """The end of nnU-Net's ``train_step``, for our trainers that compute their own loss: backward (through the
-    AMP grad scaler when there is one), gradient clipping to the trainer's ``grad_clip`` (nnU-Net's 12 unless the
-    class sets another), optimizer step."""
-    import torch
-
-    max_norm = getattr(trainer, "grad_clip", GRAD_CLIP)
-
-    if trainer.grad_scaler is not None:
-        trainer.grad_scaler.scale(loss).backward()
-        trainer.grad_scaler.unscale_(trainer.optimizer)
-        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), max_norm)
-        trainer.grad_scaler.step(trainer.optimizer)
-        trainer.grad_scaler.update()
-    else:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), max_norm)
-        trainer.optimizer.step()

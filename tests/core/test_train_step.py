@@ -1,4 +1,4 @@
-"""The shared end of our trainers' train_step (nnunet_ext.core.nnunet_commands.backward_and_step): gradient clipping is one
+"""The shared end of our trainers' train_step (nnunet_ext.core.train_step): gradient clipping is one
 class attribute, ``grad_clip``, nnU-Net's 12 unless a trainer sets another (TransDoDNet: 0.1)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nnunet_ext.core.nnunet_commands import GRAD_CLIP, backward_and_step
+from nnunet_ext.core.train_step import GRAD_CLIP, backward_and_step, batch_to_device, optimizer_step
 
 
 def step(grad_clip=None) -> float:
@@ -36,3 +36,21 @@ def test_a_trainer_sets_its_clip_as_a_class_attribute():
     assert step(0.1) == pytest.approx(0.1, rel=1e-5)
     assert nnUNetTrainerTransDoDNet.grad_clip == 0.1
     assert not hasattr(nnUNetTrainerDoDNet, "grad_clip") and not hasattr(nnUNetTrainerBANet, "grad_clip")
+
+
+def test_optimizer_step_is_nnunets_sequence():
+    """zero_grad (stale gradients do not leak in), the loss, the clipped step, nnU-Net's {'loss': array}."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    trainer = SimpleNamespace(
+        network=torch.nn.ParameterList([weight]),
+        optimizer=torch.optim.SGD([weight], lr=1.0),
+        grad_scaler=None,
+        device=torch.device("cpu"),
+    )
+    weight.grad = torch.full((3,), 1e6)  # left over from elsewhere: zero_grad must drop it
+    batch = {"data": torch.ones(3), "target": [torch.zeros(3), torch.zeros(2)]}
+    data, target = batch_to_device(trainer, batch)
+    assert isinstance(target, list) and data.device.type == "cpu"
+    out = optimizer_step(trainer, lambda: (weight * data).sum())
+    assert set(out) == {"loss"} and float(out["loss"]) == pytest.approx(3.0)
+    assert torch.allclose(weight.detach(), torch.zeros(3))  # one SGD step of lr 1 on gradient 1 (norm < 12)

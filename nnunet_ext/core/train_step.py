@@ -1,0 +1,63 @@
+"""The train-step plumbing every trainer of ours shares, so that each trainer writes only its loss.
+
+nnU-Net's ``train_step`` is: batch to the device, ``zero_grad``, forward and loss under autocast (CUDA only),
+backward through the AMP grad scaler when there is one, gradient clipping, optimizer step. Our trainers
+compute their own losses (boundaries, partial labels, task prompts, distillation), so they cannot call
+nnU-Net's; they call :func:`optimizer_step` with a function that returns the loss, and nothing else of the
+sequence is written twice. :func:`batch_to_device` and :func:`autocast_for` serve their validation steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from nnunetv2.utilities.helpers import dummy_context
+
+#: nnU-Net's gradient clipping norm (``clip_grad_norm_(..., 12)`` in nnUNetTrainer.train_step)
+GRAD_CLIP = 12.0
+
+
+def batch_to_device(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+    """``batch['data']`` and ``batch['target']`` (one tensor, or one per deep-supervision scale) on the trainer's
+    device, as nnU-Net moves them."""
+    data = batch["data"].to(trainer.device, non_blocking=True)
+    target = batch["target"]
+    if isinstance(target, list):
+        target = [t.to(trainer.device, non_blocking=True) for t in target]
+    else:
+        target = target.to(trainer.device, non_blocking=True)
+    return data, target
+
+
+def autocast_for(trainer):
+    """Mixed precision on CUDA only, as nnU-Net does (CPU and MPS run in float32)."""
+    if trainer.device.type == "cuda":
+        return torch.autocast(trainer.device.type, enabled=True)
+    return dummy_context()
+
+
+def backward_and_step(trainer, loss: torch.Tensor) -> None:
+    """The end of nnU-Net's ``train_step``: backward (through the AMP grad scaler when there is one), gradient
+    clipping to the trainer's ``grad_clip`` (nnU-Net's 12 unless the class sets another), optimizer step."""
+    max_norm = getattr(trainer, "grad_clip", GRAD_CLIP)
+    if trainer.grad_scaler is not None:
+        trainer.grad_scaler.scale(loss).backward()
+        trainer.grad_scaler.unscale_(trainer.optimizer)
+        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), max_norm)
+        trainer.grad_scaler.step(trainer.optimizer)
+        trainer.grad_scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), max_norm)
+        trainer.optimizer.step()
+
+
+def optimizer_step(trainer, compute_loss: Callable[[], torch.Tensor]) -> dict:
+    """One optimisation step: ``zero_grad``, ``compute_loss()`` (forward and loss) under :func:`autocast_for`,
+    then :func:`backward_and_step`; returns nnU-Net's ``{'loss': ...}``."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with autocast_for(trainer):
+        loss = compute_loss()
+    backward_and_step(trainer, loss)
+    return {"loss": loss.detach().cpu().numpy()}
