@@ -15,6 +15,7 @@ from support.refusals import run_refused, tree, truncate  # noqa: F401
 from nnunet_ext.challenges import base
 from nnunet_ext.challenges import get_challenge as base_challenge
 from nnunet_ext.cli import main
+from nnunet_ext.core import datasets
 
 
 @pytest.mark.parametrize(
@@ -60,7 +61,7 @@ def test_a_write_failure_is_never_blamed_on_the_source_nor_skipped(tmp_path, cap
             return _FullDisk(100)
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(base, "open", open_for_output, raising=False)
+    monkeypatch.setattr(datasets, "open", open_for_output, raising=False)  # the raw-dataset writer
     argv = ["convert", "kipa22", str(src), "--id", "11", "--out", str(tmp_path / "raw"), "--skip-bad"]
     run_refused(argv, capsys, tmp_path, "No space left on device; nothing was written")
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
