@@ -23,6 +23,10 @@ COVERED_ELSEWHERE = {
     "nnUNetTrainerLabelPropB_smoke": "nnUNetv2_train through `labelprop run` (test_labelprop.py, recipe test)",
     "nnUNetTrainerUniSegFT_smoke": "plain nnUNetTrainer, UniSeg's downstream schedule; its -pretrained_weights "
     "loading in test_uniseg.py",
+    "nnUNetTrainerMedSeqFTExpert_smoke": "the first stage of nnUNetTrainerMedSeqFT_smoke (here): trained, checkpointed "
+    "and loaded inside that nnUNetv2_train",
+    "nnUNetTrainerMedSeqFTNoExpert_smoke": "nnUNetTrainerMedSeqFT_smoke (here) with expert = None; trained without "
+    "the expert in test_medseqft.py (the medseqft_noexpert strategy of the three-task sequence)",
 }
 TRAINERS = [t for t in ALL_TRAINERS if t not in COVERED_ELSEWHERE]
 
@@ -98,6 +102,10 @@ def test_train_predict_evaluate_with_stock_cli(phantom_workspace, trainer):
     )
     model = root / "results" / dataset.name / f"{trainer}__nnUNetPlans__3d_tiny"
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    cls = getattr(ours, trainer)
+    if getattr(cls, "expert", None) is not None:  # MedSeqFT: its first stage, the expert, trained in this run
+        expert = model.parent / model.name.replace(cls.__name__, cls.expert_trainer + "_smoke", 1)
+        assert (expert / "fold_0" / "checkpoint_final.pth").is_file()
     assert (model / "fold_0" / "validation" / "summary.json").is_file()
     if partially_labelled(trainer):  # each validation case also scored on its own task's labels only
         per_task = json.loads((model / "fold_0" / "validation" / "summary_tasks.json").read_text())
