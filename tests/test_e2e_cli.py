@@ -38,8 +38,11 @@ def test_every_shipped_trainer_is_covered_by_a_stock_cli_test():
 
 
 def partially_labelled(trainer: str) -> bool:
-    # methods for partially labelled data (DoDNet, TransDoDNet) train on the partial phantom (task registry)
-    return getattr(getattr(ours, trainer), "partially_labelled_data", False)
+    # the multi-task methods (DoDNet, TransDoDNet, UniSeg: trainers with the task registry) train on the partial
+    # phantom; read from the class hierarchy, not from a test-only attribute
+    from nnunet_ext.multitask.trainer import TaskRegistryTrainerMixin
+
+    return issubclass(getattr(ours, trainer), TaskRegistryTrainerMixin)
 
 
 def dataset_id_for(trainer: str) -> int:

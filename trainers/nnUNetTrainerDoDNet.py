@@ -48,8 +48,6 @@ class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
     #: dynamic head: ``head_channels -> ... -> K`` with ``head_layers`` 1x1 convs (the paper: 8, 3)
     head_channels: int = 8
     head_layers: int = 3
-    #: a method for partially labelled data: the end-to-end test trains it on the partial phantom
-    partially_labelled_data: bool = True
 
     def __init__(
         self,

@@ -55,8 +55,6 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
     #: iterations per epoch = ``iterations_per_task * number of tasks`` (the official UniSeg_Trainer:
     #: ``num_batches_per_epoch = 50 * total_task_num``, 550 for its 11 tasks)
     iterations_per_task: int = 50
-    #: a multi-task method: the end-to-end test trains it on the partial (multi-task) phantom
-    partially_labelled_data: bool = True
 
     def __init__(
         self,
