@@ -34,22 +34,14 @@ does not transfer the boundary decoder either (resuming with ``--c`` and inferen
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-from dynamic_network_architectures.initialization.weight_init import (
-    InitWeights_He,
-    init_last_bn_before_add_to_0,
-)
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork
-
-IntOrSeq = Union[int, list, tuple]
+from nnunet_ext.architectures.encoders import IntOrSeq, NNUNetEncoderNetwork
 
 
 class BoundaryDecoder(nn.Module):
@@ -229,10 +221,3 @@ class BANet(NNUNetEncoderNetwork):
             bnd += np.prod([self.encoder.output_channels[-(s + 2)], *sz], dtype=np.int64)
             bnd += np.prod([2 + 1, *sz], dtype=np.int64)
         return self.encoder.compute_conv_feature_map_size(input_size) + seg + bnd
-
-    @staticmethod
-    def initialize(module: nn.Module) -> None:
-        """nnU-Net's initialisation: He init of every conv (incl. the boundary heads); residual blocks get their
-        last norm before the addition zeroed, as ResidualEncoderUNet does (a no-op for plain encoders)."""
-        InitWeights_He(1e-2)(module)
-        init_last_bn_before_add_to_0(module)

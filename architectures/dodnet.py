@@ -40,24 +40,17 @@ their initialisation).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-from dynamic_network_architectures.initialization.weight_init import (
-    InitWeights_He,
-    init_last_bn_before_add_to_0,
-)
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork, build_nnunet_encoder
-from nnunet_ext.multitask.partial_labels import fill_missing_merge_weights, register_merge_weights
-
-IntOrSeq = Union[int, list, tuple]
+from nnunet_ext.architectures.encoders import IntOrSeq, build_nnunet_encoder
+from nnunet_ext.architectures.task_network import MultiTaskNetwork
 
 __all__ = [
     "DoDNet",
@@ -121,7 +114,8 @@ def apply_dynamic_heads(
 
 class DynamicHeadController(nn.Module):
     """DoDNet's controller: ``Linear(concat(GAP(bottleneck), one_hot(task)))`` -> head parameters, for every
-    task at once: (B, C) pooled features -> (B, T, P)."""
+    task at once: (B, C) pooled features -> (B, T, P). Its linear layer keeps PyTorch's default initialisation,
+    as in DoDNet's code (nnU-Net's He init touches convolutions only)."""
 
     def __init__(self, in_features: int, num_tasks: int, num_params: int):
         super().__init__()
@@ -147,7 +141,7 @@ class TaskHeadBranch(nn.Module):
         self.seg_layers = generator
 
 
-class DoDNet(NNUNetEncoderNetwork):
+class DoDNet(MultiTaskNetwork):
     """DoDNet on nnU-Net's encoders; see the module docstring.
 
     ``task_labels``: per task the label values it segments, in channel order (outer to inner, e.g.
@@ -174,19 +168,8 @@ class DoDNet(NNUNetEncoderNetwork):
         **encoder_kwargs,
     ):
         super().__init__()
-        if task_labels is None:
-            task_labels = [list(range(1, num_classes))]
-        task_labels = [[int(v) for v in labs] for labs in task_labels]
-        if not task_labels or any(len(labs) == 0 for labs in task_labels):
-            raise ValueError(
-                f"task_labels needs at least one task with at least one label, got {task_labels}"
-            )
-        for labs in task_labels:
-            if any(not 0 < v < num_classes for v in labs):
-                raise ValueError(f"task labels {labs} must lie in 1..num_classes-1 = 1..{num_classes - 1}")
-        self.num_classes = int(num_classes)
-        self.task_labels = task_labels
-        self.num_tasks = len(task_labels)
+        self._init_tasks(task_labels, num_classes)
+        task_labels = self.task_labels
         self.num_structures = int(num_structures or max(len(labs) for labs in task_labels))
         if self.num_structures < max(len(labs) for labs in task_labels):
             raise ValueError("num_structures must be at least the largest number of labels of a task")
@@ -209,8 +192,7 @@ class DoDNet(NNUNetEncoderNetwork):
         self.head_layers = dynamic_head_layers(head_channels, head_layers, self.num_structures)
         self.num_head_params = dynamic_head_num_params(self.head_layers)
         self.task_heads = TaskHeadBranch(self._build_generator())
-        # cross-task weights of the universal merge (persistent: saved with every checkpoint; set by validation)
-        register_merge_weights(self.task_heads.seg_layers, self.num_tasks, self.num_structures)
+        self._init_merge_weights()
         self._register_label_maps()
 
     # -------------------------------------------------------------------------------------- construction
@@ -240,38 +222,19 @@ class DoDNet(NNUNetEncoderNetwork):
             [int(c) for c in torch.nonzero(channel_label == v).flatten()] for v in range(self.num_classes)
         ]
 
+    def merge_weights_owner(self) -> nn.Module:
+        return self.task_heads.seg_layers
+
     @property
     def merge_weights(self) -> torch.Tensor:
         """(T, K) cross-task weights of the universal merge (own-task validation Dice; 1 = equal weights)."""
         return self.task_heads.seg_layers.merge_weights
 
-    @property
-    def has_merge_weights(self) -> bool:
-        """Whether validation stored the cross-task weights (else: equal weights)."""
-        return bool(self.task_heads.seg_layers.merge_weights_set > 0)
-
-    def set_merge_weights(self, weights) -> None:
-        w = torch.as_tensor(weights, dtype=torch.float32).reshape(self.num_tasks, self.num_structures)
-        self.task_heads.seg_layers.merge_weights.copy_(w)
-        self.task_heads.seg_layers.merge_weights_set.fill_(1.0)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Checkpoints written before the merge weights existed load with equal weights (flag: not set)."""
-        return super().load_state_dict(
-            fill_missing_merge_weights(self, state_dict), strict=strict, assign=assign
-        )
-
     # ------------------------------------------------------------------------------------------ inference
     def set_inference_tasks(self, tasks: Sequence[int] | None) -> None:
         """Eval output for these task indices only (``None``: all tasks, the universal prediction)."""
         mask = torch.zeros_like(self.inference_task_mask)
-        if tasks is None:
-            mask.fill_(1.0)
-        else:
-            for ti in tasks:
-                if not 0 <= int(ti) < self.num_tasks:
-                    raise ValueError(f"task index {ti} out of range 0..{self.num_tasks - 1}")
-                mask[int(ti)] = 1.0
+        mask[self.task_indices(tasks)] = 1.0
         self.inference_task_mask.copy_(mask)
 
     def structure_probabilities(self, task_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,7 +302,7 @@ class DoDNet(NNUNetEncoderNetwork):
         prob = torch.sigmoid(out.float())
         if tasks is not None:
             keep = torch.zeros(self.num_tasks, dtype=torch.bool, device=prob.device)
-            keep[list(tasks)] = True
+            keep[self.task_indices(tasks)] = True
             prob = prob * keep[self.channel_task].view(1, -1, *([1] * (prob.ndim - 2))).to(prob.dtype)
         return prob
 
@@ -399,10 +362,3 @@ class DoDNet(NNUNetEncoderNetwork):
         for sz in sizes[:n]:
             total += np.prod([per_voxel, *sz], dtype=np.int64)
         return total
-
-    @staticmethod
-    def initialize(module: nn.Module) -> None:
-        """nnU-Net's initialisation (He init of every conv; zeroed last norm in residual blocks). The
-        controller keeps PyTorch's default linear initialisation (as DoDNet's code)."""
-        InitWeights_He(1e-2)(module)
-        init_last_bn_before_add_to_0(module)

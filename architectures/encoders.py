@@ -14,10 +14,15 @@ from dynamic_network_architectures.architectures.abstract_arch import AbstractDy
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from dynamic_network_architectures.initialization.weight_init import (
+    InitWeights_He,
+    init_last_bn_before_add_to_0,
+)
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
+#: an int for every stage, or one value per stage (nnU-Net's plans use both)
 IntOrSeq = Union[int, list, tuple]
 
 
@@ -157,3 +162,11 @@ class NNUNetEncoderNetwork(AbstractDynamicNetworkArchitectures):
             **encoder_kwargs,
         )
         return decoder_convs
+
+    @staticmethod
+    def initialize(module: nn.Module) -> None:
+        """nnU-Net's initialisation: He init of every conv (heads included; linear layers keep PyTorch's
+        default), and residual blocks get their last norm before the addition zeroed, as ResidualEncoderUNet does
+        (a no-op for plain encoders)."""
+        InitWeights_He(1e-2)(module)
+        init_last_bn_before_add_to_0(module)

@@ -43,7 +43,6 @@ with fewer than ``C_max`` channels is zero-padded first.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
@@ -53,21 +52,11 @@ from dynamic_network_architectures.building_blocks.helper import (
 )
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-from dynamic_network_architectures.initialization.weight_init import (
-    InitWeights_He,
-    init_last_bn_before_add_to_0,
-)
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_ext.architectures.encoders import NNUNetEncoderNetwork
-from nnunet_ext.multitask.partial_labels import (
-    MERGE_WEIGHTS_SET,
-    fill_missing_merge_weights,
-    register_merge_weights,
-)
-
-IntOrSeq = Union[int, list, tuple]
+from nnunet_ext.architectures.encoders import IntOrSeq
+from nnunet_ext.architectures.task_network import MultiTaskNetwork
 
 __all__ = ["UniSeg", "bottleneck_size", "modality_groups"]
 
@@ -97,7 +86,7 @@ def modality_groups(task_channels: Sequence[int]) -> tuple[list[int], list[int],
     return counts, group_of, offsets
 
 
-class UniSeg(NNUNetEncoderNetwork):
+class UniSeg(MultiTaskNetwork):
     """UniSeg on nnU-Net's encoders; see the module docstring.
 
     ``num_classes``: nnU-Net's number of output channels of the dataset (global label space), the eval output
@@ -124,21 +113,10 @@ class UniSeg(NNUNetEncoderNetwork):
         **encoder_kwargs,
     ):
         super().__init__()
-        if task_labels is None:
-            task_labels = [list(range(1, num_classes))]
-        task_labels = [[int(v) for v in labs] for labs in task_labels]
-        if not task_labels or any(len(labs) == 0 for labs in task_labels):
-            raise ValueError(
-                f"task_labels needs at least one task with at least one label, got {task_labels}"
-            )
-        for labs in task_labels:
-            if any(not 0 < v < num_classes for v in labs):
-                raise ValueError(f"task labels {labs} must lie in 1..num_classes-1 = 1..{num_classes - 1}")
+        self._init_tasks(task_labels, num_classes)
+        task_labels = self.task_labels
         if patch_size is None:
             raise ValueError("UniSeg needs the training patch_size (the prompt has the bottleneck's shape)")
-        self.num_classes = int(num_classes)
-        self.task_labels = task_labels
-        self.num_tasks = len(task_labels)
         self.task_classes = [len(labs) + 1 for labs in task_labels]  # K_t incl. background
         self.num_outputs = max(self.task_classes)  # K
         self.input_channels = int(input_channels)
@@ -209,8 +187,7 @@ class UniSeg(NNUNetEncoderNetwork):
                 for cin, cout in ((c + t, mid), (mid, mid), (mid, t))
             ]
         )
-        # cross-task weights of the universal merge (persistent: saved with every checkpoint; set by validation)
-        register_merge_weights(self, self.num_tasks, self.num_outputs - 1)
+        self._init_merge_weights()
         self._register_tables()
 
     # -------------------------------------------------------------------------------------- construction
@@ -249,22 +226,6 @@ class UniSeg(NNUNetEncoderNetwork):
     @property
     def num_structures(self) -> int:
         return self.num_outputs - 1
-
-    @property
-    def has_merge_weights(self) -> bool:
-        """Whether validation stored the cross-task weights (else: equal weights)."""
-        return bool(getattr(self, MERGE_WEIGHTS_SET) > 0)
-
-    def set_merge_weights(self, weights) -> None:
-        w = torch.as_tensor(weights, dtype=torch.float32).reshape(self.num_tasks, self.num_outputs - 1)
-        self.merge_weights.copy_(w)
-        getattr(self, MERGE_WEIGHTS_SET).fill_(1.0)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Checkpoints written before the merge weights existed load with equal weights (flag: not set)."""
-        return super().load_state_dict(
-            fill_missing_merge_weights(self, state_dict), strict=strict, assign=assign
-        )
 
     # ---------------------------------------------------------------------------------------------- parts
     def _pad_channels(self, x: torch.Tensor) -> torch.Tensor:
@@ -332,7 +293,7 @@ class UniSeg(NNUNetEncoderNetwork):
         and fusion run once, the decoder once on a batch of B * T' (bottleneck + each task's prompt), and
         (B,) group indices and has-group mask of the samples (tasks of other groups are meaningless there)."""
         x = self._pad_channels(x)
-        tasks = list(range(self.num_tasks)) if tasks is None else [int(t) for t in tasks]
+        tasks = self.task_indices(tasks)
         b = x.shape[0]
         if len(self.group_channels) > 1:
             groups, has = self.detect_groups(x)
@@ -356,7 +317,7 @@ class UniSeg(NNUNetEncoderNetwork):
         """Per-task softmax probabilities (B, T, K, *spatial) over each task's own classes (classes beyond K_t
         are 0). Tasks not in ``tasks`` and tasks of another modality group than the sample are background
         (probability 1 on class 0), so they never claim a voxel."""
-        tasks = list(range(self.num_tasks)) if tasks is None else [int(t) for t in tasks]
+        tasks = self.task_indices(tasks)
         local, groups, has = self.forward_tasks(x, tasks)  # (B, T', K, ...)
         b, n, k = local.shape[:3]
         spatial = local.shape[3:]
@@ -429,9 +390,3 @@ class UniSeg(NNUNetEncoderNetwork):
         c, t = self.encoder.output_channels[-1], self.num_tasks
         total += np.prod([2 * ((c + t) // 4) + t + 1, *size], dtype=np.int64)
         return total
-
-    @staticmethod
-    def initialize(module: nn.Module) -> None:
-        """nnU-Net's initialisation (He init of every conv, zeroed last norm in residual blocks)."""
-        InitWeights_He(1e-2)(module)
-        init_last_bn_before_add_to_0(module)

@@ -17,10 +17,16 @@ from torch import nn
 
 from nnunet_ext.architectures.dodnet import DoDNet
 from nnunet_ext.architectures.from_plans import method_network_from_plans
-from nnunet_ext.core.train_step import autocast_for, batch_to_device, optimizer_step
+from nnunet_ext.core.train_step import (
+    autocast_for,
+    batch_to_device,
+    call_with_tasks,
+    deep_supervision,
+    optimizer_step,
+    per_scale_loss,
+)
 from nnunet_ext.multitask.partial_labels import (
     LAYOUT_KEY,
-    DeepSupervisionPartialLoss,
     PartialLabelLoss,
     TaskLayout,
     foreground_labels,
@@ -100,20 +106,15 @@ class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
     # --------------------------------------------------------------------------------------------------- loss
     def _build_loss(self):
         loss = PartialLabelLoss(self.task_layout, ignore_label=self.label_manager.ignore_label)
-        weights = None
-        if self.enable_deep_supervision:
-            scales = self._get_deep_supervision_scales()
-            weights = np.array([1 / (2**i) for i in range(len(scales))])
-            # nnU-Net: the lowest resolution gets 0 (a tiny weight under DDP without compile: unused parameters)
-            weights[-1] = 1e-6 if (self.is_ddp and not self._do_i_compile()) else 0
-            weights = weights / weights.sum()
-        return DeepSupervisionPartialLoss(loss, None if weights is None else list(weights)).to(self.device)
+        return deep_supervision(self, loss).to(self.device)
 
     def train_step(self, batch: dict) -> dict:
         data, target = batch_to_device(self, batch)
         task_ids = self.task_ids(batch["keys"])
         # training mode: the network returns the (B, K, ...) logits of each sample's own task
-        return optimizer_step(self, lambda: self.loss(self.network(data, task_ids), target, task_ids))
+        return optimizer_step(
+            self, lambda: call_with_tasks(self.loss, self.network(data, task_ids), target, task_ids)
+        )
 
     def validation_step(self, batch: dict) -> dict:
         """Partial-label loss and the pseudo Dice of each sample's own task (single-task decoding: threshold 0.5,
@@ -124,16 +125,18 @@ class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
         with autocast_for(self):
             output = net.forward_tasks(data, task_ids)  # (B, K, ...): each sample's own task
             del data
-            loss = self.loss(output, target, task_ids)
+            loss = call_with_tasks(self.loss, output, target, task_ids)
         if isinstance(output, list):
             output, target = output[0], target[0]
-        seg = single_task_segmentation(output, task_ids, self.loss.loss)  # (B, *spatial) label values
+        seg = single_task_segmentation(
+            output, task_ids, per_scale_loss(self.loss)
+        )  # (B, *spatial) label values
         target = target[:, 0].long()
         ignore = self.label_manager.ignore_label
         valid = (target != ignore) if ignore is not None else torch.ones_like(target, dtype=torch.bool)
         num_fg = self.label_manager.num_segmentation_heads - 1
         annotated = torch.zeros(seg.shape[0], num_fg + 1, dtype=torch.bool, device=seg.device)
-        table = self.loss.loss.label_table.to(seg.device)[task_ids]  # (B, K)
+        table = per_scale_loss(self.loss).label_table.to(seg.device)[task_ids]  # (B, K)
         for j in range(table.shape[1]):
             has = table[:, j] >= 0
             annotated[has, table[has, j]] = True
@@ -141,7 +144,9 @@ class nnUNetTrainerDoDNet(TaskRegistryTrainerMixin, nnUNetTrainer):
         fp = np.zeros(num_fg)
         fn = np.zeros(num_fg)
         axes = tuple(range(1, seg.ndim))
-        members = self.loss.loss.target_table.to(seg.device)[task_ids]  # (B, K, V): values of each structure
+        members = per_scale_loss(self.loss).target_table.to(seg.device)[
+            task_ids
+        ]  # (B, K, V): values of each structure
         v = members.shape[2]
         for lab in range(1, num_fg + 1):
             rows = annotated[:, lab]

@@ -22,7 +22,13 @@ from torch import nn
 from nnunet_ext.architectures.from_plans import method_network_from_plans
 from nnunet_ext.architectures.uniseg import UniSeg
 from nnunet_ext.core.errors import UserError
-from nnunet_ext.core.train_step import autocast_for, optimizer_step
+from nnunet_ext.core.train_step import (
+    autocast_for,
+    call_with_tasks,
+    deep_supervision,
+    optimizer_step,
+    per_scale_loss,
+)
 from nnunet_ext.multitask.partial_labels import (
     LAYOUT_KEY,
     TaskLayout,
@@ -32,7 +38,6 @@ from nnunet_ext.multitask.partial_labels import (
 from nnunet_ext.multitask.trainer import TaskRegistryTrainerMixin
 from nnunet_ext.uniseg.training import (
     UNISEG_KEY,
-    DeepSupervisionTaskLoss,
     SlicedDCCELoss,
     TaskBalancedDataLoader,
     local_label_table,
@@ -206,13 +211,7 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
             ignore_label=self.label_manager.ignore_label,
             ddp=self.is_ddp,
         )
-        weights = None
-        if self.enable_deep_supervision:
-            scales = self._get_deep_supervision_scales()
-            weights = np.array([1 / (2**i) for i in range(len(scales))])
-            weights[-1] = 1e-6 if (self.is_ddp and not self._do_i_compile()) else 0
-            weights = weights / weights.sum()
-        return DeepSupervisionTaskLoss(loss, None if weights is None else list(weights)).to(self.device)
+        return deep_supervision(self, loss).to(self.device)
 
     def _local(self, target, task_ids):
         if isinstance(target, list):
@@ -227,7 +226,9 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
         task_ids = self.task_ids(batch["keys"])
         target = self._local(batch["target"], task_ids)
         # the local logits of each sample's task
-        return optimizer_step(self, lambda: self.loss(self.network(data, task_ids), target, task_ids))
+        return optimizer_step(
+            self, lambda: call_with_tasks(self.loss, self.network(data, task_ids), target, task_ids)
+        )
 
     def validation_step(self, batch: dict) -> dict:
         """Sliced loss and the pseudo Dice of each sample's own task, counted per global label over the samples
@@ -239,10 +240,10 @@ class nnUNetTrainerUniSeg(TaskRegistryTrainerMixin, nnUNetTrainer):
         with autocast_for(self):
             output = self.network(data, task_ids)
             del data
-            loss = self.loss(output, target, task_ids)
+            loss = call_with_tasks(self.loss, output, target, task_ids)
         if isinstance(output, list):
             output, target = output[0], target[0]
-        valid = self.loss.loss.class_valid.to(output.device)[task_ids]
+        valid = per_scale_loss(self.loss).class_valid.to(output.device)[task_ids]
         shape = (*valid.shape, *([1] * (output.ndim - 2)))
         pred = torch.where(
             valid.view(shape), output.float(), torch.full_like(output, -1e4, dtype=torch.float32)

@@ -5,13 +5,17 @@ backward through the AMP grad scaler when there is one, gradient clipping, optim
 compute their own losses (boundaries, partial labels, task prompts, distillation), so they cannot call
 nnU-Net's; they call :func:`optimizer_step` with a function that returns the loss, and nothing else of the
 sequence is written twice. :func:`batch_to_device` and :func:`autocast_for` serve their validation steps.
+:func:`deep_supervision` wraps a loss of ours as nnU-Net's ``_build_loss`` wraps its own, in nnU-Net's
+``DeepSupervisionWrapper``; :func:`call_with_tasks` calls such a loss with the (B,) task ids of the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.utilities.helpers import dummy_context
 
 #: nnU-Net's gradient clipping norm (``clip_grad_norm_(..., 12)`` in nnUNetTrainer.train_step)
@@ -61,3 +65,33 @@ def optimizer_step(trainer, compute_loss: Callable[[], torch.Tensor]) -> dict:
         loss = compute_loss()
     backward_and_step(trainer, loss)
     return {"loss": loss.detach().cpu().numpy()}
+
+
+def deep_supervision_weights(trainer) -> np.ndarray:
+    """nnU-Net's deep-supervision weights (``nnUNetTrainer._build_loss``): 1/2**i per scale, the lowest
+    resolution 0 (a tiny 1e-6 under DDP without compile, so that no parameter goes unused), normalised to sum 1."""
+    scales = trainer._get_deep_supervision_scales()
+    weights = np.array([1 / (2**i) for i in range(len(scales))])
+    weights[-1] = 1e-6 if (trainer.is_ddp and not trainer._do_i_compile()) else 0
+    return weights / weights.sum()
+
+
+def deep_supervision(trainer, loss: torch.nn.Module) -> torch.nn.Module:
+    """``loss`` as nnU-Net's ``_build_loss`` returns its own: wrapped in nnU-Net's ``DeepSupervisionWrapper``
+    with :func:`deep_supervision_weights` when the trainer has deep supervision on, else unchanged."""
+    if not trainer.enable_deep_supervision:
+        return loss
+    return DeepSupervisionWrapper(loss, deep_supervision_weights(trainer))
+
+
+def per_scale_loss(loss: torch.nn.Module) -> torch.nn.Module:
+    """The loss of one resolution: the module :func:`deep_supervision` wrapped (or ``loss`` itself)."""
+    return loss.loss if isinstance(loss, DeepSupervisionWrapper) else loss
+
+
+def call_with_tasks(loss: torch.nn.Module, output, target, task_ids: torch.Tensor) -> torch.Tensor:
+    """``loss(output, target, task_ids)`` for a loss built by :func:`deep_supervision`: nnU-Net's wrapper zips
+    list arguments scale by scale, so every scale gets the same (B,) task ids."""
+    if isinstance(loss, DeepSupervisionWrapper):
+        return loss(output, target, [task_ids] * len(output))
+    return loss(output, target, task_ids)

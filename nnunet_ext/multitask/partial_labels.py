@@ -26,7 +26,8 @@ so the tumour wins over its organ. Across tasks the higher probability wins.
 ``1 - 2 sum(p t) / (sum(p) + sum(t) + 1)`` + BCE (voxel mean) per sample and structure, averaged over the
 (sample, structure) pairs whose structure the sample's task annotates; nothing else enters the loss (a
 structure the task does not annotate is unknown, not background). nnU-Net's ignore label is masked out.
-:class:`DeepSupervisionPartialLoss` sums it over deep-supervision outputs with nnU-Net's weights.
+The trainer wraps it in nnU-Net's ``DeepSupervisionWrapper`` with nnU-Net's weights
+(:func:`nnunet_ext.core.train_step.deep_supervision`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ __all__ = [
     "SINGLE_TASK",
     "TaskLayout",
     "PartialLabelLoss",
-    "DeepSupervisionPartialLoss",
     "foreground_labels",
 ]
 
@@ -261,33 +261,6 @@ class PartialLabelLoss(nn.Module):
         bce = (bce * mask).sum(axes) / mask.sum(axes).clamp_min(1.0)
         per_pair = self.weight_dice * dice_loss + self.weight_bce * bce  # (B, K)
         return (per_pair * valid).sum() / valid.sum().clamp_min(1.0)
-
-
-class DeepSupervisionPartialLoss(nn.Module):
-    """``sum_i weights[i] * loss(outputs[i], targets[i], task_ids)`` (outputs/targets: lists, full resolution
-    first, as nnU-Net's deep supervision produces them); plain tensors are passed through."""
-
-    def __init__(self, loss: PartialLabelLoss, weights: Sequence[float] | None):
-        super().__init__()
-        self.loss = loss
-        self.weights = None if weights is None else [float(w) for w in weights]
-
-    def forward(self, outputs, targets, task_ids: torch.Tensor) -> torch.Tensor:
-        if not isinstance(outputs, (list, tuple)):
-            targets = targets[0] if isinstance(targets, (list, tuple)) else targets
-            return self.loss(outputs, targets, task_ids)
-        weights = self.weights or [1.0] * len(outputs)
-        if len(weights) != len(outputs) or len(targets) != len(outputs):
-            raise ValueError(
-                f"{len(outputs)} outputs, {len(targets)} targets and {len(weights)} deep-supervision weights"
-            )
-        total = None
-        for w, o, t in zip(weights, outputs, targets):
-            if w == 0:
-                continue
-            term = w * self.loss(o, t, task_ids)
-            total = term if total is None else total + term
-        return total
 
 
 def task_aware_summary(pred_folder: str, gt_folder: str, dataset_json: dict, reader) -> dict | None:

@@ -150,28 +150,6 @@ class SlicedDCCELoss(nn.Module):
         return -(dc * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-class DeepSupervisionTaskLoss(nn.Module):
-    """``sum_i weights[i] * loss(outputs[i], targets[i], task_ids)`` with nnU-Net's deep-supervision weights."""
-
-    def __init__(self, loss: nn.Module, weights: Sequence[float] | None):
-        super().__init__()
-        self.loss = loss
-        self.weights = None if weights is None else [float(w) for w in weights]
-
-    def forward(self, outputs, targets, task_ids):
-        if not isinstance(outputs, (list, tuple)):
-            targets = targets[0] if isinstance(targets, (list, tuple)) else targets
-            return self.loss(outputs, targets, task_ids)
-        weights = self.weights or [1.0] * len(outputs)
-        total = None
-        for w, o, t in zip(weights, outputs, targets):
-            if w == 0:
-                continue
-            term = w * self.loss(o, t, task_ids)
-            total = term if total is None else total + term
-        return total
-
-
 class TaskBalancedDataLoader(nnUNetDataLoader):
     """nnU-Net's training data loader drawing single-task batches, tasks in shuffled rounds (each task once per
     round). ``task_of_case``: case identifier -> task index. Tasks without a case here are skipped."""

@@ -4,7 +4,9 @@ a minor-version bump that changes the original fails here, loudly, instead of si
 * UniSeg's ``get_dataloaders`` (nnU-Net's, with the task-balanced training loader): every call it repeats gets
   the same arguments (positional count and keyword names) as in nnU-Net's, and the loaders are wrapped the same
   way (the augmenters and their arguments);
-* LoRA's ``save_checkpoint`` / ``load_checkpoint``: our checkpoint holds every key nnU-Net writes and reads.
+* LoRA's ``save_checkpoint`` / ``load_checkpoint``: our checkpoint holds every key nnU-Net writes and reads;
+* the deep-supervision weights our multi-task losses get (``core.train_step.deep_supervision``): the weights
+  nnU-Net's own ``_build_loss`` computes, in nnU-Net's ``DeepSupervisionWrapper``, for every DDP/compile case.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import ast
 import inspect
 import textwrap
 
+import numpy as np
 import pytest
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
 
+from nnunet_ext.core.train_step import deep_supervision, per_scale_loss
 from nnunet_ext.trainers import nnUNetTrainerLoRA, nnUNetTrainerUniSeg
 
 #: our loader stands in for nnU-Net's training loader
@@ -98,3 +104,42 @@ def test_the_comparison_sees_a_changed_call():
         self.get_training_transforms(1, 2, a=1, b=2)
 
     assert calls(original) != calls(changed)
+
+
+class _TrainerFacts:
+    """What nnUNetTrainer._build_loss reads of its trainer, nothing else."""
+
+    def __init__(self, scales: int, ddp: bool, compile_: bool, deep_supervision_on: bool = True):
+        self.enable_deep_supervision = deep_supervision_on
+        self.is_ddp = ddp
+        self._compile = compile_
+        self.label_manager = type("L", (), {"has_regions": False, "ignore_label": None})()
+        self.configuration_manager = type("C", (), {"batch_dice": True})()
+        self._scales = [[1.0] * 3] * scales
+
+    def _do_i_compile(self):
+        return self._compile
+
+    def _get_deep_supervision_scales(self):
+        return self._scales
+
+
+@pytest.mark.parametrize("ddp,compile_", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("scales", [2, 5])
+def test_deep_supervision_weights_are_nnunets(monkeypatch, scales, ddp, compile_):
+    facts = _TrainerFacts(scales, ddp, compile_)
+    monkeypatch.setattr(
+        "torch.compile", lambda m, *a, **k: m
+    )  # nnU-Net compiles its Dice; not what we compare
+    theirs = nnUNetTrainer._build_loss(facts)
+    ours = deep_supervision(facts, nn.Identity())
+    assert type(ours) is type(theirs) is DeepSupervisionWrapper
+    np.testing.assert_array_equal(np.asarray(ours.weight_factors), np.asarray(theirs.weight_factors))
+    assert isinstance(per_scale_loss(ours), nn.Identity)
+
+
+def test_without_deep_supervision_the_loss_is_not_wrapped():
+    facts = _TrainerFacts(3, False, False, deep_supervision_on=False)
+    assert not isinstance(nnUNetTrainer._build_loss(facts), DeepSupervisionWrapper)
+    loss = nn.Identity()
+    assert deep_supervision(facts, loss) is loss and per_scale_loss(loss) is loss

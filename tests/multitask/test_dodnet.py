@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from torch import nn
 
 from nnunet_ext.architectures.dodnet import (
@@ -20,7 +21,8 @@ from nnunet_ext.architectures.dodnet import (
     dynamic_head_num_params,
 )
 from nnunet_ext.architectures.transdodnet import TaskQueryTransformer, TransDoDNet
-from nnunet_ext.multitask.partial_labels import DeepSupervisionPartialLoss, PartialLabelLoss, TaskLayout
+from nnunet_ext.core.train_step import call_with_tasks
+from nnunet_ext.multitask.partial_labels import PartialLabelLoss, TaskLayout
 
 torch.set_num_threads(2)
 
@@ -125,11 +127,13 @@ def test_loss_ignore_label_and_deep_supervision():
     b = loss_fn(logits, ignored, torch.tensor([0]))
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, base)
-    ds = DeepSupervisionPartialLoss(loss_fn, [0.75, 0.25])
+    ds = DeepSupervisionWrapper(loss_fn, [0.75, 0.25])
     low = logits[..., ::2, ::2, ::2]
     tgt_low = target[..., ::2, ::2, ::2]
     expected = 0.75 * base + 0.25 * loss_fn(low, tgt_low, torch.tensor([0]))
-    torch.testing.assert_close(ds([logits, low], [target, tgt_low], torch.tensor([0])), expected)
+    torch.testing.assert_close(
+        call_with_tasks(ds, [logits, low], [target, tgt_low], torch.tensor([0])), expected
+    )
 
 
 # -------------------------------------------------------------------------------------------- dynamic heads
@@ -208,8 +212,11 @@ def test_gradients_reach_backbone_and_controller():
     net = make_dodnet()
     net.train()
     out = net(torch.randn(2, 1, 16, 16, 16))
-    loss = DeepSupervisionPartialLoss(PartialLabelLoss(LAYOUT), [0.7, 0.3])(
-        out, [phantom_target(2, (16, 16, 16)), phantom_target(2, (8, 8, 8))], torch.tensor([0, 2])
+    loss = call_with_tasks(
+        DeepSupervisionWrapper(PartialLabelLoss(LAYOUT), [0.7, 0.3]),
+        out,
+        [phantom_target(2, (16, 16, 16)), phantom_target(2, (8, 8, 8))],
+        torch.tensor([0, 2]),
     )
     loss.backward()
     for prefix in ("encoder.", "decoder.stages.", "decoder.seg_layers.", "task_heads.seg_layers.controller."):
@@ -298,7 +305,7 @@ def test_own_task_heads_equal_the_own_task_channels_of_all_heads(kind):
     net = (make_dodnet(ds=True) if kind == "dodnet" else make_transdodnet(max_tokens_per_level=64)).train()
     x = torch.randn(3, 1, 16, 16, 16)
     task_ids = torch.tensor([2, 0, 1])
-    loss_fn = DeepSupervisionPartialLoss(PartialLabelLoss(LAYOUT), [0.7, 0.3])
+    loss_fn = DeepSupervisionWrapper(PartialLabelLoss(LAYOUT), [0.7, 0.3])
     targets = [phantom_target(3, (16, 16, 16)), phantom_target(3, (8, 8, 8))]
 
     all_tasks = net(x)
@@ -306,10 +313,10 @@ def test_own_task_heads_equal_the_own_task_channels_of_all_heads(kind):
     assert [o.shape[1] for o in all_tasks] == [3 * 2] * 2 and [o.shape[1] for o in own] == [2] * 2
     for a, o in zip(all_tasks, own):
         torch.testing.assert_close(loss_fn.loss.select(a, task_ids), o)
-    loss_fn(all_tasks, targets, task_ids).backward()
+    call_with_tasks(loss_fn, all_tasks, targets, task_ids).backward()
     grads_all = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     net.zero_grad()
-    loss_fn(own, targets, task_ids).backward()
+    call_with_tasks(loss_fn, own, targets, task_ids).backward()
     grads_own = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
     assert grads_all.keys() == grads_own.keys()
     for n in grads_all:
