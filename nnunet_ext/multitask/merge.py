@@ -539,19 +539,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_merge_parser(sub) -> argparse.ArgumentParser:
-    """Register ``nnunet-ext tasks merge`` on the ``tasks`` sub-command's subparsers."""
-    text = "merge nnU-Net raw datasets into one partially labelled dataset with a task registry"
-    p = sub.add_parser(
-        "merge", help=text, description=text + " (see docs/dodnet.md). Sources are never modified."
-    )
+def add_merge_arguments(p: argparse.ArgumentParser, default_name: str, presets: bool) -> None:
+    """The arguments ``tasks merge`` and ``uniseg merge`` share: target id and name, the task spec (``--spec``,
+    or ``--source``/``--map``, or a shipped ``--preset`` where ``presets``), the raw folder and ``--force``."""
     p.add_argument("-d", "--id", type=int, required=True, help="id of the merged dataset")
-    p.add_argument(
-        "--name", default=None, help="name of the merged dataset (default: the preset's/spec's, or Merged)"
-    )
-    p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="a shipped label mapping (mots: DoDNet's 7 tasks)"
-    )
+    p.add_argument("--name", default=None, help=f"name of the merged dataset (default: {default_name})")
+    if presets:
+        p.add_argument(
+            "--preset", choices=sorted(PRESETS), help="a shipped label mapping (mots: DoDNet's 7 tasks)"
+        )
     p.add_argument(
         "--spec", help='JSON: {"tasks": {TASK: {"source": DATASET, "labels": {SRC: UNIFIED|null}}}}'
     )
@@ -563,6 +559,15 @@ def add_merge_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="raw data folder (default $nnUNet_raw)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset with this id")
+
+
+def add_merge_parser(sub) -> argparse.ArgumentParser:
+    """Register ``nnunet-ext tasks merge`` on the ``tasks`` sub-command's subparsers."""
+    text = "merge nnU-Net raw datasets into one partially labelled dataset with a task registry"
+    p = sub.add_parser(
+        "merge", help=text, description=text + " (see docs/dodnet.md). Sources are never modified."
+    )
+    add_merge_arguments(p, "the preset's/spec's, or Merged", presets=True)
     p.add_argument("--symlink-images", action="store_true", help="symlink images instead of copying them")
     p.set_defaults(func=_cmd_merge)
     return p

@@ -255,6 +255,8 @@ def _cmd_merge(args) -> int:
 
 
 def add_parser(sub) -> None:
+    from nnunet_ext.multitask.merge import add_merge_arguments
+
     p = sub.add_parser(
         "uniseg",
         help="UniSeg: merge tasks with different image channels; convert a checkpoint for fine-tuning",
@@ -268,19 +270,7 @@ def add_parser(sub) -> None:
         description="Like `nnunet-ext tasks merge` (same --spec/--map/--source), but sources may have different "
         "numbers of image channels. Sources are never modified.",
     )
-    m.add_argument("-d", "--id", type=int, required=True, help="id of the merged dataset")
-    m.add_argument("--name", default=None, help="name of the merged dataset (default UniSegMerged)")
-    m.add_argument(
-        "--spec", help='JSON: {"tasks": {TASK: {"source": DATASET, "labels": {SRC: UNIFIED|null}}}}'
-    )
-    m.add_argument(
-        "--source", action="append", metavar="TASK=DATASET", help="source dataset of a task (repeat)"
-    )
-    m.add_argument(
-        "--map", action="append", metavar="TASK:SRC=UNIFIED,...", help="label mapping of a task (repeat)"
-    )
-    m.add_argument("--out", default=None, help="raw data folder (default $nnUNet_raw)")
-    m.add_argument("--force", action="store_true", help="replace an existing dataset with this id")
+    add_merge_arguments(m, "UniSegMerged", presets=False)
     m.set_defaults(func=_cmd_merge)
     c = s.add_parser(
         "convert-checkpoint",
