@@ -421,9 +421,9 @@ def environ(**values):
 
 def eager_module(trainer):
     """The plain network a trainer trains (inside torch.compile / DDP and MedSeqFT's FeatureTap)."""
-    from nnunet_ext.core import lora
+    from nnunet_ext.core import train_step
 
-    return trainer.base_network() if hasattr(trainer, "base_network") else lora.unwrap(trainer.network)
+    return trainer.base_network() if hasattr(trainer, "base_network") else train_step.unwrap(trainer.network)
 
 
 def is_compiled(trainer) -> bool:
@@ -726,7 +726,7 @@ def check_trainer(run: Run, name: str, res: dict) -> None:
     """The four phases for one trainer; ``res`` (its JSON entry) is filled in as they finish."""
     import torch
 
-    from nnunet_ext.core import lora
+    from nnunet_ext.core import train_step
 
     spec = next(s for s in run.plan["trainers"] if s["trainer"] == name)
     kind = spec["dataset"]
@@ -771,7 +771,7 @@ def check_trainer(run: Run, name: str, res: dict) -> None:
         twin = build_trainer(
             run, name, kind, compile=False, results=run.root / "results_eager", pretrained=pretrained
         )
-        lora.unwrap(twin.network).load_state_dict(lora.unwrap(trainer.network).state_dict())
+        train_step.unwrap(twin.network).load_state_dict(train_step.unwrap(trainer.network).state_dict())
         extra = getattr(trainer, "dataloader_buffer", None)
         if extra is not None:  # MedSeqFT: the same buffer batch for both
             buffer_batch = next(extra)

@@ -82,7 +82,7 @@ def test_medseqft_device_defaults_to_auto():
     select = parser.parse_args(["medseqft", "select", "1", "3d_fullres", "--checkpoint", "m0.pth"])
     run = parser.parse_args(["medseqft", "run", "--pretrained", "m", "-d", "1", "-c", "c", "-o", "o"])
     assert select.device == run.device == "auto"
-    from nnunet_ext.medseqft.method import resolve_device
+    from nnunet_ext.core.inference import torch_device as resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("CPU") == torch.device("cpu")

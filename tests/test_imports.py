@@ -162,3 +162,28 @@ def test_the_package_tree_is_the_documented_one():
     assert linked == {"architectures", "trainers", "presets"}
     flat = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert flat == ["__init__.py", "cli.py"], flat  # everything else lives in a subpackage
+
+
+#: (what, pattern, the one module allowed to contain it): issue 18 item 3, one of each
+ONE_HOME = [
+    ("nnU-Net's predictor construction", r"\bnnUNetPredictor\(", "nnunet_ext.core.inference"),
+    ("the --device auto resolution", r"""device\s*==\s*["']auto["']""", "nnunet_ext.core.inference"),
+    ("a progress bar", r"\btqdm\b(?!\w)", "nnunet_ext.core.progress"),
+    ("dataset id -> name", r"\bmaybe_convert_to_dataset_name\b", "nnunet_ext.core.paths"),
+    ("the DDP / compile unwrap", r"\._orig_mod\b", "nnunet_ext.core.train_step"),
+    ("a deep-supervision loss wrapper", r"\bDeepSupervisionWrapper\(", "nnunet_ext.core.train_step"),
+]
+
+
+@pytest.mark.parametrize("what,pattern,home", ONE_HOME, ids=[w for w, _, _ in ONE_HOME])
+def test_each_piece_of_plumbing_has_one_home(what, pattern, home):
+    """No second copy of the predictor builder, the device resolver, the progress wrapper, the dataset-name
+    resolver, the unwrap or the deep-supervision wrapper: only their home module (and nnU-Net's own keyword
+    ``allow_tqdm``) may spell them."""
+    found = []
+    for module, path in MODULES.items():
+        text = path.read_text(encoding="utf-8").replace("allow_tqdm", "")
+        if module != home and re.search(pattern, text):
+            found.append(module)
+    assert found == [], f"{what} outside {home}: {found}"
+    assert re.search(pattern, MODULES[home].read_text(encoding="utf-8")), f"{home} lost {what}"

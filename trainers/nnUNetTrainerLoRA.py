@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nnunet_ext.core import lora
 from nnunet_ext.core.io import atomic_torch_save
 from nnunet_ext.core.schedules import PolyLRScheduler
+from nnunet_ext.core.train_step import unwrap
 
 START_FILE = "lora_start.pth"
 
@@ -87,7 +88,7 @@ class nnUNetTrainerLoRA(nnUNetTrainer):
 
     def base_network(self) -> nn.Module:
         """The plain network (inside DDP / torch.compile and any training wrapper)."""
-        return lora.unwrap(self.network)
+        return unwrap(self.network)
 
     @staticmethod
     def _fingerprint(net: nn.Module) -> torch.Tensor:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from nnunet_ext.core import lora
-from nnunet_ext.core.train_step import autocast_for, batch_to_device, optimizer_step
+from nnunet_ext.core.train_step import autocast_for, batch_to_device, optimizer_step, uncompiled, unwrap
 from nnunet_ext.medseqft.method import (
     FeatureTap,
     feature_mse,
@@ -109,7 +109,7 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
         self.epoch_step = 0
 
     def base_network(self) -> nn.Module:
-        net = lora.unwrap(self.network)
+        net = unwrap(self.network)
         return net.net if isinstance(net, FeatureTap) else net
 
     def training_module(self, base: nn.Module) -> nn.Module:
@@ -144,12 +144,12 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
         expert.disable_checkpointing = self.disable_checkpointing
         expert.initialize()
         body = {k: v for k, v in self.base_network().state_dict().items() if ".seg_layers." not in k}
-        missing, unexpected = lora.unwrap(expert.network).load_state_dict(body, strict=False)
+        missing, unexpected = unwrap(expert.network).load_state_dict(body, strict=False)
         if unexpected or any(".seg_layers." not in k for k in missing):
             raise RuntimeError(f"the expert's network differs from this one ({unexpected[:3]} {missing[:3]})")
         self.print_to_log_file(f"MedSeqFT: training the full fine-tuning expert M_t^FFT ({cls.__name__})")
         expert.run_training()
-        return copy.deepcopy(lora.unwrap(expert.network))
+        return copy.deepcopy(unwrap(expert.network))
 
     def prepare_expert(self) -> None:
         """Before the adapters go in: the expert (reused or trained) and, on a fresh start, its head for the
@@ -335,8 +335,8 @@ class nnUNetTrainerMedSeqFT(nnUNetTrainerLoRA):
         """Each weighted term's gradient norm on the adapters, from a separate pass through the UNWRAPPED network
         and the uncompiled segmentation loss (DDP's hooks and the compiled graphs are not touched: a compiled
         backward cannot be run twice, as the per-term gradients need; no optimizer state changes)."""
-        module = lora.unwrap(self.network)
-        seg_loss = lora.uncompiled(self.loss)
+        module = unwrap(self.network)
+        seg_loss = uncompiled(self.loss)
         params = [p for n, p in module.named_parameters() if p.requires_grad and lora.is_adapter_parameter(n)]
         scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
         weights = self.term_weights()

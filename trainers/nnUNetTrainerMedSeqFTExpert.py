@@ -23,9 +23,9 @@ class nnUNetTrainerMedSeqFTExpert(nnUNetTrainer):
         self._random_init_fingerprint = self._fingerprint()
 
     def _fingerprint(self) -> torch.Tensor:
-        from nnunet_ext.core import lora
+        from nnunet_ext.core.train_step import unwrap
 
-        net = lora.unwrap(self.network)
+        net = unwrap(self.network)
         return torch.stack([p.detach().float().abs().sum() for p in net.parameters()]).cpu()
 
     def on_train_start(self):

@@ -47,12 +47,12 @@ def predict_boundaries(
     from nnunetv2.inference.export_prediction import (
         convert_predicted_logits_to_segmentation_with_correct_shape,
     )
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
-    from tqdm import tqdm
 
+    from nnunet_ext.core.inference import predictor_from_model_folder
     from nnunet_ext.core.io import atomic_write_image
+    from nnunet_ext.core.progress import progress as progress_bar
 
     if not Path(input_folder).is_dir():
         raise UserError(f"input folder {input_folder} does not exist")
@@ -62,18 +62,7 @@ def predict_boundaries(
                 f"{model_folder}/fold_{fold}/{checkpoint} not found: train that fold first or pick "
                 "folds with -f / a checkpoint with -chk"
             )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=mirroring,
-        perform_everything_on_device=device.startswith("cuda"),
-        device=torch.device(device),
-        verbose=False,
-        allow_tqdm=False,
-    )
-    predictor.initialize_from_trained_model_folder(str(model_folder), tuple(folds), checkpoint)
+    predictor = predictor_from_model_folder(model_folder, folds, checkpoint, device, tta=mirroring)
     network = predictor.network
     if not hasattr(network, "forward_both"):
         raise UserError(
@@ -101,7 +90,7 @@ def predict_boundaries(
     preprocessor = cm.preprocessor_class(verbose=False)
     boundary_labels = LabelManager({"background": 0, "boundary": 1}, regions_class_order=None)
     view = BoundaryView(network)
-    for files, out in tqdm(list(zip(cases, outputs)), desc="boundary maps", unit="case"):
+    for files, out in progress_bar(list(zip(cases, outputs)), "boundary maps"):
         data, _, props = preprocessor.run_case(files, None, pm, cm, predictor.dataset_json)
         if "sitk_stuff" not in props:
             raise UserError(

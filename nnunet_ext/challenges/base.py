@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from nnunet_ext.core.datasets import (  # noqa: F401 - the challenge modules imp
 )
 from nnunet_ext.core.errors import UserError
 from nnunet_ext.core.io import atomic_write_json  # noqa: F401
+from nnunet_ext.core.progress import progress as progress_bar
 
 META_KEY = "nnunet_ext_challenge"
 ALL_METRICS = ("Dice", "HD", "HD95", "HD95_pooled", "ASSD", "AVD", "NSD")
@@ -291,14 +291,6 @@ def check_case(case: SourceCase, allowed: set[int]) -> list[str]:
     return problems
 
 
-def _progress(items: Sequence, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="case", file=sys.stderr)
-
-
 def convert(
     challenge: Challenge,
     source: str | os.PathLike,
@@ -337,7 +329,7 @@ def convert(
     bad: list[tuple[str, list[str]]] = []
     done: list[SourceCase] = []
     try:
-        for case in _progress(cases, f"convert {challenge.name} -> {writer.target.name}", progress):
+        for case in progress_bar(cases, f"convert {challenge.name} -> {writer.target.name}", progress):
             writer.begin_case(case.case_id)
             try:
                 problems = challenge.write_case(case, writer, **options)

@@ -28,6 +28,7 @@ from nnunet_ext.challenges.base import (
 )
 from nnunet_ext.core.errors import UserError
 from nnunet_ext.core.io import atomic_write_json, atomic_write_text, refuse_existing
+from nnunet_ext.core.progress import progress as progress_bar
 
 
 def evaluate_case(
@@ -119,13 +120,7 @@ def evaluate_folders(
     if "NSD" in metrics and any(challenge.tolerance_for(cls, tolerance) is None for cls in eval_classes):
         raise UserError(f"NSD needs a tolerance for {challenge.name}; pass --tolerance MM.")
     cases = {}
-    items = sorted(gts.items())
-    if progress:
-        import sys
-
-        from tqdm import tqdm
-
-        items = tqdm(items, desc=f"evaluate {challenge.name}", unit="case", file=sys.stderr)
+    items = progress_bar(sorted(gts.items()), f"evaluate {challenge.name}", progress)
     for case_id, gt_path in items:
         cases[case_id] = evaluate_case(challenge, case_id, preds[case_id], gt_path, metrics, tolerance)
     classes: list[str] = []

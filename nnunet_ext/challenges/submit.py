@@ -142,7 +142,7 @@ def submit(
     pred_dir, out = Path(pred_dir), Path(out)
     if not pred_dir.is_dir():
         raise UserError(f"prediction folder {pred_dir} does not exist.")
-    from nnunet_ext.multitask.tasks import resolve_dataset_folder
+    from nnunet_ext.core.paths import resolve_dataset_folder
 
     folder = resolve_dataset_folder(str(dataset))
     meta = dataset_meta(challenge, folder)

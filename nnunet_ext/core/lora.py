@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from nnunet_ext.core.train_step import unwrap
+
 ADAPTER = "default"  # peft's adapter name; one adapter per layer
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -357,30 +359,6 @@ def report(net: nn.Module) -> LoRAReport:
         trainable += p.numel() if p.requires_grad else 0
         adapter += p.numel() if is_adapter_parameter(name) else 0
     return LoRAReport(total, trainable, adapter, [n for n, _ in lora_layers(net)])
-
-
-def unwrap(net: nn.Module) -> nn.Module:
-    """The plain network inside DDP / torch.compile wrappers."""
-    from torch._dynamo import OptimizedModule
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    while isinstance(net, (DDP, OptimizedModule)):
-        net = net.module if isinstance(net, DDP) else net._orig_mod
-    return net
-
-
-def uncompiled(module: nn.Module) -> nn.Module:
-    """``module`` with every ``torch.compile``'d submodule, at any depth, replaced by its original (nnU-Net
-    compiles the Dice term INSIDE its loss): a shallow copy sharing parameters and buffers; ``module`` itself is
-    left compiled. For extra passes that a compiled graph does not allow (a second backward with
-    ``retain_graph``)."""
-    from torch._dynamo import OptimizedModule
-
-    if isinstance(module, OptimizedModule):
-        module = module._orig_mod
-    clone = copy.copy(module)
-    clone._modules = {name: None if c is None else uncompiled(c) for name, c in module._modules.items()}
-    return clone
 
 
 def has_lora_keys(keys: Iterable[str]) -> bool:

@@ -61,3 +61,49 @@ def resolve_dataset(dataset: str | int, root_var: str = "nnUNet_preprocessed") -
         f"dataset {text!r} not found under {root_var}={root}. "
         f"Available: {', '.join(available) if available else 'none'}. {hint}"
     )
+
+
+def resolve_dataset_folder(dataset, roots: tuple[str, ...] = ("nnUNet_raw", "nnUNet_preprocessed")) -> Path:
+    """A dataset folder: a path, or a dataset id / name resolved under the first of nnU-Net's ``roots`` (env
+    vars) that holds it with a dataset.json. The one resolver of our commands' dataset arguments."""
+    dataset = str(dataset)
+    p = Path(dataset).expanduser()
+    if p.is_dir():
+        return p
+    if os.sep in dataset or (os.altsep and os.altsep in dataset):
+        raise UserError(
+            f"dataset folder {dataset} does not exist; check the path (or pass a dataset id / name)."
+        )
+    problems = []
+    for root_var in roots:
+        if not os.environ.get(root_var):
+            continue
+        try:
+            folder = resolve_dataset(dataset, root_var)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        if (folder / "dataset.json").is_file():
+            return folder
+        problems.append(f"{folder} has no dataset.json")
+    if not problems:
+        raise UserError(
+            f"cannot resolve dataset {dataset!r}: {roots[0]} is not set. Run `export {roots[0]}=/path/to/{roots[0]}` "
+            f"or pass the dataset folder path instead."
+        )
+    raise UserError(" ".join(problems))
+
+
+def dataset_name(dataset) -> str:
+    """nnU-Net's full name (``Dataset004_Phantom``) of a dataset id or name, found as nnU-Net finds it (under
+    nnUNet_preprocessed, nnUNet_raw, nnUNet_results); a UserError naming the fix if it is nowhere."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    text = str(dataset).strip()
+    try:
+        return maybe_convert_to_dataset_name(int(text) if text.isdigit() else text)
+    except (RuntimeError, ValueError):
+        raise UserError(
+            f"dataset {dataset} not found in nnUNet_preprocessed/nnUNet_raw; run nnUNetv2_plan_and_preprocess "
+            f"-d {dataset} first"
+        ) from None

@@ -7,16 +7,19 @@ nnU-Net's; they call :func:`optimizer_step` with a function that returns the los
 sequence is written twice. :func:`batch_to_device` and :func:`autocast_for` serve their validation steps.
 :func:`deep_supervision` wraps a loss of ours as nnU-Net's ``_build_loss`` wraps its own, in nnU-Net's
 ``DeepSupervisionWrapper``; :func:`call_with_tasks` calls such a loss with the (B,) task ids of the batch.
+:func:`unwrap` is the one way to reach the network behind DDP and torch.compile.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.utilities.helpers import dummy_context
+from torch import nn
 
 #: nnU-Net's gradient clipping norm (``clip_grad_norm_(..., 12)`` in nnUNetTrainer.train_step)
 GRAD_CLIP = 12.0
@@ -95,3 +98,27 @@ def call_with_tasks(loss: torch.nn.Module, output, target, task_ids: torch.Tenso
     if isinstance(loss, DeepSupervisionWrapper):
         return loss(output, target, [task_ids] * len(output))
     return loss(output, target, task_ids)
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The plain network inside DDP / torch.compile wrappers."""
+    from torch._dynamo import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    while isinstance(net, (DDP, OptimizedModule)):
+        net = net.module if isinstance(net, DDP) else net._orig_mod
+    return net
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """``module`` with every ``torch.compile``'d submodule, at any depth, replaced by its original (nnU-Net
+    compiles the Dice term INSIDE its loss): a shallow copy sharing parameters and buffers; ``module`` itself is
+    left compiled. For extra passes that a compiled graph does not allow (a second backward with
+    ``retain_graph``)."""
+    from torch._dynamo import OptimizedModule
+
+    if isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    clone = copy.copy(module)
+    clone._modules = {name: None if c is None else uncompiled(c) for name, c in module._modules.items()}
+    return clone

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from nnunet_ext.core.io import (
     read_json,
 )
 from nnunet_ext.core.nnunet_commands import device_arg
+from nnunet_ext.core.progress import progress as progress_bar
 
 __all__ = [
     "METHODS",
@@ -385,12 +385,10 @@ class SparseDataset:
 
 
 def _resolve_raw(dataset: str | os.PathLike) -> Path:
-    path = Path(dataset)
-    if path.is_dir() and (path / "dataset.json").is_file():
-        return path
-    from nnunet_ext.core.paths import resolve_dataset
+    """A raw dataset: a folder path, or an id / name under nnUNet_raw."""
+    from nnunet_ext.core.paths import resolve_dataset_folder
 
-    return resolve_dataset(str(dataset), "nnUNet_raw")
+    return resolve_dataset_folder(dataset, roots=("nnUNet_raw",))
 
 
 def _label_dict(dataset_json: dict, folder: Path) -> tuple[dict[str, int], int | None]:
@@ -530,13 +528,7 @@ def load_sparse_dataset(
     cases: list[SparseCase] = []
     detected: dict[str, int] = {}
     fully_annotated: set[str] = set()
-    iterator = sorted(files.items())
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(
-            iterator, desc=progress_desc or f"checking {folder.name}", unit="case", file=sys.stderr
-        )
+    iterator = progress_bar(sorted(files.items()), progress_desc or f"checking {folder.name}", progress)
     for case_id, entry in iterator:
         problems: list[str] = []
         label_path = Path(entry["label"])
@@ -712,14 +704,6 @@ def _output_dataset_json(
     return dj
 
 
-def _progress(iterable, desc: str, total: int | None = None, enabled: bool = True):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, unit="case", file=sys.stderr)
-
-
 def interpolate_dataset(
     source: str | os.PathLike,
     out_id: int,
@@ -855,18 +839,6 @@ def _available_folds(model: Path, checkpoint: str) -> list[str]:
     return folds
 
 
-def _device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} but no CUDA GPU is available; use --device cpu or auto.")
-    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here; use cuda:0..")
-    return torch.device(device)
-
-
 def pseudo_label_dataset(
     source: str | os.PathLike,
     model: str | os.PathLike,
@@ -896,9 +868,7 @@ def pseudo_label_dataset(
     on a GPU, 0 on the CPU (where the network already uses every core and the workers only compete; on 2 cores
     they made 8 small cases slower, docs/labelprop.md). The annotated voxels are then written back in
     ``max(1, num_processes)`` threads."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    from nnunet_ext.core.nnunet_commands import ext_trainer_env
+    from nnunet_ext.core import inference
 
     if num_processes is not None and int(num_processes) < 0:
         raise UserError(f"--num-processes must be 0 (no worker processes) or more, got {num_processes}.")
@@ -944,20 +914,11 @@ def pseudo_label_dataset(
             f"{model}: no {checkpoint} for fold(s) {', '.join(missing) or '(any)'}; available: "
             f"{', '.join(available) or 'none'}. Finish those trainings or pass -f with available folds."
         )
-    torch_device = _device(device)
+    torch_device = inference.torch_device(device)
     writer = RawDatasetWriter(raw_root, out_id, name, force)
     try:
-        os.environ.update({"nnUNet_extTrainer": ext_trainer_env()["nnUNet_extTrainer"]})
-        predictor = nnUNetPredictor(
-            tile_step_size=0.5,
-            use_gaussian=True,
-            use_mirroring=tta,
-            device=torch_device,
-            verbose=False,
-            allow_tqdm=progress,
-        )
-        predictor.initialize_from_trained_model_folder(
-            str(model), tuple(f if f == "all" else int(f) for f in folds), checkpoint
+        predictor = inference.predictor_from_model_folder(
+            model, folds, checkpoint, torch_device, tta=tta, progress=progress
         )
         pred_dir = writer.tmp / ".predictions"
         pred_dir.mkdir()
@@ -982,8 +943,8 @@ def pseudo_label_dataset(
 
         with ThreadPoolExecutor(max(1, int(num_processes))) as pool:
             futures = [pool.submit(merge, case) for case in src.cases]
-            for f in _progress(
-                as_completed(futures), f"annotations -> {writer.target.name}", len(futures), progress
+            for f in progress_bar(
+                as_completed(futures), f"annotations -> {writer.target.name}", progress, len(futures)
             ):
                 f.result()
         per_case = {c.case_id: {"annotated": c.annotated, "shape": list(c.shape)} for c in src.cases}

@@ -10,7 +10,6 @@ the annotated range. The dataset must have been written by ``nnunet-ext labelpro
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from nnunet_ext.core.errors import UserError
 from nnunet_ext.core.io import read_json
+from nnunet_ext.core.progress import progress as progress_bar
 
 __all__ = ["qc_case_figure", "qc_dataset"]
 
@@ -183,11 +183,7 @@ def qc_dataset(
     kind = {"interpolate": f"propagated ({meta.get('method')})", "pseudo": "pseudo-label"}.get(
         meta["step"], ""
     )
-    iterator = chosen
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(chosen, desc=f"qc {folder.name}", unit="case", file=sys.stderr)
+    iterator = progress_bar(chosen, f"qc {folder.name}", progress)
     written = []
     for case in iterator:
         lab_img = sitk.ReadImage(str(folder / "labelsTr" / f"{case}{ending}"))

@@ -290,8 +290,11 @@ def run_recipe(
         raise UserError("--folds needs at least one fold.")
     lp.parse_axis(opts.axis)
     method = opts.method = opts.method or lp.DEFAULT_METHOD  # recorded resolved: a resumed run keeps it
-    device = "cuda" if opts.device == "auto" and lp._device("auto").type == "cuda" else opts.device
-    device = "cpu" if device == "auto" else device
+    from nnunet_ext.core.inference import torch_device
+
+    device = str(
+        torch_device(opts.device)
+    )  # auto: recorded resolved (cuda or cpu); a missing device is refused
     source = lp._resolve_raw(opts.source)
     opts.source = source.name if source.parent == _raw_root_or_none() else str(source)
     from nnunet_ext.core.nnunet_commands import find_trainer

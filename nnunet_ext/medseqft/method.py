@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,10 @@ from torch import nn
 
 from nnunet_ext.core.datasets import RawDatasetWriter, check_dataset_id_and_name, existing_datasets_with_id
 from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.inference import torch_device
 from nnunet_ext.core.io import atomic_write_json, make_temp_dir, read_json
+from nnunet_ext.core.paths import dataset_name
+from nnunet_ext.core.progress import progress as progress_bar
 from nnunet_ext.medseqft.settings import BUFFER_FILE, PHANTOM_TASKS, SCORES
 
 # ------------------------------------------------------------------------------------ networks
@@ -75,16 +77,6 @@ def read_checkpoint(
     return ckpt
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a torch device; a
-    device this machine lacks is a one-line :class:`UserError` (:func:`nnunet_ext.planning.plans.parse_device`)."""
-    if isinstance(device, torch.device):
-        return device
-    from nnunet_ext.planning.plans import parse_device
-
-    return parse_device(str(device).strip().lower())
-
-
 def load_checkpoint_network(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
     """Network + plans of an nnU-Net checkpoint, from the checkpoint alone.
 
@@ -112,7 +104,7 @@ def load_checkpoint_network(checkpoint: str | os.PathLike, device: torch.device 
     )
     weights = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
     network.load_state_dict(weights)
-    network.to(resolve_device(device)).eval()
+    network.to(torch_device(device)).eval()
     return {
         "network": network,
         "plans_manager": plans_manager,
@@ -224,19 +216,12 @@ def _preprocessed(dataset: str | int, configuration: str, plans_identifier: str)
     """(dataset name, preprocessed folder of the configuration, dataset class, sorted training ids, plans)."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not nnUNet_preprocessed.is_set():
         raise UserError(
             "nnUNet_preprocessed is not set: export nnUNet_preprocessed=/path/to/nnUNet_preprocessed"
         )
-    try:
-        name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
-    except RuntimeError as e:
-        raise UserError(
-            f"dataset {dataset} not found in nnUNet_preprocessed/nnUNet_raw; run nnUNetv2_plan_and_preprocess "
-            f"-d {dataset} first"
-        ) from e
+    name = dataset_name(dataset)
     base = Path(str(nnUNet_preprocessed)) / name
     plans_file = base / f"{plans_identifier}.json"
     if not plans_file.is_file():
@@ -379,7 +364,7 @@ def select_buffer(
     never scored nor buffered) under the foundation model; return the selection record (``buffer``: the K
     lowest-scoring cases, ``scores``: every scored case's score, and the settings). ``device``: ``auto`` (CUDA
     if available), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
-    device = resolve_device(device)
+    device = torch_device(device)
     if score not in SCORES:
         raise UserError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if views < 1:
@@ -409,11 +394,7 @@ def select_buffer(
 
     def case_values(dset, keys, what, desc):
         values = {}
-        iterator = keys
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(keys, desc=desc, unit="case", file=sys.stderr)
+        iterator = progress_bar(keys, desc, progress)
         for index, key in enumerate(iterator):
             data = np.asarray(dset.load_case(key)[0], dtype=np.float32)
             rng = np.random.default_rng([seed, index])
@@ -457,19 +438,12 @@ def select_buffer(
 
 def buffer_path(dataset: str | int, plans_identifier: str = "nnUNetPlans", configuration: str = "") -> Path:
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not nnUNet_preprocessed.is_set():
         raise UserError(
             "nnUNet_preprocessed is not set: export nnUNet_preprocessed=/path/to/nnUNet_preprocessed"
         )
-    try:
-        name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
-    except RuntimeError:
-        raise UserError(
-            f"dataset {dataset} not found in nnUNet_preprocessed/nnUNet_raw; run nnUNetv2_plan_and_preprocess "
-            f"-d {dataset} first"
-        ) from None
+    name = dataset_name(dataset)
     return Path(str(nnUNet_preprocessed)) / name / BUFFER_FILE
 
 

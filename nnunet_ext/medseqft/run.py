@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.inference import torch_device
 from nnunet_ext.core.io import read_json
 from nnunet_ext.medseqft.settings import STRATEGIES, SUFFIX
 
@@ -169,10 +170,10 @@ def evaluate(
     body_ckpt: Path, head_ckpt: Path, raw_dataset: Path, device, max_cases: int | None = None
 ) -> float:
     """Mean Dice over the test set of ``raw_dataset`` of body(M_t) + head(M_s) with nnU-Net's predictor."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnunet_ext.core.inference import predictor_for_network
     from nnunet_ext.core.nnunet_commands import find_trainer
     from nnunet_ext.medseqft.method import dice_of, read_checkpoint
 
@@ -190,22 +191,16 @@ def evaluate(
         label_manager.num_segmentation_heads,
         False,
     )
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=False,
-        device=device,
-        verbose=False,
-        allow_tqdm=False,
-    )
-    predictor.manual_initialization(
+    predictor = predictor_for_network(
         network,
         plans_manager,
         cm,
-        [_composite(body_ckpt, head_ckpt)],
         dataset_json,
         ckpt["trainer_name"],
         ckpt.get("inference_allowed_mirroring_axes"),
+        device,
+        parameters=[_composite(body_ckpt, head_ckpt)],
+        tta=False,
     )
     ending = dataset_json["file_ending"]
     labels = sorted(int(v) for k, v in dataset_json["labels"].items() if k != "background" and k != "ignore")
@@ -271,13 +266,12 @@ def run_sequence(
     kd_weight: float | None = None,
 ) -> dict:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnunet_ext.core.io import atomic_write_json, atomic_write_text
+    from nnunet_ext.core.paths import dataset_name
     from nnunet_ext.medseqft.method import (
         buffer_path,
         existing_buffer,
-        resolve_device,
         select_buffer,
         write_buffer,
     )
@@ -298,7 +292,7 @@ def run_sequence(
         raise UserError(f"--lora-lr must be a positive learning rate, got {lora_lr}")
     if kd_weight is not None and not kd_weight >= 0:
         raise UserError(f"--kd-weight must be >= 0, got {kd_weight}")
-    dev = resolve_device(device)  # auto: CUDA if available; a device this machine lacks is refused here
+    dev = torch_device(device)  # auto: CUDA if available; a device this machine lacks is refused here
     # MedSeqFT's trainer settings for this run (None: the trainer's default)
     medseqft_settings = {k: v for k, v in (("lora_lr", lora_lr), ("kd_weight", kd_weight)) if v is not None}
     for var, value in (("nnUNet_raw", nnUNet_raw), ("nnUNet_preprocessed", nnUNet_preprocessed)):
@@ -306,10 +300,7 @@ def run_sequence(
             raise UserError(f"{var} is not set: export {var}=/path/to/{var}")
     names = []
     for d in datasets:
-        try:
-            names.append(maybe_convert_to_dataset_name(int(d) if str(d).isdigit() else d))
-        except RuntimeError as e:
-            raise UserError(f"dataset {d} not found; create and preprocess it first") from e
+        names.append(dataset_name(d))
     if len(set(names)) != len(names):
         raise UserError(f"a task appears twice in {names}; pass each dataset once")
     check_compatible(str(pretrained), names, configuration, plans_identifier)

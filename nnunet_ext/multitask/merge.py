@@ -29,7 +29,8 @@ import numpy as np
 from nnunet_ext.core.datasets import RawDatasetWriter, check_dataset_id_and_name, geometry_mismatch
 from nnunet_ext.core.errors import UserError
 from nnunet_ext.core.io import read_json
-from nnunet_ext.multitask.tasks import TASKS_KEY, load_task_registry, resolve_dataset_folder
+from nnunet_ext.core.paths import resolve_dataset_folder
+from nnunet_ext.multitask.tasks import TASKS_KEY, load_task_registry
 
 __all__ = [
     "MOTS_PRESET",

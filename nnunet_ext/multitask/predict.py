@@ -33,19 +33,6 @@ __all__ = [
 ]
 
 
-def _unwrap(network):
-    """The method's network behind DDP and torch.compile (either order)."""
-    from torch._dynamo import OptimizedModule
-    from torch.nn.parallel import DistributedDataParallel
-
-    for _ in range(3):
-        if isinstance(network, DistributedDataParallel):
-            network = network.module
-        elif isinstance(network, OptimizedModule):
-            network = network._orig_mod
-    return network
-
-
 def _task_score_network_class():
     from torch import nn
 
@@ -85,7 +72,9 @@ def predict_task_scores(predictor, data, tasks=None):
     from types import SimpleNamespace
 
     network, label_manager = predictor.network, predictor.label_manager
-    net = _unwrap(network)
+    from nnunet_ext.core.train_step import unwrap
+
+    net = unwrap(network)
     predictor.network = restrict_tasks(net, tasks)
     # the predictor sizes its accumulator from label_manager.num_segmentation_heads
     predictor.label_manager = SimpleNamespace(num_segmentation_heads=num_score_channels(net))
@@ -118,9 +107,10 @@ def stored_merge_weights(predictor):
     """(T, K) cross-task weights averaged over the loaded folds, and whether every fold had stored ones."""
     import torch
 
+    from nnunet_ext.core.train_step import unwrap
     from nnunet_ext.multitask.partial_labels import MERGE_WEIGHTS, MERGE_WEIGHTS_SET
 
-    net = _unwrap(predictor.network)
+    net = unwrap(predictor.network)
     params = getattr(predictor, "list_of_parameters", None) or [net.state_dict()]
     ws, ok = [], True
     for p in params:
@@ -177,30 +167,13 @@ def write_label_map(seg, properties: dict, plans_manager, file_truncated: str, f
 
 def load_predictor(model_folder, folds, checkpoint="checkpoint_final.pth", device="auto", tta=True, step=0.5):
     """nnU-Net's predictor for a DoDNet / TransDoDNet / UniSeg model folder; returns (predictor, layout)."""
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    from nnunet_ext.core.nnunet_commands import ext_trainer_env
+    from nnunet_ext.core.inference import predictor_from_model_folder
+    from nnunet_ext.core.train_step import unwrap
     from nnunet_ext.multitask.partial_labels import LAYOUT_KEY, TaskLayout
 
-    os.environ["nnUNet_extTrainer"] = ext_trainer_env()["nnUNet_extTrainer"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if not (Path(model_folder) / "plans.json").is_file():
-        raise UserError(f"{model_folder} is not a trained model folder (no plans.json); check -d/-c/-tr/-p.")
-    predictor = nnUNetPredictor(
-        tile_step_size=step,
-        use_gaussian=True,
-        use_mirroring=tta,
-        perform_everything_on_device=device.type == "cuda",
-        device=device,
-        verbose=False,
-        verbose_preprocessing=False,
-        allow_tqdm=False,
-    )
-    predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
-    net = _unwrap(predictor.network)
+    predictor = predictor_from_model_folder(model_folder, folds, checkpoint, device, tta=tta, step=step)
+
+    net = unwrap(predictor.network)
     multi_task = hasattr(net, "set_inference_tasks") or hasattr(net, "forward_global")
     if not multi_task or LAYOUT_KEY not in predictor.plans_manager.plans:
         raise UserError(
@@ -245,7 +218,9 @@ def predict_tasks(
         raise UserError(
             "--by-prefix gives every case its own task; do not combine it with --task or --per-task."
         )
-    net = _unwrap(predictor.network)
+    from nnunet_ext.core.train_step import unwrap
+
+    net = unwrap(predictor.network)
     ending = predictor.dataset_json["file_ending"]
     cases = [str(c) for c in get_identifiers_from_splitted_dataset_folder(str(input_folder), ending)]
     if not cases:
@@ -403,18 +378,15 @@ def postprocess_segmentation(seg: np.ndarray, rules: dict, removed: dict | None 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def _model_folder(args) -> Path:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from nnunet_ext.core.paths import dataset_name
 
     if args.model_folder:
         return Path(args.model_folder)
     if not os.environ.get("nnUNet_results"):
         raise UserError("nnUNet_results is not set; export it or pass --model-folder.")
-    try:
-        name = maybe_convert_to_dataset_name(args.dataset)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"cannot resolve dataset {args.dataset!r}: {e}") from e
-    return Path(get_output_folder(name, args.trainer, args.plans, args.configuration))
+    return Path(get_output_folder(dataset_name(args.dataset), args.trainer, args.plans, args.configuration))
 
 
 def _cmd_predict(args) -> int:

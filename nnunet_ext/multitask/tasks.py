@@ -25,6 +25,7 @@ from pathlib import Path
 
 from nnunet_ext.core.errors import UserError
 from nnunet_ext.core.io import read_json
+from nnunet_ext.core.paths import resolve_dataset_folder
 
 __all__ = [
     "TASKS_KEY",
@@ -34,7 +35,6 @@ __all__ = [
     "load_task_registry",
     "load_task_registry_from_folder",
     "case_ids_in_folder",
-    "resolve_dataset_folder",
     "add_registry_parsers",
 ]
 
@@ -355,37 +355,6 @@ def load_task_registry_from_folder(folder: str | os.PathLike) -> TaskRegistry:
     folder = Path(folder)
     dataset_json = _read_dataset_json(folder)
     return load_task_registry(dataset_json, case_ids_in_folder(folder, dataset_json))
-
-
-def resolve_dataset_folder(dataset: str) -> Path:
-    """A folder path, or a dataset id / name resolved under ``$nnUNet_raw`` (then ``$nnUNet_preprocessed``)."""
-    from nnunet_ext.core.paths import resolve_dataset
-
-    p = Path(dataset).expanduser()
-    if p.is_dir():
-        return p
-    if os.sep in dataset or (os.altsep and os.altsep in dataset):
-        raise UserError(
-            f"dataset folder {dataset} does not exist; check the path (or pass a dataset id / name)."
-        )
-    problems = []
-    for root_var in ("nnUNet_raw", "nnUNet_preprocessed"):
-        if not os.environ.get(root_var):
-            continue
-        try:
-            folder = resolve_dataset(dataset, root_var)
-        except UserError as e:
-            problems.append(str(e))
-            continue
-        if (folder / "dataset.json").is_file():
-            return folder
-        problems.append(f"{folder} has no dataset.json")
-    if not problems:
-        raise UserError(
-            f"cannot resolve dataset {dataset!r}: nnUNet_raw is not set. Run `export nnUNet_raw=/path/to/nnUNet_raw` "
-            f"or pass the dataset folder path instead."
-        )
-    raise UserError(" ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunet_ext.core.train_step import unwrap
 from nnunet_ext.multitask.partial_labels import (
     MERGE_WEIGHTS,
     MERGE_WEIGHTS_SET,
@@ -28,12 +29,7 @@ class TaskRegistryTrainerMixin:
 
     def unwrapped_network(self) -> nn.Module:
         """The method's network behind DDP / torch.compile."""
-        from torch._dynamo import OptimizedModule
-
-        mod = self.network.module if self.is_ddp else self.network
-        if isinstance(mod, OptimizedModule):
-            mod = mod._orig_mod
-        return mod
+        return unwrap(self.network)
 
     def task_ids(self, keys) -> torch.Tensor:
         """Task index of every case of a batch (from its identifier through the registry)."""
@@ -75,8 +71,8 @@ class TaskRegistryTrainerMixin:
 
         import torch.distributed as dist
         from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+        from nnunet_ext.core.inference import predictor_for_trainer
         from nnunet_ext.core.io import atomic_write_json
         from nnunet_ext.multitask.predict import (
             decode_scores,
@@ -87,28 +83,8 @@ class TaskRegistryTrainerMixin:
 
         if save_probabilities:
             self.print_to_log_file("multi-task validation writes label maps only (--npz is ignored)")
-        self.set_deep_supervision_enabled(False)
-        self.network.eval()
+        predictor = predictor_for_trainer(self)  # deep supervision off, eval mode, as nnU-Net validates
         net = self.unwrapped_network()
-        predictor = nnUNetPredictor(
-            tile_step_size=0.5,
-            use_gaussian=True,
-            use_mirroring=True,
-            perform_everything_on_device=True,
-            device=self.device,
-            verbose=False,
-            verbose_preprocessing=False,
-            allow_tqdm=False,
-        )
-        predictor.manual_initialization(
-            self.network,
-            self.plans_manager,
-            self.configuration_manager,
-            None,
-            self.dataset_json,
-            self.__class__.__name__,
-            self.inference_allowed_mirroring_axes,
-        )
         folder = os.path.join(self.output_folder, "validation")
         merged_folder = os.path.join(self.output_folder, "validation_merged")
         scores_folder = os.path.join(self.output_folder, ".validation_scores")

@@ -781,7 +781,9 @@ def check_configuration(
         raise UserError(f"--batch-size must be an integer >= 1 (got {batch_size!r})")
     if not _is_int(iterations) or iterations < 1:
         raise UserError(f"--iterations must be an integer >= 1 (got {iterations!r})")
-    dev = parse_device(device)
+    from nnunet_ext.core.inference import torch_device
+
+    dev = torch_device(device)
     plans = copy.deepcopy(plans)
     if batch_size is not None:
         if "batch_size" not in plans["configurations"].get(name, {}):
@@ -850,31 +852,6 @@ def check_configuration(
         "peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
     }
     return result
-
-
-def parse_device(device: str):
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch device; anything else is a one-line error."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"invalid --device {device!r}: use cpu, cuda, cuda:N, mps or auto")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps requested but MPS is not available here; use --device cpu")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
-                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
-            )
-    return dev
 
 
 def _flatten(out):

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.inference import torch_device
 from nnunet_ext.core.nnunet_commands import count_arg, device_arg
 
 
@@ -190,7 +191,8 @@ def measure(options: dict) -> dict:
     import resource
 
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_ext.core.inference import predictor_for_trainer
 
     torch.manual_seed(options.get("seed", 0))
     _set_threads(options)
@@ -226,26 +228,7 @@ def measure(options: dict) -> dict:
         memory["train_step_gflop"] = train_step_flops(trainer, batches[-1]) / 1e9
 
     # sliding-window inference on validation cases, exactly nnU-Net's predictor
-    trainer.set_deep_supervision_enabled(False)
-    trainer.network.eval()
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=not options["no_mirroring"],
-        perform_everything_on_device=device.type == "cuda",
-        device=device,
-        verbose=False,
-        allow_tqdm=False,
-    )
-    predictor.manual_initialization(
-        trainer.network,
-        trainer.plans_manager,
-        trainer.configuration_manager,
-        None,
-        trainer.dataset_json,
-        cls.__name__,
-        trainer.inference_allowed_mirroring_axes,
-    )
+    predictor = predictor_for_trainer(trainer, tta=not options["no_mirroring"])  # deep supervision off, eval
     _, dataset_val = trainer.get_tr_and_val_datasets()
     keys = sorted(dataset_val.identifiers)[: options["cases"]]
     times = []
@@ -292,7 +275,6 @@ def run_benchmark(
 ) -> dict:
     """Measure ``baseline`` and ``trainer`` in fresh processes, one after the other, then both interleaved in
     one process (``rounds`` x ``steps_per_round`` steps each; 0 rounds skips it); return all and ratios."""
-    import torch
 
     from nnunet_ext.core.nnunet_commands import ext_trainer_env, find_trainer
     from nnunet_ext.planning.plans import load_plans, validate
@@ -300,10 +282,7 @@ def run_benchmark(
     validate(load_plans(plans_file), configuration, force=True)  # measure any plans nnU-Net accepts
     for name in (trainer, baseline):
         find_trainer(name)  # clear error before spending minutes
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    device = str(torch_device(device))  # auto: cuda or cpu; a device this machine lacks is refused here
     results = {}
     with tempfile.TemporaryDirectory(prefix="nnunet_ext_bench_") as tmp:
         env = ext_trainer_env()

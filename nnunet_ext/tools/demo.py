@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.inference import torch_device
 from nnunet_ext.core.nnunet_commands import device_arg
 
 DATASET_ID = 990
@@ -40,7 +41,6 @@ def run_demo(
     num_test: int = 4,
     seed: int = 0,
 ) -> dict:
-    import torch
 
     from nnunet_ext.core.nnunet_commands import (
         RunLock,
@@ -62,8 +62,7 @@ def run_demo(
     trainers = trainers or default_trainers()
     for t in trainers:
         find_trainer(t)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(torch_device(device))  # auto: cuda or cpu; a device this machine lacks is refused here
     workdir = Path(workdir).resolve()
     lock = RunLock(workdir / "demo.lock", f"the demo in {workdir}")
     lock.check()  # a demo still running here (or a training it started): refuse before touching anything

@@ -29,6 +29,7 @@ import numpy as np
 
 from nnunet_ext.core.datasets import RawDatasetWriter, check_dataset_id_and_name
 from nnunet_ext.core.errors import UserError
+from nnunet_ext.core.progress import progress as progress_bar
 
 __all__ = [
     "KINDS",
@@ -701,11 +702,7 @@ def write_phantom_dataset(
     with RawDatasetWriter(raw_root, int(dataset_id), str(name), force) as writer:
         cases = [(cid, i, True) for i, cid in enumerate(train_ids)]
         cases += [(cid, len(train_ids) + j, False) for j, cid in enumerate(test_ids)]
-        iterator = cases
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(cases, desc=f"{folder_name}", unit="case", file=sys.stderr)
+        iterator = progress_bar(cases, folder_name, progress)
         for cid, index, is_train in iterator:
             case = make_case_parts(_case_rng(seed, index), shape, spacing, num_channels, profile)
             images = "imagesTr" if is_train else "imagesTs"

@@ -12,7 +12,7 @@ from support.ddp_ranks import ddp_rank
 from support.lora_helpers import _setenv, arch_kwargs, foundation_checkpoint, make_net, make_trainer  # noqa: F401
 from torch import nn
 
-from nnunet_ext.core import lora
+from nnunet_ext.core import lora, train_step
 
 torch.set_num_threads(2)
 
@@ -255,7 +255,7 @@ def test_lora_trainer_pretrained_merged_checkpoint_and_resume(
 @pytest.mark.slow  # dynamo tracing takes ~10 s on CPU
 def test_uncompiled_strips_compile_at_every_depth_and_leaves_the_original():
     """nnU-Net compiles the Dice term inside its loss (loss.dc); MedSeqFT's per-term gradient norms need a second
-    backward, which a compiled graph with donated buffers refuses: lora.uncompiled gives the plain modules."""
+    backward, which a compiled graph with donated buffers refuses: train_step.uncompiled gives the plain modules."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -270,7 +270,7 @@ def test_uncompiled_strips_compile_at_every_depth_and_leaves_the_original():
     )
     inner.dc = torch.compile(inner.dc, backend="eager")  # as nnU-Net's _build_loss does with compile on
     loss = torch.compile(DeepSupervisionWrapper(inner, [1.0, 0.5]), backend="eager")
-    plain = lora.uncompiled(loss)
+    plain = train_step.uncompiled(loss)
 
     def compiled_parts(m):
         return [n for n, c in m.named_modules() if isinstance(c, OptimizedModule)]

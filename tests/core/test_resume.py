@@ -44,7 +44,7 @@ import pytest
 import torch
 from support.lora_helpers import _setenv, foundation_checkpoint, make_trainer
 
-from nnunet_ext.core import lora
+from nnunet_ext.core import lora, train_step
 from nnunet_ext.core.nnunet_commands import find_trainer
 
 EPOCHS = 3  # run length
@@ -133,7 +133,9 @@ def _instrument(trainer, batches: dict, start_epoch: int, record: bool) -> dict:
 
 def _state(trainer) -> dict:
     """Everything a training carries from one epoch to the next (deep copies)."""
-    net = lora.unwrap(trainer.network)  # FeatureTap (MedSeqFT) stays: its keys are the network's, prefixed
+    net = train_step.unwrap(
+        trainer.network
+    )  # FeatureTap (MedSeqFT) stays: its keys are the network's, prefixed
     logging = {k: v for k, v in trainer.logger.get_checkpoint().items() if "timestamp" not in k}
     state = {
         "network": net.state_dict(),
@@ -314,7 +316,7 @@ def test_resume_without_the_start_state_file_rebuilds_the_base(phantom_workspace
     a.run_training()
     start_file = Path(a.output_folder) / START_FILE
     saved = torch.load(start_file, weights_only=True)
-    merged = lora.unwrap(a.network).state_dict()  # stock keys: on_train_end merged the adapters
+    merged = train_step.unwrap(a.network).state_dict()  # stock keys: on_train_end merged the adapters
     ckpt = torch.load(Path(a.output_folder) / "checkpoint_final.pth", weights_only=False)
     assert ckpt["lora_start_sha256"] == saved["sha256"] == lora.state_digest(saved["state"])
     assert set(saved["state"]) == set(merged)
@@ -322,7 +324,7 @@ def test_resume_without_the_start_state_file_rebuilds_the_base(phantom_workspace
     start_file.unlink()
     b = _build("nnUNetTrainerLoRA", dataset, None)
     b.load_checkpoint(str(Path(a.output_folder) / "checkpoint_final.pth"))
-    base = lora.unwrap(b.network).state_dict()
+    base = train_step.unwrap(b.network).state_dict()
     rebuilt = {k.replace(".base_layer.", "."): v for k, v in base.items() if ".base_layer." in k}
     assert rebuilt
     worst = max((rebuilt[k] - saved["state"][k]).abs().max().item() for k in rebuilt)
