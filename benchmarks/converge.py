@@ -5,7 +5,7 @@
 
 Data: `nnunet-ext phantoms full --profile converge` (one dataset per seed, id 930 + seed: the seed changes the
 cases, the split and the initialisation), planned with the stock CLI, the tiny configuration. Every model is
-the stock `nnUNetv2_train DATASET 3d_tiny 0 -tr <Trainer>_converge` (100 epochs x 50 iterations: plain
+the stock `nnUNetv2_train DATASET 3d_tiny 0 -tr <Trainer>_converge` (60 epochs x 50 iterations: plain
 nnUNetTrainer plateaus on every structure by ~3000 iterations there), one torch thread per run
 (OMP_NUM_THREADS=1), so two runs of this script (other seeds) can share a 2-core machine. Then
 `nnUNetv2_predict` on the test cases and, per structure, Dice, HD95 and the normalised surface Dice at 1 mm
@@ -139,14 +139,10 @@ def evaluate(dataset: Path, predictions: Path) -> dict:
     return {"cases": cases, "mean": mean}
 
 
-def run(workdir: Path, comparison: str, seed: int, trainer: str, device: str) -> dict:
-    """One trained, predicted and evaluated model (each step skipped when its output exists)."""
-    from nnunet_ext.core.nnunet_commands import ext_trainer_env, predict_command, run_logged, train_command
+def benchmark_env(workdir: Path, device: str) -> dict:
+    """nnU-Net's folders under ``workdir``, our trainers findable, one torch thread, one augmentation worker."""
+    from nnunet_ext.core.nnunet_commands import ext_trainer_env
 
-    result_file = workdir / "runs" / f"{comparison}_seed{seed}_{trainer}.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
-    kind = COMPARISONS[comparison][0]
     env = ext_trainer_env()
     for var, sub in (
         ("nnUNet_raw", "raw"),
@@ -157,6 +153,18 @@ def run(workdir: Path, comparison: str, seed: int, trainer: str, device: str) ->
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"))
     env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")
+    return env
+
+
+def run(workdir: Path, comparison: str, seed: int, trainer: str, device: str) -> dict:
+    """One trained, predicted and evaluated model (each step skipped when its output exists)."""
+    from nnunet_ext.core.nnunet_commands import predict_command, run_logged, train_command
+
+    result_file = workdir / "runs" / f"{comparison}_seed{seed}_{trainer}.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    kind = COMPARISONS[comparison][0]
+    env = benchmark_env(workdir, device)
     log = workdir / f"{comparison}_seed{seed}.log"
     dataset_id, dataset = prepare(workdir, seed, kind, env, log)
     name = f"{trainer}_{SCHEDULE}"
@@ -239,8 +247,21 @@ def main(argv: list[str] | None = None) -> int:
         "--trainers", nargs="+", help="only these trainers of the comparison (e.g. to split runs)"
     )
     parser.add_argument("--report-only", action="store_true", help="no training: the tables of finished runs")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only write, plan and preprocess each seed's phantom (run once before splitting the trainings over "
+        "several processes with --trainers, so that they never prepare the same dataset at once)",
+    )
     args = parser.parse_args(argv)
     workdir = Path(args.workdir).resolve()
+    if args.prepare_only:
+        kind = COMPARISONS[args.comparison][0]
+        env = benchmark_env(workdir, args.device)
+        for seed in args.seeds:
+            _, dataset = prepare(workdir, seed, kind, env, workdir / f"{args.comparison}_seed{seed}.log")
+            print(f"seed {seed}: {dataset}")
+        return 0
     _, baseline, methods = COMPARISONS[args.comparison]
     trainers = [t for t in (baseline, *methods) if not args.trainers or t in args.trainers]
     results = {}
