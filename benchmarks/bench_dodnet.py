@@ -135,27 +135,17 @@ def make_trainer(pre: Path, trainer: str, device: torch.device, epochs: int = 1,
 
 
 def predictor_for(trainer, device):
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    """nnU-Net's predictor (no mirroring) around the trainer's network, with its trained weights as the one
+    parameter set (predict_single_npy_array loads each set)."""
+    from nnunet_ext.core.inference import predictor_for_network
 
     trainer.set_deep_supervision_enabled(False)
     trainer.network.eval()
-    p = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=False,
-        perform_everything_on_device=device.type == "cuda",
-        device=device,
-        verbose=False,
-        verbose_preprocessing=False,
-        allow_tqdm=False,
-    )
-    # the trained weights as the predictor's one parameter set (predict_single_npy_array loads each set)
     weights = [{k: v.detach().clone() for k, v in trainer.network.state_dict().items()}]
-    p.manual_initialization(
-        trainer.network, trainer.plans_manager, trainer.configuration_manager, weights, trainer.dataset_json,
-        type(trainer).__name__, trainer.inference_allowed_mirroring_axes,
+    return predictor_for_network(
+        trainer.network, trainer.plans_manager, trainer.configuration_manager, trainer.dataset_json,
+        type(trainer).__name__, trainer.inference_allowed_mirroring_axes, device, parameters=weights, tta=False,
     )  # fmt: skip
-    return p
 
 
 def part_speed(pre: Path, args) -> dict:
