@@ -7,7 +7,8 @@ Data: `nnunet-ext phantoms full --profile converge` (one dataset per seed, id 93
 cases, the split and the initialisation), planned with the stock CLI, the tiny configuration. Every model is
 the stock `nnUNetv2_train DATASET 3d_tiny 0 -tr <Trainer>_converge` (60 epochs x 50 iterations: plain
 nnUNetTrainer plateaus on every structure by ~3000 iterations there), one torch thread per run
-(OMP_NUM_THREADS=1), so two runs of this script (other seeds) can share a 2-core machine. Then
+(OMP_NUM_THREADS=1, held through benchmarks/nnunet_train_threads.py: the stock nnUNetv2_train -device cpu
+asks for every core), so two runs of this script (other seeds) can share a 2-core machine. Then
 `nnUNetv2_predict` on the test cases and, per structure, Dice, HD95 and the normalised surface Dice at 1 mm
 (nnunet_ext.core.metrics: MONAI surfaces, DeepMind's NSD definition).
 
@@ -156,6 +157,12 @@ def benchmark_env(workdir: Path, device: str) -> dict:
     return env
 
 
+def threaded_train() -> list[str]:
+    """``nnUNetv2_train`` held to OMP_NUM_THREADS torch threads (benchmarks/nnunet_train_threads.py: the stock
+    entry point asks for every core with ``-device cpu``, and two such runs on two cores crawl)."""
+    return [sys.executable, str(Path(__file__).with_name("nnunet_train_threads.py"))]
+
+
 def run(workdir: Path, comparison: str, seed: int, trainer: str, device: str) -> dict:
     """One trained, predicted and evaluated model (each step skipped when its output exists)."""
     from nnunet_ext.core.nnunet_commands import predict_command, run_logged, train_command
@@ -174,9 +181,8 @@ def run(workdir: Path, comparison: str, seed: int, trainer: str, device: str) ->
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         resume = ["--c"] if (model / "checkpoint_latest.pth").is_file() else []  # an interrupted training
         record["resumed"] = bool(resume)
-        record["train_wall_s"] = run_logged(
-            train_command(dataset_id, CONFIGURATION, 0, name, device, *resume), env, log, quiet=True
-        )
+        cmd = train_command(dataset_id, CONFIGURATION, 0, name, device, *resume)
+        record["train_wall_s"] = run_logged([*threaded_train(), *cmd[1:]], env, log, quiet=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the training and its augmentation workers
         record["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     out = workdir / "predictions" / f"{comparison}_seed{seed}" / trainer

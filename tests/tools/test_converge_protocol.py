@@ -45,3 +45,31 @@ def test_report_gives_means_and_paired_differences_over_finished_seeds(converge,
     assert dice_row == "| liver | 0.850 ± 0.050 | 0.880 ± 0.040 | +0.030 ± 0.010 |"
     assert "| seed 1 nnUNetTrainerBANet | 100 | 10 | not: liver |" in text
     assert "| seed 0 nnUNetTrainer | 100 | 10 | all structures |" in text
+
+
+def test_training_entry_keeps_the_thread_count_of_omp_num_threads(monkeypatch):
+    """nnUNetv2_train -device cpu asks torch for every core; the benchmark's entry holds it to OMP_NUM_THREADS
+    and otherwise runs nnU-Net's own entry point with the same arguments."""
+    import sys
+
+    import nnunetv2.run.run_training as run_training
+    import torch
+
+    trainer_script = load_benchmark("nnunet_train_threads")
+    seen = {}
+
+    def entry():  # what nnU-Net's entry does first with -device cpu
+        torch.set_num_threads(64)
+        seen.update(threads=torch.get_num_threads(), argv=list(sys.argv))
+
+    before, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+    monkeypatch.setattr(run_training, "run_training_entry", entry)
+    monkeypatch.setattr(torch, "set_num_threads", set_num_threads)  # put back after the test
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(sys, "argv", ["nnunet_train_threads.py", "930", "3d_tiny", "0", "-device", "cpu"])
+    try:
+        trainer_script.main()
+    finally:
+        set_num_threads(before)
+    assert seen == {"threads": 1, "argv": ["nnUNetv2_train", "930", "3d_tiny", "0", "-device", "cpu"]}
+    assert load_benchmark("converge").threaded_train()[1].endswith("nnunet_train_threads.py")
