@@ -1,24 +1,37 @@
-"""Accuracy at convergence (issue 20): a method and its baseline trained to the same plateau, over seeds.
+"""Accuracy at convergence (issue 20): a method and its baselines trained to the same plateau, over seeds.
 
     python benchmarks/converge.py banet --seeds 0 1 2                  # BA-Net vs nnUNetTrainer
+    python benchmarks/converge.py multitask --seeds 0 1 2              # DoDNet, TransDoDNet, UniSeg vs nnU-Nets
     python benchmarks/converge.py banet --seeds 0 1 2 --report-only    # tables from what has finished
 
-Data: `nnunet-ext phantoms full --profile converge` (one dataset per seed, id 930 + seed: the seed changes the
-cases, the split and the initialisation), planned with the stock CLI, the tiny configuration. Every model is
-the stock `nnUNetv2_train DATASET 3d_tiny 0 -tr <Trainer>_converge` (60 epochs x 50 iterations: plain
-nnUNetTrainer plateaus on every structure by ~3000 iterations there), one torch thread per run
-(OMP_NUM_THREADS=1, held through benchmarks/nnunet_train_threads.py: the stock nnUNetv2_train -device cpu
-asks for every core), so two runs of this script (other seeds) can share a 2-core machine. Then
-`nnUNetv2_predict` on the test cases and, per structure, Dice, HD95 and the normalised surface Dice at 1 mm
-(nnunet_ext.core.metrics: MONAI surfaces, DeepMind's NSD definition).
+Data: `nnunet-ext phantoms KIND --profile converge` (one dataset per seed: the seed changes the cases, the split
+and the initialisation), planned with the stock CLI, the tiny configuration. Every model is the stock
+`nnUNetv2_train DATASET 3d_tiny 0 -tr <Trainer>_converge` (60 epochs x 50 iterations: plain nnUNetTrainer
+plateaus on every structure by ~3000 iterations there), one torch thread per run (OMP_NUM_THREADS=1, held
+through benchmarks/nnunet_train_threads.py: the stock nnUNetv2_train -device cpu asks for every core), so two
+runs of this script (other seeds or --models) can share a 2-core machine. Then the test cases are predicted and
+scored per structure: Dice, HD95 and the normalised surface Dice at 1 mm (nnunet_ext.core.metrics: MONAI
+surfaces, DeepMind's NSD definition).
+
+Comparisons:
+
+* ``banet`` (full phantom, id 930 + seed): nnUNetTrainerBANet vs nnUNetTrainer, each map from nnUNetv2_predict.
+* ``multitask`` (partial phantom, id 940 + seed: liver, kidney and spleen tasks, each case annotated for its
+  task only): nnUNetTrainerDoDNet / TransDoDNet / UniSeg on every case, scored on each structure's own-task map
+  (`nnunet-ext predict --per-task`) and on the merged all-task map (`nnunet-ext predict`), against two baselines
+  with the same schedule: one nnUNetTrainer per task on that task's cases (ids 960/970/980 + seed, labels
+  renumbered; each structure from its task's model) and one nnUNetTrainer on every case with nnU-Net's ignore
+  label on the structures a case's task does not annotate (id 950 + seed; the phantom's labelsTr_full says
+  where they are).
 
 Resumable: a finished training (checkpoint_final.pth), prediction or evaluation is never redone, an
-interrupted training continues from its checkpoint_latest.pth (`nnUNetv2_train --c`), and each run's result is
-written as soon as it exists (<workdir>/runs/<comparison>_seed<S>_<trainer>.json). Its CPU time then covers the
-last invocation only (recorded as "resumed"). For every run it records the training length, the CPU time of the
-training command, whether the validation pseudo Dice had plateaued (per structure: the spread of its last 20%
-of epochs and the change of their mean against the 20% before) and a learning-curve PNG. The report: per
-structure, mean +- std over seeds of each trainer and the paired difference (method - baseline) with its std.
+interrupted training continues from its checkpoint_latest.pth (`nnUNetv2_train --c`), and each model's result
+is written as soon as it exists (<workdir>/runs/<comparison>_seed<S>_<model>.json). Its CPU time then covers
+the last invocation only (recorded as "resumed"). For every training it records the length, the CPU time of
+the training command, whether the validation pseudo Dice had plateaued (per structure: the spread of its last
+20% of epochs and the change of their mean against the 20% before) and a learning-curve PNG. The report: per
+model and map, mean +- std over seeds per structure, and the paired difference of every method map against
+every baseline map with its std.
 """
 
 from __future__ import annotations
@@ -28,15 +41,70 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nnunet_ext.core.io import atomic_write_json, atomic_write_text
+from nnunet_ext.core.schedules import SCHEDULES
 
-# comparison -> (phantom kind, baseline trainer, method trainers)
-COMPARISONS = {"banet": ("full", "nnUNetTrainer", ["nnUNetTrainerBANet"])}
+
+@dataclass(frozen=True)
+class Model:
+    """One model of a comparison: ``trainer`` trained as ``<trainer>_converge`` on ``data`` ("source": the
+    seed's phantom; "ignore": every case with the ignore label on unannotated structures; "per-task": one
+    dataset and model per task), scored on each of ``maps`` ("map": nnUNetv2_predict; "own": each structure
+    from its task's prediction; "merged": the all-task map of `nnunet-ext predict`)."""
+
+    name: str
+    trainer: str
+    data: str = "source"
+    maps: tuple[str, ...] = ("map",)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    kind: str  # the phantom
+    first_id: int  # the seed's phantom is dataset first_id + seed
+    models: tuple[Model, ...]
+    methods: tuple[str, ...]  # model names
+    baselines: tuple[tuple[str, str], ...]  # (model name, map) every method map is compared with
+
+    def model(self, name: str) -> Model:
+        return next(m for m in self.models if m.name == name)
+
+    def columns(self) -> list[tuple[str, str]]:
+        return [(m.name, mode) for m in self.models for mode in m.maps]
+
+
+MULTITASK_MAPS = ("own", "merged")
+COMPARISONS = {
+    "banet": Comparison(
+        "full",
+        930,
+        (Model("nnUNetTrainer", "nnUNetTrainer"), Model("nnUNetTrainerBANet", "nnUNetTrainerBANet")),
+        methods=("nnUNetTrainerBANet",),
+        baselines=(("nnUNetTrainer", "map"),),
+    ),
+    "multitask": Comparison(
+        "partial",
+        940,
+        (
+            Model("nnUNetTrainerDoDNet", "nnUNetTrainerDoDNet", maps=MULTITASK_MAPS),
+            Model("nnUNetTrainerTransDoDNet", "nnUNetTrainerTransDoDNet", maps=MULTITASK_MAPS),
+            Model("nnUNetTrainerUniSeg", "nnUNetTrainerUniSeg", maps=MULTITASK_MAPS),
+            Model("nnUNetTrainer_per_task", "nnUNetTrainer", data="per-task", maps=("own",)),
+            Model("nnUNetTrainer_ignore", "nnUNetTrainer", data="ignore"),
+        ),
+        methods=("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet", "nnUNetTrainerUniSeg"),
+        baselines=(("nnUNetTrainer_per_task", "own"), ("nnUNetTrainer_ignore", "map")),
+    ),
+}
+IGNORE_ID, TASK_ID = 950, 960  # derived datasets: 950 + seed; task i: 960 + 10 * i + seed
+MAX_SEED = 9  # the ids above leave room for seeds 0-9
 SCHEDULE = "converge"
 CONFIGURATION = "3d_tiny"
 NSD_TOLERANCE_MM = 1.0
@@ -44,21 +112,20 @@ PLATEAU_SPREAD = 0.05  # max - min of a structure's pseudo Dice over the last 20
 PLATEAU_GAIN = 0.02  # mean of the last 20% minus the mean of the 20% before
 
 
-def prepare(workdir: Path, seed: int, kind: str, env: dict, log: Path) -> tuple[int, Path]:
-    """The seed's converge phantom, planned and preprocessed, with 3d_tiny (each step once)."""
+@dataclass(frozen=True)
+class Training:
+    dataset_id: int
+    dataset: Path
+    task: str | None = None  # per-task baselines: the task this model is trained on
+
+
+def plan(dataset_id: int, env: dict, log: Path) -> Path:
+    """Plan and preprocess (stock CLI) and add 3d_tiny, each step once; returns the plans file."""
     from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
     from nnunet_ext.planning.plans import load_plans, save_plans, tiny_configuration
-    from nnunet_ext.tools.phantoms import write_phantom_dataset
 
-    dataset_id = 930 + seed
-    raw, pre = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
-    if not list(raw.glob(f"Dataset{dataset_id}_*")):
-        write_phantom_dataset(
-            raw, dataset_id, kind=kind, name=f"Converge{kind.title()}Seed{seed}", num_train=16, num_test=8,
-            seed=seed, profile="converge",
-        )  # fmt: skip
-    dataset = next(raw.glob(f"Dataset{dataset_id}_*"))
-    plans_file = pre / dataset.name / "nnUNetPlans.json"
+    dataset = next(Path(env["nnUNet_raw"]).glob(f"Dataset{dataset_id:03d}_*"))
+    plans_file = Path(env["nnUNet_preprocessed"]) / dataset.name / "nnUNetPlans.json"
     if not plans_file.is_file():
         cmd = [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres"]
         run_logged([*cmd, "-np", "1"], env, log, quiet=True)
@@ -66,7 +133,102 @@ def prepare(workdir: Path, seed: int, kind: str, env: dict, log: Path) -> tuple[
     if CONFIGURATION not in plans["configurations"]:
         tiny_configuration(plans)
         save_plans(plans_file, plans)
+    return plans_file
+
+
+def prepare(
+    workdir: Path, seed: int, kind: str, env: dict, log: Path, first_id: int = 930
+) -> tuple[int, Path]:
+    """The seed's converge phantom, planned and preprocessed, with 3d_tiny (each step once)."""
+    from nnunet_ext.tools.phantoms import write_phantom_dataset
+
+    dataset_id = first_id + seed
+    raw = Path(env["nnUNet_raw"])
+    if not list(raw.glob(f"Dataset{dataset_id}_*")):
+        write_phantom_dataset(
+            raw, dataset_id, kind=kind, name=f"Converge{kind.title()}Seed{seed}", num_train=16, num_test=8,
+            seed=seed, profile="converge",
+        )  # fmt: skip
+    dataset = next(raw.glob(f"Dataset{dataset_id}_*"))
+    plan(dataset_id, env, log)
     return dataset_id, dataset
+
+
+def write_derived(source: Path, dataset_id: int, variant: str) -> Path:
+    """A baseline's training set from the partial phantom ``source`` (written beside it, images hard-linked):
+    ``ignore``: every training case, the structures its task does not annotate set to nnU-Net's ignore label
+    (their place from the phantom's labelsTr_full/); ``task:<t>``: task t's cases only, its labels renumbered
+    1..n in the registry's order. The test cases stay in ``source`` (scored against its labelsTs/)."""
+    import SimpleITK as sitk
+
+    from nnunet_ext.core.datasets import RawDatasetWriter
+    from nnunet_ext.multitask.tasks import load_task_registry
+
+    dj = json.loads((source / "dataset.json").read_text())
+    cases = sorted(f.name[: -len(".nii.gz")] for f in (source / "labelsTr").glob("*.nii.gz"))
+    registry = load_task_registry(dj, cases)
+    labels = {k: int(v) for k, v in dj["labels"].items()}
+    if variant == "ignore":
+        name, keep = f"{source.name.split('_', 1)[1]}Ignore", cases
+        ignore = max(labels.values()) + 1  # nnU-Net: the ignore label is the highest
+        new_labels = {**labels, "ignore": ignore}
+    elif variant.startswith("task:") and variant[5:] in registry.tasks:
+        task = variant[5:]
+        name, keep = f"{source.name.split('_', 1)[1]}Task{task.title()}", registry.cases_by_task(cases)[task]
+        lut = np.zeros(max(labels.values()) + 1, np.uint8)
+        for i, value in enumerate(registry.labels_of(task)):
+            lut[value] = i + 1
+        new_labels = {"background": 0, **{n: i + 1 for i, n in enumerate(registry.label_names_of(task))}}
+    else:
+        raise ValueError(
+            f"variant must be 'ignore' or 'task:<one of {list(registry.tasks)}>', not {variant!r}"
+        )
+    raw = source.parent
+    with RawDatasetWriter(raw, dataset_id, name, force=False) as writer:
+        for case in keep:
+            for image in sorted((source / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9].nii.gz")):
+                writer.add_file(image, "imagesTr", image.name, how="hardlink", case_id=case)
+            label_img = sitk.ReadImage(str(source / "labelsTr" / f"{case}.nii.gz"))
+            label = sitk.GetArrayFromImage(label_img)
+            if variant == "ignore":
+                full = sitk.GetArrayFromImage(
+                    sitk.ReadImage(str(source / "labelsTr_full" / f"{case}.nii.gz"))
+                )
+                label = np.where((label == 0) & (full != 0), ignore, label).astype(np.uint8)
+            else:
+                label = lut[label]
+            writer.write_label(label, label_img, case)
+        derived = {
+            k: v for k, v in dj.items() if k not in ("labels", "numTraining", "nnunet_ext_tasks", "name")
+        }
+        derived.update(labels=new_labels, numTraining=len(keep), name=f"Dataset{dataset_id:03d}_{name}")
+        derived["nnunet_ext_converge"] = {"source": source.name, "variant": variant}
+        return writer.finish(derived)
+
+
+def trainings(
+    workdir: Path, comparison: str, model: Model, seed: int, env: dict, log: Path
+) -> tuple[Path, list[Training]]:
+    """The seed's phantom (its test cases are scored) and the datasets ``model`` is trained on (written, planned
+    and preprocessed when missing)."""
+    spec = COMPARISONS[comparison]
+    dataset_id, source = prepare(workdir, seed, spec.kind, env, log, spec.first_id)
+    if model.data == "source":
+        return source, [Training(dataset_id, source)]
+    if model.data == "ignore":
+        variants = [(IGNORE_ID + seed, "ignore", None)]
+    elif model.data == "per-task":
+        tasks = list(json.loads((source / "dataset.json").read_text())["nnunet_ext_tasks"])
+        variants = [(TASK_ID + 10 * i + seed, f"task:{t}", t) for i, t in enumerate(tasks)]
+    else:
+        raise ValueError(f"unknown data {model.data!r} of model {model.name}")
+    out = []
+    for derived_id, variant, task in variants:
+        found = list(source.parent.glob(f"Dataset{derived_id:03d}_*"))
+        dataset = found[0] if found else write_derived(source, derived_id, variant)
+        plan(derived_id, env, log)
+        out.append(Training(derived_id, dataset, task))
+    return source, out
 
 
 def plateau(dice_per_epoch: list[list[float]], names: list[str]) -> dict:
@@ -97,6 +259,8 @@ def learning_curve(checkpoint: Path, names: list[str], title: str, png: Path) ->
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     logging = ckpt["logging"]
     dice = [[float(v) for v in epoch] for epoch in logging["dice_per_class_or_region"]]
+    if dice and len(dice[0]) != len(names):  # a network whose outputs are not the dataset's labels
+        names = [f"output {i + 1}" for i in range(len(dice[0]))]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     x = np.arange(1, len(dice) + 1)
     for i, name in enumerate(names):
@@ -116,23 +280,34 @@ def learning_curve(checkpoint: Path, names: list[str], title: str, png: Path) ->
     return {"epochs": len(dice), "plateau": plateau(dice, names)}
 
 
-def evaluate(dataset: Path, predictions: Path) -> dict:
+def structures(dataset: Path) -> dict[str, int]:
+    """A dataset's labels without background and ignore."""
+    labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+    return {k: int(v) for k, v in labels.items() if k not in ("background", "ignore")}
+
+
+def evaluate(dataset: Path, sources: dict[str, tuple[Path, int]]) -> dict:
+    """Dice, HD95 and NSD per test case of ``dataset`` (its labelsTs/) and structure; ``sources``: structure ->
+    (folder of predicted label maps, the structure's value there)."""
     import SimpleITK as sitk
 
-    from nnunet_ext.core.metrics import normalized_surface_dice, per_structure
+    from nnunet_ext.core.metrics import dice, hd95, normalized_surface_dice
 
-    labels = {k: v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items() if v}
+    labels = structures(dataset)
     cases = {}
     for gt_file in sorted((dataset / "labelsTs").glob("*.nii.gz")):
         gt_img = sitk.ReadImage(str(gt_file))
         gt = sitk.GetArrayFromImage(gt_img)
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / gt_file.name)))
         spacing = gt_img.GetSpacing()[::-1]
-        cases[gt_file.name] = per_structure(pred, gt, labels, spacing)  # Dice, HD95
-        for name, value in labels.items():  # + NSD at the tolerance
-            p, g = pred == value, gt == value
+        maps: dict[Path, np.ndarray] = {}
+        cases[gt_file.name] = {}
+        for name, value in labels.items():
+            folder, predicted = sources[name]
+            if folder not in maps:
+                maps[folder] = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / gt_file.name)))
+            p, g = maps[folder] == predicted, gt == value
             nsd = normalized_surface_dice(p, g, spacing, NSD_TOLERANCE_MM) if p.any() and g.any() else 0.0
-            cases[gt_file.name][name]["NSD"] = nsd
+            cases[gt_file.name][name] = {"Dice": dice(p, g), "HD95": hd95(p, g, spacing), "NSD": nsd}
     mean = {
         name: {m: float(np.mean([c[name][m] for c in cases.values()])) for m in ("Dice", "HD95", "NSD")}
         for name in labels
@@ -163,82 +338,182 @@ def threaded_train() -> list[str]:
     return [sys.executable, str(Path(__file__).with_name("nnunet_train_threads.py"))]
 
 
-def run(workdir: Path, comparison: str, seed: int, trainer: str, device: str) -> dict:
-    """One trained, predicted and evaluated model (each step skipped when its output exists)."""
+def ext_predict_command(images: Path, out: Path, dataset_id: int, trainer: str, device: str, *extra) -> list:
+    """`nnunet-ext predict` (multi-task models: the merged map, or with --per-task one map per task)."""
+    from nnunet_ext.core.nnunet_commands import nnunet_command
+
+    return [
+        nnunet_command("nnunet-ext"), "predict", "-i", str(images), "-o", str(out), "-d", str(dataset_id),
+        "-c", CONFIGURATION, "-tr", trainer, "-f", "0", "-device", device, *extra,
+    ]  # fmt: skip
+
+
+def predict_once(out: Path, folders: list[Path], n_test: int, cmd: list[str], env: dict, log: Path) -> None:
+    """Run ``cmd`` unless every folder in ``folders`` holds ``n_test`` label maps (a partial output is
+    removed first: it is ours, under the workdir)."""
+    from nnunet_ext.core.nnunet_commands import run_logged
+
+    if all(len(list(f.glob("*.nii.gz"))) >= n_test for f in folders):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_logged(cmd, env, log, quiet=True)
+
+
+def tag(comparison: str, seed: int, schedule: str = SCHEDULE) -> str:
+    """The name stem of a seed's result files (a schedule other than ``converge``, e.g. a smoke run of the
+    protocol, keeps its results apart)."""
+    return f"{comparison}_seed{seed}" + ("" if schedule == SCHEDULE else f"_{schedule}")
+
+
+def run(
+    workdir: Path, comparison: str, seed: int, model_name: str, device: str, schedule: str = SCHEDULE
+) -> dict:
+    """One model trained (one training per dataset of :func:`trainings`), predicted and evaluated on every map
+    it is scored on; each step is skipped when its output exists."""
     from nnunet_ext.core.nnunet_commands import predict_command, run_logged, train_command
 
-    result_file = workdir / "runs" / f"{comparison}_seed{seed}_{trainer}.json"
+    spec = COMPARISONS[comparison]
+    model = spec.model(model_name)
+    stem = tag(comparison, seed, schedule)
+    result_file = workdir / "runs" / f"{stem}_{model.name}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    kind = COMPARISONS[comparison][0]
     env = benchmark_env(workdir, device)
     log = workdir / f"{comparison}_seed{seed}.log"
-    dataset_id, dataset = prepare(workdir, seed, kind, env, log)
-    name = f"{trainer}_{SCHEDULE}"
-    model = workdir / "results" / dataset.name / f"{name}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
-    record = {"comparison": comparison, "seed": seed, "trainer": trainer, "schedule": SCHEDULE}
-    if not (model / "checkpoint_final.pth").is_file():
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        resume = ["--c"] if (model / "checkpoint_latest.pth").is_file() else []  # an interrupted training
-        record["resumed"] = bool(resume)
-        cmd = train_command(dataset_id, CONFIGURATION, 0, name, device, *resume)
-        record["train_wall_s"] = run_logged([*threaded_train(), *cmd[1:]], env, log, quiet=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the training and its augmentation workers
-        record["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    out = workdir / "predictions" / f"{comparison}_seed{seed}" / trainer
-    n_test = len(list((dataset / "labelsTs").glob("*.nii.gz")))
-    if len(list(out.glob("*.nii.gz"))) < n_test:
-        cmd = predict_command(dataset / "imagesTs", out, dataset_id, CONFIGURATION, 0, name, device)
-        run_logged(cmd, env, log, quiet=True)
-    names = [k for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items() if v]
-    title = f"{name}, {CONFIGURATION}, {dataset.name} (fold 0)"
-    record["training"] = learning_curve(
-        model / "checkpoint_final.pth",
-        names,
-        title,
-        workdir / "curves" / f"{comparison}_seed{seed}_{trainer}.png",
-    )
-    record["test"] = evaluate(dataset, out)
+    source, trained = trainings(workdir, comparison, model, seed, env, log)
+    name = f"{model.trainer}_{schedule}"
+    record = {"comparison": comparison, "seed": seed, "model": model.name, "trainer": model.trainer}
+    record.update(schedule=schedule, trainings=[], test={})
+    for t in trained:
+        folder = workdir / "results" / t.dataset.name / f"{name}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
+        entry = {"dataset": t.dataset.name, "task": t.task}
+        if not (folder / "checkpoint_final.pth").is_file():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # an interrupted training continues from its last checkpoint
+            resume = ["--c"] if (folder / "checkpoint_latest.pth").is_file() else []
+            entry["resumed"] = bool(resume)
+            cmd = train_command(t.dataset_id, CONFIGURATION, 0, name, device, *resume)
+            entry["train_wall_s"] = run_logged([*threaded_train(), *cmd[1:]], env, log, quiet=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the training and its augmentation workers
+            entry["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        suffix = f"_{t.task}" if t.task else ""
+        entry["training"] = learning_curve(
+            folder / "checkpoint_final.pth",
+            list(structures(t.dataset)),
+            f"{name}, {CONFIGURATION}, {t.dataset.name} (fold 0)",
+            workdir / "curves" / f"{stem}_{model.name}{suffix}.png",
+        )
+        record["trainings"].append(entry)
+    images, truth = source / "imagesTs", structures(source)
+    n_test = len(list((source / "labelsTs").glob("*.nii.gz")))
+    for mode in model.maps:
+        out = workdir / "predictions" / stem / model.name / mode
+        sources: dict[str, tuple[Path, int]] = {}
+        if mode == "own" and model.data == "per-task":  # each task's plain model, its labels renumbered
+            for t in trained:
+                cmd = predict_command(images, out / t.task, t.dataset_id, CONFIGURATION, 0, name, device)
+                predict_once(out / t.task, [out / t.task], n_test, cmd, env, log)
+                sources.update({n: (out / t.task, v) for n, v in structures(t.dataset).items()})
+        elif mode == "own":  # a multi-task model: one map per task, unified label values
+            tasks = json.loads((source / "dataset.json").read_text())["nnunet_ext_tasks"]
+            cmd = ext_predict_command(images, out, trained[0].dataset_id, name, device, "--per-task")
+            predict_once(out, [out / task for task in tasks], n_test, cmd, env, log)
+            sources = {n: (out / task, truth[n]) for task, spec_ in tasks.items() for n in spec_["labels"]}
+        elif mode in ("map", "merged"):
+            t = trained[0]
+            if mode == "map":
+                cmd = predict_command(images, out, t.dataset_id, CONFIGURATION, 0, name, device)
+            else:
+                cmd = ext_predict_command(images, out, t.dataset_id, name, device)
+            predict_once(out, [out], n_test, cmd, env, log)
+            sources = {n: (out, v) for n, v in structures(t.dataset).items()}
+        else:
+            raise ValueError(f"unknown map {mode!r} of model {model.name}")
+        record["test"][mode] = evaluate(source, sources)
     atomic_write_json(result_file, record)
     return record
 
 
+def normalised(record: dict) -> dict:
+    """A result in this version's form (results of the first version: one training, one map)."""
+    if "trainings" in record:
+        return record
+    keys = ("train_cpu_s", "train_wall_s", "resumed", "training")
+    training = {"dataset": None, "task": None, **{k: record[k] for k in keys if k in record}}
+    return {**record, "model": record["trainer"], "trainings": [training], "test": {"map": record["test"]}}
+
+
+def column_name(model: str, mode: str) -> str:
+    return model if mode == "map" else f"{model} ({mode})"
+
+
 def report(workdir: Path, comparison: str, seeds: list[int], results: dict) -> str:
-    """Markdown: per structure and metric, each trainer's mean +- std over seeds and the paired difference."""
-    _, baseline, methods = COMPARISONS[comparison]
-    trainers = [baseline, *methods]
-    done = [s for s in seeds if all((s, t) in results for t in trainers)]
+    """Markdown: per metric, each model map's mean +- std over seeds per structure, then the paired difference
+    of every method map against every baseline map (mean +- std over seeds), then each training's length, CPU
+    time and plateau."""
+    spec = COMPARISONS[comparison]
+    results = {k: normalised(v) for k, v in results.items()}
+    names = [m.name for m in spec.models]
+    done = [s for s in seeds if all((s, n) in results for n in names)]
     lines = [f"{comparison}: seeds with every model finished: {done or 'none'} (of {seeds})", ""]
     if not done:
         return "\n".join(lines)
-    structures = list(results[(done[0], baseline)]["test"]["mean"])
+    first = results[(done[0], names[0])]["test"]
+    structures_ = list(first[next(iter(first))]["mean"])
+
+    def values(model: str, mode: str, s: str, metric: str) -> np.ndarray:
+        return np.array(
+            [results[(seed, model)]["test"][mode]["mean"][s][metric] for seed in done], dtype=float
+        )
+
+    def cell(v: np.ndarray, sign: str = "") -> str:
+        mean = float(np.round(np.mean(v), 3)) + 0.0  # no "-0.000"
+        return f"{mean:{sign}.3f} ± {np.std(v):.3f}" if np.isfinite(v).all() else "n/a"
+
     for metric in ("Dice", "HD95", "NSD"):
-        head = " | ".join(trainers) + " | " + " | ".join(f"{m} - {baseline}" for m in methods)
-        lines += [f"| {metric} | {head} |", "|---|" + "---|" * (len(trainers) + len(methods))]
-        for s in structures:
-            values = {t: [results[(seed, t)]["test"]["mean"][s][metric] for seed in done] for t in trainers}
-            cells = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" for v in values.values()]
-            for m in methods:
-                diff = np.subtract(values[m], values[baseline])
-                cells.append(
-                    f"{np.mean(diff):+.3f} ± {np.std(diff):.3f}" if np.isfinite(diff).all() else "n/a"
-                )
-            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines += [f"| {metric} | " + " | ".join(structures_) + " |", "|---|" + "---|" * len(structures_)]
+        for model, mode in spec.columns():
+            row = [cell(values(model, mode, s, metric)) for s in structures_]
+            lines.append(f"| {column_name(model, mode)} | " + " | ".join(row) + " |")
+        for method in spec.methods:
+            for mode in spec.model(method).maps:
+                for base, base_mode in spec.baselines:
+                    diff = [
+                        values(method, mode, s, metric) - values(base, base_mode, s, metric)
+                        for s in structures_
+                    ]
+                    label = f"{column_name(method, mode)} - {column_name(base, base_mode)}"
+                    lines.append(f"| {label} | " + " | ".join(cell(d, "+") for d in diff) + " |")
         lines.append("")
-    lines.append("| run | epochs | train CPU [min] | plateaued (last 20%: spread <= 0.05, gain <= 0.02) |")
+    lines.append(
+        "| training | epochs | train CPU [min] | plateaued (last 20%: spread <= 0.05, gain <= 0.02) |"
+    )
     lines.append("|---|---|---|---|")
     for seed in done:
-        for t in trainers:
-            r = results[(seed, t)]
-            flat = r["training"]["plateau"]
-            not_flat = [k for k, v in flat.items() if not v["plateaued"]]
-            cpu = r.get("train_cpu_s")
-            cpu_text = f"{cpu / 60:.0f}" if cpu is not None else "(earlier run)"
-            lines.append(
-                f"| seed {seed} {t} | {r['training']['epochs']} | {cpu_text} | "
-                f"{'all structures' if not not_flat else 'not: ' + ', '.join(not_flat)} |"
-            )
+        for n in names:
+            for t in results[(seed, n)]["trainings"]:
+                flat = t["training"]["plateau"]
+                not_flat = [k for k, v in flat.items() if not v["plateaued"]]
+                cpu = t.get("train_cpu_s")
+                cpu_text = f"{cpu / 60:.0f}" if cpu is not None else "(earlier run)"
+                if t.get("resumed"):
+                    cpu_text += " (resumed: last part only)"
+                what = f"seed {seed} {n}" + (f" {t['task']}" if t.get("task") else "")
+                lines.append(
+                    f"| {what} | {t['training']['epochs']} | {cpu_text} | "
+                    f"{'all structures' if not not_flat else 'not: ' + ', '.join(not_flat)} |"
+                )
     return "\n".join(lines)
+
+
+def seed_arg(value: str) -> int:
+    seed = int(value)
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"seeds are 0-{MAX_SEED} (each seed has its own dataset ids), not {seed}"
+        )
+    return seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,49 +521,64 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("comparison", choices=list(COMPARISONS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=seed_arg, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default="benchmark_workdir/converge")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--trainers", nargs="+", help="only these trainers of the comparison (e.g. to split runs)"
+        "--models",
+        "--trainers",
+        nargs="+",
+        help="only these models of the comparison (e.g. to split the runs over two processes): "
+        + "; ".join(f"{k}: {' '.join(m.name for m in c.models)}" for k, c in COMPARISONS.items()),
+    )
+    parser.add_argument(
+        "--schedule",
+        default=SCHEDULE,
+        choices=list(SCHEDULES),
+        help=f"the trainers' schedule variant (default {SCHEDULE}; smoke: a quick run of the whole protocol, "
+        "results kept apart and meaningless as accuracy)",
     )
     parser.add_argument("--report-only", action="store_true", help="no training: the tables of finished runs")
     parser.add_argument(
         "--prepare-only",
         action="store_true",
-        help="only write, plan and preprocess each seed's phantom (run once before splitting the trainings over "
-        "several processes with --trainers, so that they never prepare the same dataset at once)",
+        help="only write, plan and preprocess each seed's datasets (run once before splitting the trainings over "
+        "several processes with --models, so that they never prepare the same dataset at once)",
     )
     args = parser.parse_args(argv)
+    spec = COMPARISONS[args.comparison]
+    names = [m.name for m in spec.models]
+    unknown = sorted(set(args.models or []) - set(names))
+    if unknown:
+        parser.error(f"{args.comparison} has no model {', '.join(unknown)}; its models: {' '.join(names)}")
     workdir = Path(args.workdir).resolve()
     if args.prepare_only:
-        kind = COMPARISONS[args.comparison][0]
         env = benchmark_env(workdir, args.device)
         for seed in args.seeds:
-            _, dataset = prepare(workdir, seed, kind, env, workdir / f"{args.comparison}_seed{seed}.log")
-            print(f"seed {seed}: {dataset}")
+            log = workdir / f"{args.comparison}_seed{seed}.log"
+            for model in spec.models:
+                source, trained = trainings(workdir, args.comparison, model, seed, env, log)
+                print(f"seed {seed} {model.name}: {', '.join(t.dataset.name for t in trained)}")
         return 0
-    _, baseline, methods = COMPARISONS[args.comparison]
-    trainers = [t for t in (baseline, *methods) if not args.trainers or t in args.trainers]
+    chosen = [n for n in names if not args.models or n in args.models]
     results = {}
     for seed in args.seeds:
-        for trainer in trainers:
-            file = workdir / "runs" / f"{args.comparison}_seed{seed}_{trainer}.json"
-            if args.report_only:
-                if file.is_file():
-                    results[(seed, trainer)] = json.loads(file.read_text())
-                continue
-            results[(seed, trainer)] = run(workdir, args.comparison, seed, trainer, args.device)
-    for seed in args.seeds:  # runs finished by another process (other trainers or seeds)
-        for trainer in (baseline, *methods):
-            file = workdir / "runs" / f"{args.comparison}_seed{seed}_{trainer}.json"
-            if (seed, trainer) not in results and file.is_file():
-                results[(seed, trainer)] = json.loads(file.read_text())
+        for name in chosen:
+            if not args.report_only:
+                results[(seed, name)] = run(workdir, args.comparison, seed, name, args.device, args.schedule)
+    for seed in args.seeds:  # runs finished by another process (other models or seeds)
+        for name in names:
+            file = workdir / "runs" / f"{tag(args.comparison, seed, args.schedule)}_{name}.json"
+            if (seed, name) not in results and file.is_file():
+                results[(seed, name)] = json.loads(file.read_text())
     text = report(workdir, args.comparison, args.seeds, results)
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, device {args.device}"
     )
-    atomic_write_text(workdir / f"{args.comparison}_report.md", f"machine: {machine}\n\n{text}\n")
+    report_file = (
+        workdir / f"{args.comparison}{'' if args.schedule == SCHEDULE else '_' + args.schedule}_report.md"
+    )
+    atomic_write_text(report_file, f"machine: {machine}\n\n{text}\n")
     print(text)
     return 0
 

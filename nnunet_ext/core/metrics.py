@@ -37,12 +37,14 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
         return 0.0
     if not pred.any() or not gt.any():
         return math.inf
-    value = compute_hausdorff_distance(
-        torch.from_numpy(pred[None, None]),
-        torch.from_numpy(gt[None, None]),
-        percentile=95,
-        spacing=[float(s) for s in spacing],
-    )
+    with warnings.catch_warnings():  # MONAI warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_hausdorff_distance(
+            torch.from_numpy(pred[None, None]),
+            torch.from_numpy(gt[None, None]),
+            percentile=95,
+            spacing=[float(s) for s in spacing],
+        )
     return float(value.item())
 
 

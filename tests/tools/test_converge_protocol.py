@@ -23,12 +23,27 @@ def test_plateau_needs_a_flat_last_fifth(converge):
 
 
 def _run(dice: float, plateaued: bool = True) -> dict:
+    """A BA-Net comparison result in the first version's form (one training, one map)."""
     structure = {"Dice": dice, "HD95": 10 * (1 - dice), "NSD": dice}
     return {
+        "trainer": "x",
         "test": {"mean": {"liver": structure}},
         "training": {"epochs": 100, "plateau": {"liver": {"plateaued": plateaued}}},
         "train_cpu_s": 600.0,
     }
+
+
+def _table(text: str, metric: str) -> dict[str, list[str]]:
+    """Rows of the report's ``metric`` table: first cell -> the other cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {metric} |"))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
 
 
 def test_report_gives_means_and_paired_differences_over_finished_seeds(converge, tmp_path):
@@ -41,10 +56,130 @@ def test_report_gives_means_and_paired_differences_over_finished_seeds(converge,
     }
     text = converge.report(tmp_path, "banet", [0, 1, 2], results)
     assert "seeds with every model finished: [0, 1] (of [0, 1, 2])" in text
-    dice_row = next(line for line in text.splitlines() if line.startswith("| liver |"))
-    assert dice_row == "| liver | 0.850 ± 0.050 | 0.880 ± 0.040 | +0.030 ± 0.010 |"
+    dice = _table(text, "Dice")
+    assert dice == {
+        "nnUNetTrainer": ["0.850 ± 0.050"],
+        "nnUNetTrainerBANet": ["0.880 ± 0.040"],
+        "nnUNetTrainerBANet - nnUNetTrainer": ["+0.030 ± 0.010"],
+    }
+    assert _table(text, "HD95")["nnUNetTrainerBANet - nnUNetTrainer"] == ["-0.300 ± 0.100"]
     assert "| seed 1 nnUNetTrainerBANet | 100 | 10 | not: liver |" in text
     assert "| seed 0 nnUNetTrainer | 100 | 10 | all structures |" in text
+
+
+def _multitask_run(maps: dict[str, dict[str, float]], tasks=(None,)) -> dict:
+    return {
+        "trainings": [
+            {
+                "task": t,
+                "train_cpu_s": 120.0,
+                "training": {"epochs": 60, "plateau": {"a": {"plateaued": True}}},
+            }
+            for t in tasks
+        ],
+        "test": {
+            mode: {"mean": {s: {"Dice": d, "HD95": 1.0, "NSD": d} for s, d in dice.items()}}
+            for mode, dice in maps.items()
+        },
+    }
+
+
+def test_multitask_report_compares_each_method_map_with_both_baselines(converge, tmp_path):
+    results = {}
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        both = {"own": {"liver": 0.8 + shift, "spleen": 0.6}, "merged": {"liver": 0.7 + shift, "spleen": 0.6}}
+        for method in ("nnUNetTrainerDoDNet", "nnUNetTrainerTransDoDNet", "nnUNetTrainerUniSeg"):
+            results[(seed, method)] = _multitask_run(both)
+        results[(seed, "nnUNetTrainer_per_task")] = _multitask_run(
+            {"own": {"liver": 0.75, "spleen": 0.7}}, tasks=("liver", "spleen")
+        )
+        results[(seed, "nnUNetTrainer_ignore")] = _multitask_run({"map": {"liver": 0.9, "spleen": 0.5}})
+    text = converge.report(tmp_path, "multitask", [0, 1], results)
+    dice = _table(text, "Dice")
+    assert dice["nnUNetTrainerDoDNet (own)"] == ["0.850 ± 0.050", "0.600 ± 0.000"]
+    assert dice["nnUNetTrainer_per_task (own)"] == ["0.750 ± 0.000", "0.700 ± 0.000"]
+    assert dice["nnUNetTrainer_ignore"] == ["0.900 ± 0.000", "0.500 ± 0.000"]
+    assert dice["nnUNetTrainerUniSeg (merged) - nnUNetTrainer_per_task (own)"] == [
+        "+0.000 ± 0.050",
+        "-0.100 ± 0.000",
+    ]
+    assert dice["nnUNetTrainerTransDoDNet (own) - nnUNetTrainer_ignore"] == [
+        "-0.050 ± 0.050",
+        "+0.100 ± 0.000",
+    ]
+    # 3 methods x 2 maps x 2 baselines difference rows, 8 model maps
+    assert len(dice) == 8 + 12
+    # every training of the per-task baseline is listed with its task
+    assert "| seed 1 nnUNetTrainer_per_task spleen | 60 | 2 | all structures |" in text
+
+
+def test_derived_datasets_of_the_partial_phantom(converge, tmp_path):
+    """The ignore-label and per-task training sets: the source untouched, images hard-linked, labels as
+    nnU-Net needs them."""
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnunet_ext.tools.phantoms import PARTIAL_LABELS, write_phantom_dataset
+
+    source = write_phantom_dataset(
+        tmp_path,
+        940,
+        kind="partial",
+        name="ConvergePartialSeed0",
+        num_train=6,
+        num_test=1,
+        shape=(16, 40, 40),
+    )
+    before = {f: f.read_bytes() for f in source.rglob("*") if f.is_file()}
+
+    def read(folder, case):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}.nii.gz")))
+
+    ignore = converge.write_derived(source, 950, "ignore")
+    dj = json.loads((ignore / "dataset.json").read_text())
+    assert ignore.name == "Dataset950_ConvergePartialSeed0Ignore"
+    assert dj["labels"] == {**PARTIAL_LABELS, "ignore": 6} and dj["numTraining"] == 6
+    assert "nnunet_ext_tasks" not in dj  # a plain nnUNetTrainer dataset
+    for case in ("liver_000", "kidney_001", "spleen_002"):
+        task_labels, full, out = (
+            read(source / "labelsTr", case),
+            read(source / "labelsTr_full", case),
+            read(ignore / "labelsTr", case),
+        )
+        assert np.array_equal(out[task_labels > 0], task_labels[task_labels > 0])  # annotations kept
+        unannotated = (task_labels == 0) & (full > 0)
+        assert unannotated.any() and (out[unannotated] == 6).all()  # the other tasks' structures ignored
+        assert (out[full == 0] == 0).all()  # true background stays background
+        image = f"{case}_0000.nii.gz"
+        assert (ignore / "imagesTr" / image).stat().st_ino == (source / "imagesTr" / image).stat().st_ino
+
+    kidney = converge.write_derived(source, 970, "task:kidney")
+    dj = json.loads((kidney / "dataset.json").read_text())
+    assert dj["labels"] == {"background": 0, "kidney": 1, "kidney_tumour": 2} and dj["numTraining"] == 2
+    assert sorted(f.name for f in (kidney / "labelsTr").iterdir()) == [
+        "kidney_001.nii.gz",
+        "kidney_004.nii.gz",
+    ]
+    original, renumbered = read(source / "labelsTr", "kidney_001"), read(kidney / "labelsTr", "kidney_001")
+    assert set(np.unique(original)) == {0, 3, 4}
+    assert np.array_equal(renumbered, np.select([original == 3, original == 4], [1, 2], 0))
+
+    with pytest.raises(ValueError, match="task:<one of"):
+        converge.write_derived(source, 990, "task:lung")
+    assert {f: f.read_bytes() for f in source.rglob("*") if f.is_file()} == before  # the source untouched
+
+
+def test_command_line_refuses_unknown_models_and_seeds_without_ids(converge, capsys):
+    with pytest.raises(SystemExit):
+        converge.main(["banet", "--models", "nnUNetTrainerDoDNet", "--report-only"])
+    assert "banet has no model nnUNetTrainerDoDNet; its models: nnUNetTrainer nnUNetTrainerBANet" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        converge.main(["multitask", "--seeds", "12", "--report-only"])
+    assert "seeds are 0-9" in capsys.readouterr().err
 
 
 def test_training_entry_keeps_the_thread_count_of_omp_num_threads(monkeypatch):
