@@ -459,6 +459,19 @@ def report(workdir: Path, comparison: str, seeds: list[int], results: dict) -> s
     lines = [f"{comparison}: seeds with every model finished: {done or 'none'} (of {seeds})", ""]
     if not done:
         return "\n".join(lines)
+    unfinished = [
+        f"seed {seed} {n}" + (f" {t['task']}" if t.get("task") else "") + ": " + ", ".join(not_flat)
+        for seed in done
+        for n in names
+        for t in results[(seed, n)]["trainings"]
+        if (not_flat := [k for k, v in t["training"]["plateau"].items() if not v["plateaued"]])
+    ]
+    if unfinished:  # a difference between models that had not converged ranks nothing
+        lines += [
+            "**Not every training reached its plateau, so the differences below do not rank the models.** "
+            "Not flat over the last 20% of epochs: " + "; ".join(unfinished) + ".",
+            "",
+        ]
     first = results[(done[0], names[0])]["test"]
     structures_ = list(first[next(iter(first))]["mean"])
 

@@ -64,6 +64,12 @@ def test_report_gives_means_and_paired_differences_over_finished_seeds(converge,
     }
     assert _table(text, "HD95")["nnUNetTrainerBANet - nnUNetTrainer"] == ["-0.300 ± 0.100"]
     assert "| seed 1 nnUNetTrainerBANet | 100 | 10 | not: liver |" in text
+    assert (
+        "do not rank the models.** Not flat over the last 20% of epochs: seed 1 nnUNetTrainerBANet: liver."
+        in text
+    )
+    results[(1, "nnUNetTrainerBANet")] = _run(0.92)  # every training flat: no such warning
+    assert "do not rank" not in converge.report(tmp_path, "banet", [0, 1, 2], results)
     assert "| seed 0 nnUNetTrainer | 100 | 10 | all structures |" in text
 
 
