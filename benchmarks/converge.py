@@ -110,6 +110,7 @@ CONFIGURATION = "3d_tiny"
 NSD_TOLERANCE_MM = 1.0
 PLATEAU_SPREAD = 0.05  # max - min of a structure's pseudo Dice over the last 20% of epochs
 PLATEAU_GAIN = 0.02  # mean of the last 20% minus the mean of the 20% before
+LEARNED_MIN = 0.05  # a structure whose last 20% stay below this was never learned: flat, but not converged
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,8 @@ def trainings(
 
 
 def plateau(dice_per_epoch: list[list[float]], names: list[str]) -> dict:
-    """Per structure: the last 20% of epochs' mean, spread (max - min) and gain over the 20% before."""
+    """Per structure: the last 20% of epochs' mean, spread (max - min) and gain over the 20% before; plateaued
+    when flat (spread and gain within the limits) and learned (mean at least LEARNED_MIN)."""
     d = np.asarray(dice_per_epoch, dtype=float)
     n = max(1, len(d) // 5)
     last, before = d[-n:], d[-2 * n : -n] if len(d) >= 2 * n else d[:n]
@@ -244,9 +246,23 @@ def plateau(dice_per_epoch: list[list[float]], names: list[str]) -> dict:
             "mean_last_20pct": float(last[:, i].mean()),
             "spread_last_20pct": spread,
             "gain_vs_previous_20pct": gain,
-            "plateaued": bool(spread <= PLATEAU_SPREAD and gain <= PLATEAU_GAIN),
+            "plateaued": bool(
+                spread <= PLATEAU_SPREAD and gain <= PLATEAU_GAIN and last[:, i].mean() >= LEARNED_MIN
+            ),
         }
     return out
+
+
+def converged(structure: dict) -> bool:
+    """A structure's plateau verdict under this version's rule (results written before the rule changed carry
+    the numbers it needs)."""
+    if "mean_last_20pct" not in structure:
+        return bool(structure["plateaued"])
+    return (
+        structure["spread_last_20pct"] <= PLATEAU_SPREAD
+        and structure["gain_vs_previous_20pct"] <= PLATEAU_GAIN
+        and structure["mean_last_20pct"] >= LEARNED_MIN
+    )
 
 
 def learning_curve(checkpoint: Path, names: list[str], title: str, png: Path) -> dict:
@@ -464,12 +480,14 @@ def report(workdir: Path, comparison: str, seeds: list[int], results: dict) -> s
         for seed in done
         for n in names
         for t in results[(seed, n)]["trainings"]
-        if (not_flat := [k for k, v in t["training"]["plateau"].items() if not v["plateaued"]])
+        if (not_flat := [k for k, v in t["training"]["plateau"].items() if not converged(v)])
     ]
     if unfinished:  # a difference between models that had not converged ranks nothing
         lines += [
             "**Not every training reached its plateau, so the differences below do not rank the models.** "
-            "Not flat over the last 20% of epochs: " + "; ".join(unfinished) + ".",
+            "Not converged (not flat over the last 20% of epochs, or never learned): "
+            + "; ".join(unfinished)
+            + ".",
             "",
         ]
     first = results[(done[0], names[0])]["test"]
@@ -507,7 +525,7 @@ def report(workdir: Path, comparison: str, seeds: list[int], results: dict) -> s
         for n in names:
             for t in results[(seed, n)]["trainings"]:
                 flat = t["training"]["plateau"]
-                not_flat = [k for k, v in flat.items() if not v["plateaued"]]
+                not_flat = [k for k, v in flat.items() if not converged(v)]
                 cpu = t.get("train_cpu_s")
                 cpu_text = f"{cpu / 60:.0f}" if cpu is not None else "(earlier run)"
                 if t.get("resumed"):

@@ -20,6 +20,9 @@ def test_plateau_needs_a_flat_last_fifth(converge):
     out = converge.plateau(rising, ["a", "b"])
     assert not out["a"]["plateaued"] and not out["b"]["plateaued"]
     assert out["b"]["gain_vs_previous_20pct"] == pytest.approx(0.08)
+    never = [[0.9, 0.0] for _ in range(100)]  # b flat at 0: never learned, so not converged
+    out = converge.plateau(never, ["a", "b"])
+    assert out["a"]["plateaued"] and not out["b"]["plateaued"] and out["b"]["spread_last_20pct"] == 0
 
 
 def _run(dice: float, plateaued: bool = True) -> dict:
@@ -65,7 +68,7 @@ def test_report_gives_means_and_paired_differences_over_finished_seeds(converge,
     assert _table(text, "HD95")["nnUNetTrainerBANet - nnUNetTrainer"] == ["-0.300 ± 0.100"]
     assert "| seed 1 nnUNetTrainerBANet | 100 | 10 | not: liver |" in text
     assert (
-        "do not rank the models.** Not flat over the last 20% of epochs: seed 1 nnUNetTrainerBANet: liver."
+        "do not rank the models.** Not converged (not flat over the last 20% of epochs, or never learned): seed 1 nnUNetTrainerBANet: liver."
         in text
     )
     results[(1, "nnUNetTrainerBANet")] = _run(0.92)  # every training flat: no such warning
