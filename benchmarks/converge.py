@@ -28,8 +28,9 @@ Resumable: a finished training (checkpoint_final.pth), prediction or evaluation 
 interrupted training continues from its checkpoint_latest.pth (`nnUNetv2_train --c`), and each model's result
 is written as soon as it exists (<workdir>/runs/<comparison>_seed<S>_<model>.json). Its CPU time then covers
 the last invocation only (recorded as "resumed"). For every training it records the length, the CPU time of
-the training command, whether the validation pseudo Dice had plateaued (per structure: the spread of its last
-20% of epochs and the change of their mean against the 20% before) and a learning-curve PNG. The report: per
+the training command, whether the validation pseudo Dice had converged (per structure: the spread of its last
+20% of epochs, the change of their mean against the 20% before, and that mean above LEARNED_MIN) and a
+learning-curve PNG. The report: per
 model and map, mean +- std over seeds per structure, and the paired difference of every method map against
 every baseline map with its std.
 """
@@ -162,7 +163,7 @@ def write_derived(source: Path, dataset_id: int, variant: str) -> Path:
     1..n in the registry's order. The test cases stay in ``source`` (scored against its labelsTs/)."""
     import SimpleITK as sitk
 
-    from nnunet_ext.core.datasets import RawDatasetWriter
+    from nnunet_ext.core.datasets import RawDatasetWriter, read_label_array
     from nnunet_ext.multitask.tasks import load_task_registry
 
     dj = json.loads((source / "dataset.json").read_text())
@@ -192,9 +193,7 @@ def write_derived(source: Path, dataset_id: int, variant: str) -> Path:
             label_img = sitk.ReadImage(str(source / "labelsTr" / f"{case}.nii.gz"))
             label = sitk.GetArrayFromImage(label_img)
             if variant == "ignore":
-                full = sitk.GetArrayFromImage(
-                    sitk.ReadImage(str(source / "labelsTr_full" / f"{case}.nii.gz"))
-                )
+                full = read_label_array(source / "labelsTr_full" / f"{case}.nii.gz")
                 label = np.where((label == 0) & (full != 0), ignore, label).astype(np.uint8)
             else:
                 label = lut[label]
@@ -246,10 +245,8 @@ def plateau(dice_per_epoch: list[list[float]], names: list[str]) -> dict:
             "mean_last_20pct": float(last[:, i].mean()),
             "spread_last_20pct": spread,
             "gain_vs_previous_20pct": gain,
-            "plateaued": bool(
-                spread <= PLATEAU_SPREAD and gain <= PLATEAU_GAIN and last[:, i].mean() >= LEARNED_MIN
-            ),
         }
+        out[name]["plateaued"] = converged(out[name])
     return out
 
 
@@ -258,7 +255,7 @@ def converged(structure: dict) -> bool:
     the numbers it needs)."""
     if "mean_last_20pct" not in structure:
         return bool(structure["plateaued"])
-    return (
+    return bool(
         structure["spread_last_20pct"] <= PLATEAU_SPREAD
         and structure["gain_vs_previous_20pct"] <= PLATEAU_GAIN
         and structure["mean_last_20pct"] >= LEARNED_MIN
@@ -475,13 +472,17 @@ def report(workdir: Path, comparison: str, seeds: list[int], results: dict) -> s
     lines = [f"{comparison}: seeds with every model finished: {done or 'none'} (of {seeds})", ""]
     if not done:
         return "\n".join(lines)
-    unfinished = [
-        f"seed {seed} {n}" + (f" {t['task']}" if t.get("task") else "") + ": " + ", ".join(not_flat)
+    # (label, training, structures not converged) of every training of the finished seeds
+    runs = [
+        (f"seed {seed} {n}" + (f" {t['task']}" if t.get("task") else ""), t)
         for seed in done
         for n in names
         for t in results[(seed, n)]["trainings"]
-        if (not_flat := [k for k, v in t["training"]["plateau"].items() if not converged(v)])
     ]
+    runs = [
+        (what, t, [k for k, v in t["training"]["plateau"].items() if not converged(v)]) for what, t in runs
+    ]
+    unfinished = [f"{what}: {', '.join(not_flat)}" for what, _, not_flat in runs if not_flat]
     if unfinished:  # a difference between models that had not converged ranks nothing
         lines += [
             "**Not every training reached its plateau, so the differences below do not rank the models.** "
@@ -518,23 +519,18 @@ def report(workdir: Path, comparison: str, seeds: list[int], results: dict) -> s
                     lines.append(f"| {label} | " + " | ".join(cell(d, "+") for d in diff) + " |")
         lines.append("")
     lines.append(
-        "| training | epochs | train CPU [min] | plateaued (last 20%: spread <= 0.05, gain <= 0.02) |"
+        "| training | epochs | train CPU [min] | converged (last 20%: spread <= 0.05, gain <= 0.02, mean >= 0.05) |"
     )
     lines.append("|---|---|---|---|")
-    for seed in done:
-        for n in names:
-            for t in results[(seed, n)]["trainings"]:
-                flat = t["training"]["plateau"]
-                not_flat = [k for k, v in flat.items() if not converged(v)]
-                cpu = t.get("train_cpu_s")
-                cpu_text = f"{cpu / 60:.0f}" if cpu is not None else "(earlier run)"
-                if t.get("resumed"):
-                    cpu_text += " (resumed: last part only)"
-                what = f"seed {seed} {n}" + (f" {t['task']}" if t.get("task") else "")
-                lines.append(
-                    f"| {what} | {t['training']['epochs']} | {cpu_text} | "
-                    f"{'all structures' if not not_flat else 'not: ' + ', '.join(not_flat)} |"
-                )
+    for what, t, not_flat in runs:
+        cpu = t.get("train_cpu_s")
+        cpu_text = f"{cpu / 60:.0f}" if cpu is not None else "(earlier run)"
+        if t.get("resumed"):
+            cpu_text += " (resumed: last part only)"
+        lines.append(
+            f"| {what} | {t['training']['epochs']} | {cpu_text} | "
+            f"{'all structures' if not not_flat else 'not: ' + ', '.join(not_flat)} |"
+        )
     return "\n".join(lines)
 
 

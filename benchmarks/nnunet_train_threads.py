@@ -4,7 +4,7 @@
 
 ``nnUNetv2_train -device cpu`` calls ``torch.set_num_threads(multiprocessing.cpu_count())`` whatever
 OMP_NUM_THREADS says. Two CPU trainings side by side on a 2-core machine then run four compute threads on two
-cores, and each step took ~8x as long as with one thread each (2026-12-03: 147 s instead of ~20 s per 60-step
+cores, and each step took ~5x as long as with one thread each (2026-12-03: 147 s instead of 27 s per 60-step
 epoch of 3d_tiny; py-spy showed both threads of each process busy). The benchmarks that share a machine between
 runs (``converge.py``) start the training through this file instead: the one call is held to OMP_NUM_THREADS,
 everything else is ``nnUNetv2_train``.
