@@ -2,14 +2,15 @@
 
     python benchmarks/converge.py banet --seeds 0 1 2                  # BA-Net vs nnUNetTrainer
     python benchmarks/converge.py multitask --seeds 0 1 2              # DoDNet, TransDoDNet, UniSeg vs nnU-Nets
+    python benchmarks/converge.py labelprop4 --seeds 0 1 2             # label propagation (a)-(d), every 4th slice
     python benchmarks/converge.py banet --seeds 0 1 2 --report-only    # tables from what has finished
 
 Data: `nnunet-ext phantoms KIND --profile converge` (one dataset per seed: the seed changes the cases, the split
 and the initialisation), planned with the stock CLI, the tiny configuration. Every model is the stock
 `nnUNetv2_train DATASET 3d_tiny 0 -tr <Trainer>_converge` (60 epochs x 50 iterations: plain nnUNetTrainer
-plateaus on every structure by ~3000 iterations there), one torch thread per run (OMP_NUM_THREADS=1, held
-through benchmarks/nnunet_train_threads.py: the stock nnUNetv2_train -device cpu asks for every core), so two
-runs of this script (other seeds or --models) can share a 2-core machine. Then the test cases are predicted and
+plateaus on every structure by ~3000 iterations there), one torch thread per run (OMP_NUM_THREADS=1, which
+the converge schedule keeps: the stock nnUNetv2_train -device cpu asks for every core, see
+nnunet_ext.core.schedules), so two runs of this script (other seeds or --models) can share a 2-core machine. Then the test cases are predicted and
 scored per structure: Dice, HD95 and the normalised surface Dice at 1 mm (nnunet_ext.core.metrics: MONAI
 surfaces, DeepMind's NSD definition).
 
@@ -23,6 +24,13 @@ Comparisons:
   renumbered; each structure from its task's model) and one nnUNetTrainer on every case with nnU-Net's ignore
   label on the structures a case's task does not annotate (id 950 + seed; the phantom's labelsTr_full says
   where they are).
+* ``labelprop4`` / ``labelprop8`` (sparse phantom, every 4th / 8th axial slice annotated, id 700 / 710 + seed):
+  (b) nearest and (c) shape interpolation + one pseudo-label round, each `nnunet-ext labelprop run ...
+  --trainer-a/-b nnUNetTrainer_converge -f 0` as a user types it (ids RECIPE_ID + 2 * seed and the next; model
+  B is scored, both models must converge), against (a) one nnUNetTrainer on the sparse labels with nnU-Net's
+  ignore label and (d) one nnUNetTrainer on the dense truth (id 720 + seed, shared by k = 4 and 8: the same
+  images and test cases). Datasets with an ignore label are planned after `nnunet-ext fingerprint`, as the
+  recipe plans its own.
 
 Resumable: a finished training (checkpoint_final.pth), prediction or evaluation is never redone, an
 interrupted training continues from its checkpoint_latest.pth (`nnUNetv2_train --c`), and each model's result
@@ -73,6 +81,7 @@ class Comparison:
     models: tuple[Model, ...]
     methods: tuple[str, ...]  # model names
     baselines: tuple[tuple[str, str], ...]  # (model name, map) every method map is compared with
+    every: int = 4  # the sparse phantom: every k-th axial slice annotated
 
     def model(self, name: str) -> Model:
         return next(m for m in self.models if m.name == name)
@@ -104,7 +113,26 @@ COMPARISONS = {
         baselines=(("nnUNetTrainer_per_task", "own"), ("nnUNetTrainer_ignore", "map")),
     ),
 }
+LABELPROP_MODELS = (
+    Model("a_ignore_label", "nnUNetTrainer"),  # the sparse slices, nnU-Net's ignore label elsewhere
+    Model("b_nearest_1round", "nnUNetTrainer", data="recipe:nearest"),
+    Model("c_shape_1round", "nnUNetTrainer", data="recipe:shape"),
+    Model("d_fully_supervised", "nnUNetTrainer", data="dense"),
+)
+for _every, _first_id in ((4, 700), (8, 710)):
+    COMPARISONS[f"labelprop{_every}"] = Comparison(
+        "sparse",
+        _first_id,
+        LABELPROP_MODELS,
+        methods=("b_nearest_1round", "c_shape_1round"),
+        baselines=(("a_ignore_label", "map"), ("d_fully_supervised", "map")),
+        every=_every,
+    )
 IGNORE_ID, TASK_ID = 950, 960  # derived datasets: 950 + seed; task i: 960 + 10 * i + seed
+DENSE_ID = 720  # the sparse phantom's dense labels: 720 + seed (the same images and test cases at every k)
+# `nnunet-ext labelprop run` of (every, method) writes ids N (interpolated) and N + 1 (pseudo-labelled),
+# N = RECIPE_ID + 2 * seed
+RECIPE_ID = {(4, "nearest"): 600, (4, "shape"): 620, (8, "nearest"): 640, (8, "shape"): 660}
 MAX_SEED = 9  # the ids above leave room for seeds 0-9
 SCHEDULE = "converge"
 CONFIGURATION = "3d_tiny"
@@ -122,13 +150,21 @@ class Training:
 
 
 def plan(dataset_id: int, env: dict, log: Path) -> Path:
-    """Plan and preprocess (stock CLI) and add 3d_tiny, each step once; returns the plans file."""
+    """Plan and preprocess (stock CLI) and add 3d_tiny, each step once; returns the plans file. A dataset with
+    nnU-Net's ignore label gets its foreground intensities without the ignore voxels first (`nnunet-ext
+    fingerprint`, docs/labelprop.md: nnU-Net 2.8 counts them as foreground, which skews CT normalisation), as
+    the label-propagation recipe does for its own datasets, so the baselines are planned like the methods."""
     from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
     from nnunet_ext.planning.plans import load_plans, save_plans, tiny_configuration
 
     dataset = next(Path(env["nnUNet_raw"]).glob(f"Dataset{dataset_id:03d}_*"))
     plans_file = Path(env["nnUNet_preprocessed"]) / dataset.name / "nnUNetPlans.json"
     if not plans_file.is_file():
+        if "ignore" in json.loads((dataset / "dataset.json").read_text())["labels"]:
+            cmd = [nnunet_command("nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", "1"]
+            run_logged([*cmd, "--verify_dataset_integrity"], env, log, quiet=True)
+            cmd = [nnunet_command("nnunet-ext"), "fingerprint", "-d", str(dataset_id), "-np", "1"]
+            run_logged([*cmd, "--no-extract"], env, log, quiet=True)
         cmd = [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres"]
         run_logged([*cmd, "-np", "1"], env, log, quiet=True)
     plans = load_plans(plans_file)
@@ -139,28 +175,32 @@ def plan(dataset_id: int, env: dict, log: Path) -> Path:
 
 
 def prepare(
-    workdir: Path, seed: int, kind: str, env: dict, log: Path, first_id: int = 930
+    workdir: Path, seed: int, kind: str, env: dict, log: Path, first_id: int = 930, every: int = 4
 ) -> tuple[int, Path]:
-    """The seed's converge phantom, planned and preprocessed, with 3d_tiny (each step once)."""
+    """The seed's converge phantom, planned and preprocessed, with 3d_tiny (each step once); the sparse one
+    is not planned here (its models plan their own datasets)."""
     from nnunet_ext.tools.phantoms import write_phantom_dataset
 
     dataset_id = first_id + seed
     raw = Path(env["nnUNet_raw"])
     if not list(raw.glob(f"Dataset{dataset_id}_*")):
+        name = f"Converge{kind.title()}{every if kind == 'sparse' else ''}Seed{seed}"
         write_phantom_dataset(
-            raw, dataset_id, kind=kind, name=f"Converge{kind.title()}Seed{seed}", num_train=16, num_test=8,
-            seed=seed, profile="converge",
+            raw, dataset_id, kind=kind, name=name, num_train=16, num_test=8, seed=seed, every=every,
+            profile="converge",
         )  # fmt: skip
     dataset = next(raw.glob(f"Dataset{dataset_id}_*"))
-    plan(dataset_id, env, log)
+    if kind != "sparse":
+        plan(dataset_id, env, log)
     return dataset_id, dataset
 
 
 def write_derived(source: Path, dataset_id: int, variant: str) -> Path:
-    """A baseline's training set from the partial phantom ``source`` (written beside it, images hard-linked):
-    ``ignore``: every training case, the structures its task does not annotate set to nnU-Net's ignore label
-    (their place from the phantom's labelsTr_full/); ``task:<t>``: task t's cases only, its labels renumbered
-    1..n in the registry's order. The test cases stay in ``source`` (scored against its labelsTs/)."""
+    """A baseline's training set from a phantom ``source`` (written beside it, images hard-linked). Of the
+    partial phantom: ``ignore``: every training case, the structures its task does not annotate set to nnU-Net's
+    ignore label (their place from the phantom's labelsTr_full/); ``task:<t>``: task t's cases only, its labels
+    renumbered 1..n in the registry's order. Of the sparse phantom: ``dense``: every slice annotated (its
+    labelsTr_dense/). The test cases stay in ``source`` (scored against its labelsTs/)."""
     import SimpleITK as sitk
 
     from nnunet_ext.core.datasets import RawDatasetWriter, read_label_array
@@ -168,8 +208,21 @@ def write_derived(source: Path, dataset_id: int, variant: str) -> Path:
 
     dj = json.loads((source / "dataset.json").read_text())
     cases = sorted(f.name[: -len(".nii.gz")] for f in (source / "labelsTr").glob("*.nii.gz"))
-    registry = load_task_registry(dj, cases)
     labels = {k: int(v) for k, v in dj["labels"].items()}
+    if variant == "dense":
+        name, keep = f"{source.name.split('_', 1)[1]}Dense", cases
+        new_labels = {k: v for k, v in labels.items() if k != "ignore"}
+        with RawDatasetWriter(source.parent, dataset_id, name, force=False) as writer:
+            for case in keep:
+                for image in sorted((source / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9].nii.gz")):
+                    writer.add_file(image, "imagesTr", image.name, how="hardlink", case_id=case)
+                label = source / "labelsTr_dense" / f"{case}.nii.gz"
+                writer.add_file(label, "labelsTr", label.name, how="hardlink", case_id=case)
+            derived = {k: v for k, v in dj.items() if k not in ("labels", "name", "nnunet_ext_phantom")}
+            derived.update(labels=new_labels, name=f"Dataset{dataset_id:03d}_{name}")
+            derived["nnunet_ext_converge"] = {"source": source.name, "variant": variant}
+            return writer.finish(derived)
+    registry = load_task_registry(dj, cases)
     if variant == "ignore":
         name, keep = f"{source.name.split('_', 1)[1]}Ignore", cases
         ignore = max(labels.values()) + 1  # nnU-Net: the ignore label is the highest
@@ -183,7 +236,7 @@ def write_derived(source: Path, dataset_id: int, variant: str) -> Path:
         new_labels = {"background": 0, **{n: i + 1 for i, n in enumerate(registry.label_names_of(task))}}
     else:
         raise ValueError(
-            f"variant must be 'ignore' or 'task:<one of {list(registry.tasks)}>', not {variant!r}"
+            f"variant must be 'dense', 'ignore' or 'task:<one of {list(registry.tasks)}>', not {variant!r}"
         )
     raw = source.parent
     with RawDatasetWriter(raw, dataset_id, name, force=False) as writer:
@@ -210,12 +263,23 @@ def trainings(
     workdir: Path, comparison: str, model: Model, seed: int, env: dict, log: Path
 ) -> tuple[Path, list[Training]]:
     """The seed's phantom (its test cases are scored) and the datasets ``model`` is trained on (written, planned
-    and preprocessed when missing)."""
+    and preprocessed when missing; a label-propagation recipe's datasets are written by the recipe itself, so
+    they are returned only once it has run)."""
     spec = COMPARISONS[comparison]
-    dataset_id, source = prepare(workdir, seed, spec.kind, env, log, spec.first_id)
+    dataset_id, source = prepare(workdir, seed, spec.kind, env, log, spec.first_id, spec.every)
     if model.data == "source":
+        plan(dataset_id, env, log)
         return source, [Training(dataset_id, source)]
-    if model.data == "ignore":
+    if model.data.startswith("recipe:"):
+        first = RECIPE_ID[(spec.every, model.data[len("recipe:") :])] + 2 * seed
+        raw = Path(env["nnUNet_raw"])
+        found = [next(iter(raw.glob(f"Dataset{i:03d}_*")), None) for i in (first, first + 1)]
+        if not all(found):
+            return source, []
+        return source, [Training(first, found[0], "model_A"), Training(first + 1, found[1], "model_B")]
+    if model.data == "dense":
+        variants = [(DENSE_ID + seed, "dense", None)]
+    elif model.data == "ignore":
         variants = [(IGNORE_ID + seed, "ignore", None)]
     elif model.data == "per-task":
         tasks = list(json.loads((source / "dataset.json").read_text())["nnunet_ext_tasks"])
@@ -329,7 +393,8 @@ def evaluate(dataset: Path, sources: dict[str, tuple[Path, int]]) -> dict:
 
 
 def benchmark_env(workdir: Path, device: str) -> dict:
-    """nnU-Net's folders under ``workdir``, our trainers findable, one torch thread, one augmentation worker."""
+    """nnU-Net's folders under ``workdir``, our trainers findable, one torch thread, one augmentation worker,
+    one process for nnU-Net's exports (the final validation, predictions)."""
     from nnunet_ext.core.nnunet_commands import ext_trainer_env
 
     env = ext_trainer_env()
@@ -341,14 +406,9 @@ def benchmark_env(workdir: Path, device: str) -> dict:
         env[var] = str(workdir / sub)
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"))
+    env.setdefault("nnUNet_def_n_proc", "1")
     env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")
     return env
-
-
-def threaded_train() -> list[str]:
-    """``nnUNetv2_train`` held to OMP_NUM_THREADS torch threads (benchmarks/nnunet_train_threads.py: the stock
-    entry point asks for every core with ``-device cpu``, and two such runs on two cores crawl)."""
-    return [sys.executable, str(Path(__file__).with_name("nnunet_train_threads.py"))]
 
 
 def ext_predict_command(images: Path, out: Path, dataset_id: int, trainer: str, device: str, *extra) -> list:
@@ -398,16 +458,24 @@ def run(
     name = f"{model.trainer}_{schedule}"
     record = {"comparison": comparison, "seed": seed, "model": model.name, "trainer": model.trainer}
     record.update(schedule=schedule, trainings=[], test={})
+    recipe = {}
+    if model.data.startswith("recipe:"):
+        recipe = run_recipe(workdir, spec, seed, model, trained, name, device, env, log)
+        source, trained = trainings(workdir, comparison, model, seed, env, log)
     for t in trained:
         folder = workdir / "results" / t.dataset.name / f"{name}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
         entry = {"dataset": t.dataset.name, "task": t.task}
-        if not (folder / "checkpoint_final.pth").is_file():
+        if recipe and t is trained[-1]:
+            entry.update(recipe)  # the whole recipe's time: interpolation, model A, pseudo-labels, model B
+        elif recipe:
+            entry["cpu_in"] = "model_B (the whole recipe)"
+        elif not (folder / "checkpoint_final.pth").is_file():
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             # an interrupted training continues from its last checkpoint
             resume = ["--c"] if (folder / "checkpoint_latest.pth").is_file() else []
             entry["resumed"] = bool(resume)
             cmd = train_command(t.dataset_id, CONFIGURATION, 0, name, device, *resume)
-            entry["train_wall_s"] = run_logged([*threaded_train(), *cmd[1:]], env, log, quiet=True)
+            entry["train_wall_s"] = run_logged(cmd, env, log, quiet=True)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the training and its augmentation workers
             entry["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         suffix = f"_{t.task}" if t.task else ""
@@ -434,7 +502,7 @@ def run(
             predict_once(out, [out / task for task in tasks], n_test, cmd, env, log)
             sources = {n: (out / task, truth[n]) for task, spec_ in tasks.items() for n in spec_["labels"]}
         elif mode in ("map", "merged"):
-            t = trained[0]
+            t = trained[-1]  # a recipe: its last model
             if mode == "map":
                 cmd = predict_command(images, out, t.dataset_id, CONFIGURATION, 0, name, device)
             else:
@@ -446,6 +514,37 @@ def run(
         record["test"][mode] = evaluate(source, sources)
     atomic_write_json(result_file, record)
     return record
+
+
+def run_recipe(
+    workdir: Path, spec: Comparison, seed: int, model: Model, trained: list, trainer: str, device: str, env: dict,
+    log: Path,
+) -> dict:  # fmt: skip
+    """`nnunet-ext labelprop run` on the seed's sparse phantom (as a user types it: interpolation with the model's
+    method, model A, pseudo-labels of the unannotated slices, model B; fold 0, ``trainer`` for both models),
+    unless model B has finished; an interrupted recipe resumes from its state file. Returns the time it took
+    (nothing when it had finished before)."""
+    from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
+
+    method = model.data[len("recipe:") :]
+    first = RECIPE_ID[(spec.every, method)] + 2 * seed
+    if trained:
+        final = workdir / "results" / trained[-1].dataset.name / f"{trainer}__nnUNetPlans__{CONFIGURATION}"
+        if (final / "fold_0" / "checkpoint_final.pth").is_file():
+            return {}
+    state = workdir / "runs" / f"labelprop_recipe_{first}.json"
+    resumed = state.is_file()  # an earlier, interrupted run: the time below covers the rest only
+    cmd = [
+        nnunet_command("nnunet-ext"), "labelprop", "run", str(spec.first_id + seed), "--out-id", str(first),
+        "--method", method, "-c", CONFIGURATION, "--trainer-a", trainer, "--trainer-b", trainer, "-f", "0",
+        "-device", device, "-np", "1", "--qc-cases", "0", "--state", str(state),
+    ]  # fmt: skip
+    state.parent.mkdir(parents=True, exist_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = run_logged(cmd, env, log, quiet=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"train_wall_s": wall, "train_cpu_s": cpu, "resumed": resumed, "cpu_covers": "the whole recipe"}
 
 
 def normalised(record: dict) -> dict:
@@ -527,6 +626,10 @@ def report(workdir: Path, comparison: str, seeds: list[int], results: dict) -> s
         cpu_text = f"{cpu / 60:.0f}" if cpu is not None else "(earlier run)"
         if t.get("resumed"):
             cpu_text += " (resumed: last part only)"
+        if t.get("cpu_covers"):
+            cpu_text += f" ({t['cpu_covers']})"
+        elif t.get("cpu_in"):
+            cpu_text = f"in {t['cpu_in']}"
         lines.append(
             f"| {what} | {t['training']['epochs']} | {cpu_text} | "
             f"{'all structures' if not not_flat else 'not: ' + ', '.join(not_flat)} |"

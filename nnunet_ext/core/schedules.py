@@ -10,11 +10,22 @@ nnU-Net picks a schedule by trainer name, so every trainer we ship also exists a
 * ``<Trainer>_converge``: trained to the plateau on the convergence phantoms (``benchmarks/converge.py``).
 
 The variants only change ``num_epochs`` / ``num_iterations_per_epoch`` / ``num_val_iterations_per_epoch``
-and ``save_every`` (the end of a short schedule; every 10 epochs of ``converge``); everything else (network, loss, checkpoint format) is the base trainer's. The values are
-class attributes, so every DDP rank sees the same schedule.
+and ``save_every`` (the end of a short schedule; every 10 epochs of ``converge``); everything else (network,
+loss, checkpoint format) is the base trainer's. The values are class attributes, so every DDP rank sees the same
+schedule.
+
+One more thing for ``converge`` only: on the CPU it keeps the torch thread count that OMP_NUM_THREADS asks for.
+``nnUNetv2_train -device cpu`` calls ``torch.set_num_threads(multiprocessing.cpu_count())`` before it builds the
+trainer, so two CPU trainings side by side on a 2-core machine run four compute threads on two cores, and each
+step took ~5x as long as with one thread each (2026-12-03: 147 s instead of 27 s per 60-step epoch of 3d_tiny;
+py-spy showed both threads of each process busy). The convergence benchmarks run two trainings at once, some of
+them started by our own commands (``nnunet-ext labelprop run``), so the hold lives in the schedule. Without
+OMP_NUM_THREADS, or on a GPU, nothing changes.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch.optim.lr_scheduler import _LRScheduler
@@ -32,6 +43,15 @@ SCHEDULES: dict[str, dict[str, int]] = {
         "save_every": 10,
     },
 }
+HOLD_THREADS = {"converge"}  # schedules that keep OMP_NUM_THREADS torch threads on the CPU (see above)
+
+
+def hold_cpu_threads(device: torch.device) -> None:
+    """On the CPU, set torch's thread count to OMP_NUM_THREADS when that is set (nnUNetv2_train has just set it
+    to every core)."""
+    threads = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if torch.device(device).type == "cpu" and threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
 
 
 def schedule_variant(base: type, schedule: str, module: str) -> type:
@@ -51,9 +71,13 @@ def schedule_variant(base: type, schedule: str, module: str) -> type:
             setattr(self, attribute, value)
         # short schedules: one checkpoint at the end; long ones say how often (resumable with --c)
         self.save_every = settings.get("save_every", max(1, settings["num_epochs"]))
+        if schedule in HOLD_THREADS:
+            hold_cpu_threads(self.device)
 
     name = f"{base.__name__}_{schedule}"
     description = ", ".join(f"{k}={v}" for k, v in settings.items())
+    if schedule in HOLD_THREADS:
+        description += "; on the CPU, OMP_NUM_THREADS torch threads"
     return type(
         name,
         (base,),

@@ -191,29 +191,114 @@ def test_command_line_refuses_unknown_models_and_seeds_without_ids(converge, cap
     assert "seeds are 0-9" in capsys.readouterr().err
 
 
-def test_training_entry_keeps_the_thread_count_of_omp_num_threads(monkeypatch):
-    """nnUNetv2_train -device cpu asks torch for every core; the benchmark's entry holds it to OMP_NUM_THREADS
-    and otherwise runs nnU-Net's own entry point with the same arguments."""
-    import sys
+def test_dense_training_set_of_the_sparse_phantom(converge, tmp_path):
+    """(d) fully supervised: the sparse phantom's images and its dense truth, no ignore label."""
+    import json
 
-    import nnunetv2.run.run_training as run_training
-    import torch
+    from nnunet_ext.tools.phantoms import FULL_LABELS, write_phantom_dataset
 
-    trainer_script = load_benchmark("nnunet_train_threads")
-    seen = {}
+    source = write_phantom_dataset(
+        tmp_path, 700, kind="sparse", name="S", num_train=3, num_test=1, shape=(16, 40, 40), every=4
+    )
+    before = {f: f.read_bytes() for f in source.rglob("*") if f.is_file()}
+    dense = converge.write_derived(source, 720, "dense")
+    dj = json.loads((dense / "dataset.json").read_text())
+    assert dense.name == "Dataset720_SDense" and dj["labels"] == FULL_LABELS and dj["numTraining"] == 3
+    assert "nnunet_ext_phantom" not in dj  # not a sparse phantom any more
+    for label in (source / "labelsTr_dense").iterdir():
+        assert (dense / "labelsTr" / label.name).read_bytes() == label.read_bytes()
+        image = label.name.replace(".nii.gz", "_0000.nii.gz")
+        assert (dense / "imagesTr" / image).stat().st_ino == (source / "imagesTr" / image).stat().st_ino
+    assert not (dense / "imagesTs").exists()  # scored on the source's test cases
+    assert {f: f.read_bytes() for f in source.rglob("*") if f.is_file()} == before
 
-    def entry():  # what nnU-Net's entry does first with -device cpu
-        torch.set_num_threads(64)
-        seen.update(threads=torch.get_num_threads(), argv=list(sys.argv))
 
-    before, set_num_threads = torch.get_num_threads(), torch.set_num_threads
-    monkeypatch.setattr(run_training, "run_training_entry", entry)
-    monkeypatch.setattr(torch, "set_num_threads", set_num_threads)  # put back after the test
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(sys, "argv", ["nnunet_train_threads.py", "930", "3d_tiny", "0", "-device", "cpu"])
-    try:
-        trainer_script.main()
-    finally:
-        set_num_threads(before)
-    assert seen == {"threads": 1, "argv": ["nnUNetv2_train", "930", "3d_tiny", "0", "-device", "cpu"]}
-    assert load_benchmark("converge").threaded_train()[1].endswith("nnunet_train_threads.py")
+def test_labelprop_comparisons_and_their_dataset_ids(converge, tmp_path):
+    """Every k-th slice (4 and 8), four models; the recipe's datasets are found once it has written them, and
+    no two seeds, methods or k share an id."""
+    spec = converge.COMPARISONS["labelprop8"]
+    assert (spec.kind, spec.every, spec.first_id) == ("sparse", 8, 710)
+    assert [m.name for m in spec.models] == [
+        "a_ignore_label",
+        "b_nearest_1round",
+        "c_shape_1round",
+        "d_fully_supervised",
+    ]
+    ids = [c.first_id + s for c in converge.COMPARISONS.values() for s in range(10)]
+    ids += [converge.DENSE_ID + s for s in range(10)]
+    ids += [first + 2 * s + r for first in converge.RECIPE_ID.values() for s in range(10) for r in (0, 1)]
+    ids += [converge.IGNORE_ID + s for s in range(10)]
+    ids += [converge.TASK_ID + 10 * i + s for i in range(3) for s in range(10)]
+    assert len(ids) == len(set(ids))
+
+    raw = tmp_path / "raw"
+    (raw / "Dataset711_ConvergeSparse8Seed1").mkdir(parents=True)
+    env = {"nnUNet_raw": str(raw)}
+    model = spec.model("c_shape_1round")
+    source, trained = converge.trainings(tmp_path, "labelprop8", model, 1, env, tmp_path / "log")
+    assert source.name == "Dataset711_ConvergeSparse8Seed1" and trained == []  # the recipe has not run
+    (raw / "Dataset662_ConvergeSparse8Seed1Interp").mkdir()
+    (raw / "Dataset663_ConvergeSparse8Seed1Round1").mkdir()
+    _, trained = converge.trainings(tmp_path, "labelprop8", model, 1, env, tmp_path / "log")
+    assert [(t.dataset_id, t.dataset.name, t.task) for t in trained] == [
+        (662, "Dataset662_ConvergeSparse8Seed1Interp", "model_A"),
+        (663, "Dataset663_ConvergeSparse8Seed1Round1", "model_B"),
+    ]
+
+
+def test_labelprop_report_compares_the_recipes_with_both_baselines(converge, tmp_path):
+    results = {}
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        for name, dice in (
+            ("a_ignore_label", 0.70),
+            ("b_nearest_1round", 0.80),
+            ("c_shape_1round", 0.84),
+            ("d_fully_supervised", 0.90),
+        ):
+            run = _multitask_run({"map": {"vessel": dice + shift}}, tasks=("model_A", "model_B"))
+            if name.startswith(("b", "c")):  # the recipe's time sits on model B
+                run["trainings"][0].update(cpu_in="model_B (the whole recipe)", train_cpu_s=None)
+                run["trainings"][1].update(train_cpu_s=1800.0, cpu_covers="the whole recipe")
+            else:
+                run["trainings"] = run["trainings"][:1]
+                run["trainings"][0]["task"] = None
+            results[(seed, name)] = run
+    text = converge.report(tmp_path, "labelprop4", [0, 1], results)
+    dice = _table(text, "Dice")
+    assert dice["c_shape_1round"] == ["0.850 ± 0.010"]
+    assert dice["c_shape_1round - a_ignore_label"] == ["+0.140 ± 0.000"]
+    assert dice["b_nearest_1round - d_fully_supervised"] == ["-0.100 ± 0.000"]
+    assert len(dice) == 4 + 4
+    assert "| seed 0 b_nearest_1round model_A | 60 | in model_B (the whole recipe) | all structures |" in text
+    assert "| seed 0 b_nearest_1round model_B | 60 | 30 (the whole recipe) | all structures |" in text
+
+
+def test_planning_leaves_the_ignore_label_out_of_the_fingerprint(converge, tmp_path, monkeypatch):
+    """A dataset with the ignore label is planned after `nnunet-ext fingerprint` (as the recipe plans its
+    own); one without it with the stock command alone."""
+    import json
+
+    import nnunet_ext.core.nnunet_commands as commands
+    import nnunet_ext.planning.plans as plans
+
+    calls = []
+    monkeypatch.setattr(commands, "run_logged", lambda cmd, env, log, quiet=False: calls.append(cmd[1:]))
+    monkeypatch.setattr(plans, "load_plans", lambda f: {"configurations": {"3d_tiny": {}}})
+    raw = tmp_path / "raw"
+    for dataset_id, labels in (
+        (700, {"background": 0, "a": 1, "ignore": 2}),
+        (930, {"background": 0, "a": 1}),
+    ):
+        folder = raw / f"Dataset{dataset_id}_X"
+        folder.mkdir(parents=True)
+        (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
+    env = {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(tmp_path / "pre")}
+    converge.plan(700, env, tmp_path / "log")
+    assert calls == [
+        ["-d", "700", "-np", "1", "--verify_dataset_integrity"],
+        ["fingerprint", "-d", "700", "-np", "1", "--no-extract"],
+        ["-d", "700", "-c", "3d_fullres", "-np", "1"],
+    ]
+    calls.clear()
+    converge.plan(930, env, tmp_path / "log")
+    assert calls == [["-d", "930", "-c", "3d_fullres", "-np", "1"]]
