@@ -133,6 +133,10 @@ DENSE_ID = 720  # the sparse phantom's dense labels: 720 + seed (the same images
 # `nnunet-ext labelprop run` of (every, method) writes ids N (interpolated) and N + 1 (pseudo-labelled),
 # N = RECIPE_ID + 2 * seed
 RECIPE_ID = {(4, "nearest"): 600, (4, "shape"): 620, (8, "nearest"): 640, (8, "shape"): 660}
+# MedSeqFT: M_0 is the banet comparison's nnUNetTrainer of the seed; the task sequence of seed s is ids
+# MEDSEQFT_ID + 3 * s + i (cases of phantom seeds 100 + 10 * s + i), planned with M_0's plans
+MEDSEQFT_ID, MEDSEQFT_TASKS = 800, ("liver", "kidney", "spleen")
+MEDSEQFT_METHODS, MEDSEQFT_BASELINES = ("medseqft", "medseqft_noexpert"), ("sequential", "parallel")
 MAX_SEED = 9  # the ids above leave room for seeds 0-9
 SCHEDULE = "converge"
 CONFIGURATION = "3d_tiny"
@@ -547,6 +551,175 @@ def run_recipe(
     return {"train_wall_s": wall, "train_cpu_s": cpu, "resumed": resumed, "cpu_covers": "the whole recipe"}
 
 
+def medseqft_tasks(workdir: Path, seed: int, m0_id: int, env: dict, log: Path) -> list[int]:
+    """The seed's task sequence (`nnunet-ext medseqft phantoms --profile converge`, 16 training and 8 test
+    cases per task), each planned with M_0's plans (`nnUNetv2_move_plans_between_datasets`, then
+    `nnUNetv2_preprocess`), so that every task builds M_0's network; each step once."""
+    from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
+    from nnunet_ext.medseqft.method import write_task_phantoms
+
+    raw, pre = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
+    ids = [MEDSEQFT_ID + 3 * seed + i for i in range(len(MEDSEQFT_TASKS))]
+    if not all(list(raw.glob(f"Dataset{i:03d}_*")) for i in ids):  # ours (the workdir): an interrupted write
+        write_task_phantoms(
+            raw, ids[0], MEDSEQFT_TASKS, num_train=16, num_test=8, seed=100 + 10 * seed, force=True,
+            profile="converge",
+        )  # fmt: skip
+    for dataset_id in ids:
+        dataset = next(raw.glob(f"Dataset{dataset_id:03d}_*"))
+        data = pre / dataset.name / "nnUNetPlans_3d_fullres"  # 3d_tiny shares 3d_fullres's data
+        if len(list(data.glob("*.pkl"))) >= 16:
+            continue
+        cmd = [nnunet_command("nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", "1"]
+        run_logged(cmd, env, log, quiet=True)
+        cmd = [
+            nnunet_command("nnUNetv2_move_plans_between_datasets"),
+            "-s",
+            str(m0_id),
+            "-t",
+            str(dataset_id),
+        ]
+        run_logged([*cmd, "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], env, log, quiet=True)
+        # nnUNetv2_preprocess reads the dataset.json that only the planner copies to the preprocessed folder
+        atomic_write_json(
+            pre / dataset.name / "dataset.json", json.loads((dataset / "dataset.json").read_text())
+        )
+        cmd = [nnunet_command("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", "nnUNetPlans"]
+        run_logged([*cmd, "-c", "3d_fullres", "-np", "1"], env, log, quiet=True)
+    return ids
+
+
+def run_medseqft(workdir: Path, seed: int, device: str, schedule: str = SCHEDULE) -> dict:
+    """MedSeqFT (with and without its expert stage) vs sequential vs parallel full fine-tuning on the seed's
+    task sequence from M_0 (the banet comparison's nnUNetTrainer, trained first when missing), with
+    `nnunet-ext medseqft run ... --schedule converge` as a user types it (the trainers' default settings,
+    the distillation weight included); the forgetting matrices and each training's plateau."""
+    from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
+
+    stem = tag("medseqft", seed, schedule)
+    result_file = workdir / "runs" / f"{stem}.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    m0_run = run(workdir, "banet", seed, "nnUNetTrainer", device, schedule)  # kept and reused by banet
+    env = benchmark_env(workdir, device)
+    log = workdir / f"medseqft_seed{seed}.log"
+    m0_dataset = m0_run["trainings"][0]["dataset"]
+    m0_id = COMPARISONS["banet"].first_id + seed
+    m0 = (
+        workdir
+        / "results"
+        / m0_dataset
+        / f"nnUNetTrainer_{schedule}__nnUNetPlans__{CONFIGURATION}"
+        / "fold_0"
+    )
+    ids = medseqft_tasks(workdir, seed, m0_id, env, log)
+    out = workdir / "medseqft" / stem
+    state = out / "medseqft_run.json"
+    resumed = state.is_file()
+    cmd = [
+        nnunet_command("nnunet-ext"), "medseqft", "run", "--pretrained", str(m0 / "checkpoint_final.pth"),
+        "-d", *map(str, ids), "-c", CONFIGURATION, "-o", str(out), "--schedule", schedule, "-device", device,
+    ]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = run_logged(cmd, env, log, quiet=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(state.read_text())
+    record = {"comparison": "medseqft", "seed": seed, "schedule": schedule, "m0": str(m0), "tasks": ids}
+    record.update(train_wall_s=wall, resumed=resumed)
+    record["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    record["strategies"] = {
+        k: {key: v[key] for key in ("matrix", "final", "bwt")} for k, v in result["strategies"].items()
+    }
+    record["trainings"] = []
+    for final in sorted(out.glob("*/*/*/fold_0/checkpoint_final.pth")):  # strategy/dataset/trainer/fold_0
+        strategy, dataset, model = final.parts[-5:-2]
+        trainer = model.split("__")[0]
+        record["trainings"].append(
+            {
+                "task": f"{strategy} {dataset.split('_', 1)[1]} {trainer}",
+                "training": learning_curve(
+                    final,
+                    list(structures(workdir / "raw" / dataset)),
+                    f"{trainer}, {CONFIGURATION}, {dataset} ({strategy})",
+                    workdir / "curves" / f"{stem}_{strategy}_{dataset}_{trainer}.png",
+                ),
+            }
+        )
+    atomic_write_json(result_file, record)
+    return record
+
+
+def medseqft_report(seeds: list[int], results: dict[int, dict]) -> str:
+    """Markdown: per strategy, the final models' Dice on every task, the final mean Dice and the backward
+    transfer (mean +- std over seeds), the paired differences of MedSeqFT's two variants against sequential
+    and parallel fine-tuning, and each training's plateau."""
+    done = [s for s in seeds if s in results]
+    lines = [f"medseqft: seeds with the run finished: {done or 'none'} (of {seeds})", ""]
+    if not done:
+        return "\n".join(lines)
+    runs = [
+        (f"seed {seed} {t['task']}", t, [k for k, v in t["training"]["plateau"].items() if not converged(v)])
+        for seed in done
+        for t in results[seed]["trainings"]
+    ]
+    unfinished = [f"{what}: {', '.join(not_flat)}" for what, _, not_flat in runs if not_flat]
+    if unfinished:
+        lines += [
+            "**Not every training reached its plateau, so the differences below do not rank the strategies.** "
+            "Not converged (not flat over the last 20% of epochs, or never learned): "
+            + "; ".join(unfinished)
+            + ".",
+            "",
+        ]
+    strategies = list(results[done[0]]["strategies"])
+    n_tasks = len(results[done[0]]["strategies"][strategies[0]]["matrix"])
+
+    def values(strategy: str) -> np.ndarray:  # seeds x (Dice of the final model on task 1..n, final, bwt)
+        rows = []
+        for seed in done:
+            entry = results[seed]["strategies"][strategy]
+            rows.append([*entry["matrix"][-1], entry["final"], entry["bwt"]])
+        return np.asarray(rows, dtype=float)
+
+    def cell(v: np.ndarray, sign: str = "") -> str:
+        return f"{float(np.round(np.mean(v), 3)) + 0.0:{sign}.3f} ± {np.std(v):.3f}"
+
+    head = [
+        f"task {i + 1} ({MEDSEQFT_TASKS[i] if i < len(MEDSEQFT_TASKS) else i + 1})" for i in range(n_tasks)
+    ]
+    lines += [
+        "| strategy (Dice of the final model) | "
+        + " | ".join(head)
+        + " | final mean Dice | backward transfer |",
+        "|---|" + "---|" * (n_tasks + 2),
+    ]
+    for strategy in strategies:
+        v = values(strategy)
+        signs = [""] * (n_tasks + 1) + ["+"]  # the backward transfer is a difference
+        lines.append(
+            f"| {strategy} | " + " | ".join(cell(v[:, i], signs[i]) for i in range(n_tasks + 2)) + " |"
+        )
+    for method in (m for m in MEDSEQFT_METHODS if m in strategies):
+        for base in (b for b in MEDSEQFT_BASELINES if b in strategies):
+            d = values(method) - values(base)
+            lines.append(
+                f"| {method} - {base} | " + " | ".join(cell(d[:, i], "+") for i in range(n_tasks + 2)) + " |"
+            )
+    lines += ["", "| training | epochs | converged (last 20%: spread <= 0.05, gain <= 0.02, mean >= 0.05) |"]
+    lines.append("|---|---|---|")
+    for what, t, not_flat in runs:
+        verdict = "all structures" if not not_flat else "not: " + ", ".join(not_flat)
+        lines.append(f"| {what} | {t['training']['epochs']} | {verdict} |")
+    cpu = [results[s].get("train_cpu_s") for s in done]
+    lines += [
+        "",
+        "CPU time of `nnunet-ext medseqft run` per seed [min]: "
+        + ", ".join(f"seed {s}: {c / 60:.0f}" + (" (resumed: last part only)" if results[s].get("resumed") else "")
+                    for s, c in zip(done, cpu) if c is not None),
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
 def normalised(record: dict) -> dict:
     """A result in this version's form (results of the first version: one training, one map)."""
     if "trainings" in record:
@@ -650,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("comparison", choices=list(COMPARISONS))
+    parser.add_argument("comparison", choices=[*COMPARISONS, "medseqft"])
     parser.add_argument("--seeds", type=seed_arg, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default="benchmark_workdir/converge")
     parser.add_argument("--device", default="cpu")
@@ -676,6 +849,12 @@ def main(argv: list[str] | None = None) -> int:
         "several processes with --models, so that they never prepare the same dataset at once)",
     )
     args = parser.parse_args(argv)
+    if args.comparison == "medseqft":
+        if args.models:
+            parser.error(
+                "medseqft runs every strategy in one `nnunet-ext medseqft run`; --models does not apply"
+            )
+        return main_medseqft(args)
     spec = COMPARISONS[args.comparison]
     names = [m.name for m in spec.models]
     unknown = sorted(set(args.models or []) - set(names))
@@ -701,7 +880,11 @@ def main(argv: list[str] | None = None) -> int:
             file = workdir / "runs" / f"{tag(args.comparison, seed, args.schedule)}_{name}.json"
             if (seed, name) not in results and file.is_file():
                 results[(seed, name)] = json.loads(file.read_text())
-    text = report(workdir, args.comparison, args.seeds, results)
+    write_report(workdir, args, report(workdir, args.comparison, args.seeds, results))
+    return 0
+
+
+def write_report(workdir: Path, args: argparse.Namespace, text: str) -> None:
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, device {args.device}"
     )
@@ -710,6 +893,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     atomic_write_text(report_file, f"machine: {machine}\n\n{text}\n")
     print(text)
+
+
+def main_medseqft(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir).resolve()
+    if args.prepare_only:
+        env = benchmark_env(workdir, args.device)
+        for seed in args.seeds:
+            log = workdir / f"medseqft_seed{seed}.log"
+            m0_id, _ = prepare(workdir, seed, "full", env, log, COMPARISONS["banet"].first_id)
+            print(f"seed {seed}: M_0 on {m0_id}, tasks {medseqft_tasks(workdir, seed, m0_id, env, log)}")
+        return 0
+    results = {}
+    for seed in args.seeds:
+        file = workdir / "runs" / f"{tag('medseqft', seed, args.schedule)}.json"
+        if not args.report_only:
+            results[seed] = run_medseqft(workdir, seed, args.device, args.schedule)
+        elif file.is_file():
+            results[seed] = json.loads(file.read_text())
+    write_report(workdir, args, medseqft_report(args.seeds, results))
     return 0
 
 

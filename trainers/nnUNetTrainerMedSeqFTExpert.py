@@ -4,7 +4,7 @@
 
 Plain nnU-Net full fine-tuning (nnUNetTrainer, every parameter trained) of M_{t-1} on task t. Its own trainer
 name keeps the expert apart from any other nnUNetTrainer model of the dataset: ``nnUNetTrainerMedSeqFT`` finds
-it next to its own result folder (``nnUNetTrainerMedSeqFTExpert[_smoke|_demo]__PLANS__CONFIG/fold_F``) and
+it next to its own result folder (``nnUNetTrainerMedSeqFTExpert[_smoke|_demo|_converge]__PLANS__CONFIG/fold_F``) and
 trains it there itself when it is missing. Without ``-pretrained_weights`` it stops (an expert from random
 weights is not M_{t-1} fine-tuned).
 """

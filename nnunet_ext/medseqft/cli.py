@@ -92,11 +92,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--shape",
         type=int,
         nargs=3,
-        default=[32, 64, 64],
+        default=None,
         metavar=("Z", "Y", "X"),
-        help="volume shape (default 32 64 64)",
+        help="volume shape (default 32 64 64; with --profile converge 24 48 48)",
     )
     ph.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    ph.add_argument(
+        "--profile",
+        choices=["standard", "converge"],
+        default="standard",
+        help="image profile of `nnunet-ext phantoms` (default standard; converge: the convergence benchmarks)",
+    )
     ph.add_argument("--out", default=None, help="raw folder (default: $nnUNet_raw)")
     ph.add_argument("--force", action="store_true", help="replace datasets with these ids")
     ph.set_defaults(func=_phantoms)

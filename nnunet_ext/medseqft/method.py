@@ -502,21 +502,26 @@ def write_task_phantoms(
     tasks: tuple[str, ...] = ("liver", "kidney", "spleen"),
     num_train: int = 12,
     num_test: int = 4,
-    shape: tuple[int, int, int] = (32, 64, 64),
+    shape: tuple[int, int, int] | None = None,
     seed: int = 0,
     force: bool = False,
+    profile: str = "standard",
 ) -> list[Path]:
     """A task sequence on phantoms: one binary nnU-Net raw dataset per structure (ids ``first_id``,
     ``first_id + 1``, ...; ``Dataset{id}_PhantomTask{Structure}``), each from its own phantom cases (seed
     ``seed + i``), all with the same shape and spacing so that they plan to the same network. Label 1 is
-    the task's structure (from the ``full`` phantom's labels), everything else background."""
+    the task's structure (from the ``full`` phantom's labels), everything else background. ``profile``: the
+    phantom's image profile (``converge``: the convergence benchmarks); ``shape`` defaults to the profile's."""
     import json
     import shutil
 
     import SimpleITK as sitk
 
-    from nnunet_ext.tools.phantoms import FULL_LABELS, write_phantom_dataset
+    from nnunet_ext.tools.phantoms import FULL_LABELS, PROFILE_SHAPES, PROFILES, write_phantom_dataset
 
+    if profile not in PROFILES:
+        raise UserError(f"unknown phantom profile {profile!r}; choose one of {list(PROFILES)}.")
+    shape = PROFILE_SHAPES[profile] if shape is None else shape
     unknown = [t for t in tasks if t not in PHANTOM_TASKS]
     if unknown or not tasks:
         raise UserError(f"unknown phantom tasks {unknown}; choose from {', '.join(PHANTOM_TASKS)}")
@@ -533,7 +538,7 @@ def write_task_phantoms(
             scratch = make_temp_dir(f".medseqft-{dataset_id}-", raw_root)  # the full phantom it is cut from
             try:
                 folder = write_phantom_dataset(
-                    scratch, dataset_id, "full", name, num_train, num_test, shape, seed=seed + i
+                    scratch, dataset_id, "full", name, num_train, num_test, shape, seed=seed + i, profile=profile
                 )
                 for sub in ("imagesTr", "imagesTs"):
                     for f in sorted((folder / sub).glob("*.nii.gz")):
@@ -549,7 +554,7 @@ def write_task_phantoms(
                 shutil.rmtree(scratch, ignore_errors=True)
             dj["labels"] = {"background": 0, task: 1}
             dj["description"] = (
-                f"MedSeqFT phantom task: {task} (binary) from the full phantom, seed {seed + i}"
+                f"MedSeqFT phantom task: {task} (binary) from the full phantom, seed {seed + i}, profile {profile}"
             )
             written.append(writer.finish(dj))
     return written
@@ -600,9 +605,10 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
         tuple(args.tasks),
         args.num_train,
         args.num_test,
-        tuple(args.shape),
+        tuple(args.shape) if args.shape else None,
         args.seed,
         args.force,
+        args.profile,
     )
     for f in folders:
         print(f"wrote {f}")

@@ -124,8 +124,9 @@ def train(
     iterations: int | None = None,
     attributes: dict | None = None,
 ) -> Path:
-    """Train (unless finished) and return the checkpoint_final.pth of this training. ``attributes`` are set on
-    the trainer before it initialises (e.g. ``{"lora_lr": 0.1}``; the same in every process)."""
+    """Train (unless finished; an interrupted training continues from its checkpoint_latest.pth) and return the
+    checkpoint_final.pth of this training. ``attributes`` are set on the trainer before it initialises (e.g.
+    ``{"lora_lr": 0.1}``; the same in every process)."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
     model = strategy_root / dataset / f"{trainer_name}__{plans_identifier}__{configuration}" / f"fold_{fold}"
@@ -146,7 +147,12 @@ def train(
             trainer.num_val_iterations_per_epoch = max(
                 1, min(trainer.num_val_iterations_per_epoch, iterations // 5)
             )
-        maybe_load_checkpoint(trainer, False, False, str(pretrained))
+        # an interrupted training goes on from its last checkpoint (as `nnUNetv2_train --c`; LoRA and MedSeqFT
+        # put their frozen base back from lora_start.pth), otherwise it starts from ``pretrained``
+        resume = (model / "checkpoint_latest.pth").is_file()
+        if resume:
+            print(f"  continuing from {model / 'checkpoint_latest.pth'}", flush=True)
+        maybe_load_checkpoint(trainer, resume, False, None if resume else str(pretrained))
         trainer.run_training()
     if not final.is_file():
         raise UserError(f"training {trainer_name} on {dataset} wrote no {final}; see the log in {model}")

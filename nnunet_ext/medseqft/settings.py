@@ -12,4 +12,4 @@ PHANTOM_TASKS = ("liver", "kidney", "spleen", "tumour", "vessel")
 #: strategies `nnunet-ext medseqft run` compares
 STRATEGIES = ("medseqft", "medseqft_noexpert", "sequential", "parallel")
 #: training lengths of `nnunet-ext medseqft run --schedule` (trainer name suffix)
-SUFFIX = {"full": "", "smoke": "_smoke", "demo": "_demo"}
+SUFFIX = {"full": "", "smoke": "_smoke", "demo": "_demo", "converge": "_converge"}

@@ -422,3 +422,71 @@ def test_three_task_sequence_end_to_end(phantom_workspace, task_sequence, monkey
     )
     assert Path(strategies["medseqft"]["models"][0]).stat().st_mtime == stamp
     assert again["strategies"]["medseqft"]["matrix"] == strategies["medseqft"]["matrix"]
+
+
+def test_task_phantoms_take_the_image_profile(tmp_path):
+    """`nnunet-ext medseqft phantoms --profile converge`: the convergence benchmarks' phantom, its shape by
+    default; the CLI offers exactly the phantom profiles."""
+    import SimpleITK as sitk
+
+    from nnunet_ext.core.errors import UserError
+    from nnunet_ext.medseqft.method import write_task_phantoms
+    from nnunet_ext.tools.phantoms import PROFILE_SHAPES, PROFILES
+
+    assert cli(["medseqft", "phantoms", "--first-id", "821", "--tasks", "kidney", "--num-train", "2",
+                "--num-test", "1", "--profile", "converge", "--out", str(tmp_path)]) == 0  # fmt: skip
+    folder = tmp_path / "Dataset821_PhantomTaskKidney"
+    image = sitk.ReadImage(str(next((folder / "imagesTr").iterdir())))
+    assert sitk.GetArrayFromImage(image).shape == PROFILE_SHAPES["converge"]
+    assert "profile converge" in json.loads((folder / "dataset.json").read_text())["description"]
+    with pytest.raises(UserError, match="unknown phantom profile 'ct'"):
+        write_task_phantoms(tmp_path, 830, ("liver",), 2, 1, profile="ct")
+    from nnunet_ext.cli import build_parser
+
+    for name in PROFILES:  # every phantom profile, no other
+        args = build_parser("medseqft").parse_args(
+            ["medseqft", "phantoms", "--first-id", "821", "--profile", name]
+        )
+        assert args.profile == name
+    with pytest.raises(SystemExit):
+        build_parser("medseqft").parse_args(["medseqft", "phantoms", "--first-id", "821", "--profile", "ct"])
+    assert sorted(PROFILES) == ["converge", "standard"]  # the choices the CLI lists without importing them
+
+
+def test_an_interrupted_training_of_a_run_continues_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """`medseqft run` trains in-process: a training stopped midway goes on from checkpoint_latest.pth (nnU-Net's
+    --c path), a new one starts from the pretrained weights, a finished one is not touched."""
+    import nnunetv2.run.run_training as run_training
+
+    import nnunet_ext.medseqft.run as medseqft_run
+
+    calls = []
+
+    class Trainer:
+        def run_training(self):
+            model.mkdir(parents=True, exist_ok=True)
+            (model / "checkpoint_final.pth").write_bytes(b"x")
+
+    monkeypatch.setattr(medseqft_run, "_trainer", lambda *a: Trainer())
+    monkeypatch.setattr(
+        run_training, "maybe_load_checkpoint", lambda t, c, v, p=None: calls.append((c, v, p))
+    )
+    model = (
+        tmp_path / "sequential" / "Dataset612_T" / "nnUNetTrainer_converge__nnUNetPlans__3d_tiny" / "fold_0"
+    )
+
+    def train():
+        return medseqft_run.train(
+            tmp_path / "sequential", "nnUNetTrainer_converge", "Dataset612_T", "3d_tiny", 0, "nnUNetPlans",
+            "M0.pth", "cpu",
+        )  # fmt: skip
+
+    assert train() == model / "checkpoint_final.pth" and calls == [(False, False, "M0.pth")]
+    (model / "checkpoint_final.pth").unlink()
+    (model / "checkpoint_latest.pth").write_bytes(b"x")  # stopped after some epochs
+    calls.clear()
+    train()
+    assert calls == [(True, False, None)]
+    calls.clear()
+    train()  # finished: nothing loaded, nothing trained
+    assert calls == []

@@ -302,3 +302,59 @@ def test_planning_leaves_the_ignore_label_out_of_the_fingerprint(converge, tmp_p
     calls.clear()
     converge.plan(930, env, tmp_path / "log")
     assert calls == [["-d", "930", "-c", "3d_fullres", "-np", "1"]]
+
+
+def _medseqft_run(shift: float, converged_: bool = True) -> dict:
+    def strategy(diag: float, last: list[float]) -> dict:
+        matrix = [[diag], [last[0], diag], [*last, diag]]
+        final = sum(matrix[-1]) / 3
+        bwt = ((last[0] - diag) + (last[1] - diag)) / 2
+        return {"matrix": matrix, "final": final, "bwt": bwt}
+
+    plateau = {"liver": {"plateaued": converged_}}
+    return {
+        "strategies": {
+            "medseqft": strategy(0.9, [0.8 + shift, 0.85]),
+            "medseqft_noexpert": strategy(0.9, [0.7, 0.8]),
+            "sequential": strategy(0.9, [0.5 + shift, 0.6]),
+            "parallel": strategy(0.9, [0.9, 0.9]),
+        },
+        "trainings": [{"task": "medseqft Task800 x", "training": {"epochs": 60, "plateau": plateau}}],
+        "train_cpu_s": 3600.0,
+        "resumed": False,
+    }
+
+
+def test_medseqft_report_gives_final_dice_backward_transfer_and_paired_differences(converge):
+    results = {0: _medseqft_run(0.0), 1: _medseqft_run(0.1, converged_=False)}
+    text = converge.medseqft_report([0, 1, 2], results)
+    assert "seeds with the run finished: [0, 1] (of [0, 1, 2])" in text
+    rows = _table(text, "strategy (Dice of the final model)")
+    # columns: task 1, task 2, task 3, final mean Dice, backward transfer
+    assert rows["medseqft"][0] == "0.850 ± 0.050" and rows["medseqft"][4] == "-0.050 ± 0.025"
+    assert rows["parallel"][3] == "0.900 ± 0.000" and rows["parallel"][4] == "+0.000 ± 0.000"
+    assert rows["medseqft - sequential"][0] == "+0.300 ± 0.000"
+    assert rows["medseqft - parallel"][1] == "-0.050 ± 0.000"
+    assert rows["medseqft_noexpert - sequential"][4] == "+0.175 ± 0.025"
+    assert len(rows) == 4 + 4
+    assert (
+        "do not rank the strategies.** Not converged" in text and "seed 1 medseqft Task800 x: liver" in text
+    )
+    assert "| seed 0 medseqft Task800 x | 60 | all structures |" in text
+    assert "seed 0: 60, seed 1: 60" in text
+    assert converge.medseqft_report([3], results).endswith("finished: none (of [3])\n")
+
+
+def test_medseqft_comparison_takes_no_models(converge, capsys):
+    with pytest.raises(SystemExit):
+        converge.main(["medseqft", "--models", "sequential", "--report-only"])
+    assert "--models does not apply" in capsys.readouterr().err
+
+
+def test_medseqft_task_ids_are_their_own(converge):
+    ids = [converge.MEDSEQFT_ID + 3 * s + i for s in range(10) for i in range(3)]
+    others = [c.first_id + s for c in converge.COMPARISONS.values() for s in range(10)]
+    others += [converge.DENSE_ID + s for s in range(10)] + [converge.IGNORE_ID + s for s in range(10)]
+    others += [first + 2 * s + r for first in converge.RECIPE_ID.values() for s in range(10) for r in (0, 1)]
+    others += [converge.TASK_ID + 10 * i + s for i in range(3) for s in range(10)]
+    assert len(set(ids)) == 30 and not set(ids) & set(others)
