@@ -57,3 +57,13 @@ class PhantomWorkspace:
 @pytest.fixture(scope="session")
 def phantom_workspace(tmp_path_factory) -> PhantomWorkspace:
     return PhantomWorkspace(tmp_path_factory.mktemp("nnunet"))
+
+
+@pytest.fixture
+def torch_threads():
+    """``torch.set_num_threads`` for one test: the thread count it found is put back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

@@ -203,11 +203,8 @@ def _differences(a, b, path: str = "") -> list[str]:
 
 
 @pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(torch_threads):
+    torch_threads(1)
 
 
 def _build(name: str, dataset: str, pretrained: str | None):

@@ -18,11 +18,8 @@ class _Base:
 
 
 @pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield
-    torch.set_num_threads(before)
+def threads(torch_threads):
+    torch_threads(3)  # what nnUNetv2_train -device cpu asked for
 
 
 @pytest.mark.parametrize(
