@@ -649,6 +649,13 @@ def run_medseqft(workdir: Path, seed: int, device: str, schedule: str = SCHEDULE
     return record
 
 
+def mean_std(v: np.ndarray, sign: str = "") -> str:
+    """``mean ± std`` over seeds; n/a when a value is not finite (e.g. the HD95 of an empty prediction)."""
+    if not np.isfinite(v).all():
+        return "n/a"
+    return f"{float(np.round(np.mean(v), 3)) + 0.0:{sign}.3f} ± {np.std(v):.3f}"  # + 0.0: no "-0.000"
+
+
 def medseqft_report(seeds: list[int], results: dict[int, dict]) -> str:
     """Markdown: per strategy, the final models' Dice on every task, the final mean Dice and the backward
     transfer (mean +- std over seeds), the paired differences of MedSeqFT's two variants against sequential
@@ -681,9 +688,6 @@ def medseqft_report(seeds: list[int], results: dict[int, dict]) -> str:
             rows.append([*entry["matrix"][-1], entry["final"], entry["bwt"]])
         return np.asarray(rows, dtype=float)
 
-    def cell(v: np.ndarray, sign: str = "") -> str:
-        return f"{float(np.round(np.mean(v), 3)) + 0.0:{sign}.3f} ± {np.std(v):.3f}"
-
     head = [
         f"task {i + 1} ({MEDSEQFT_TASKS[i] if i < len(MEDSEQFT_TASKS) else i + 1})" for i in range(n_tasks)
     ]
@@ -697,13 +701,15 @@ def medseqft_report(seeds: list[int], results: dict[int, dict]) -> str:
         v = values(strategy)
         signs = [""] * (n_tasks + 1) + ["+"]  # the backward transfer is a difference
         lines.append(
-            f"| {strategy} | " + " | ".join(cell(v[:, i], signs[i]) for i in range(n_tasks + 2)) + " |"
+            f"| {strategy} | " + " | ".join(mean_std(v[:, i], signs[i]) for i in range(n_tasks + 2)) + " |"
         )
     for method in (m for m in MEDSEQFT_METHODS if m in strategies):
         for base in (b for b in MEDSEQFT_BASELINES if b in strategies):
             d = values(method) - values(base)
             lines.append(
-                f"| {method} - {base} | " + " | ".join(cell(d[:, i], "+") for i in range(n_tasks + 2)) + " |"
+                f"| {method} - {base} | "
+                + " | ".join(mean_std(d[:, i], "+") for i in range(n_tasks + 2))
+                + " |"
             )
     lines += ["", "| training | epochs | converged (last 20%: spread <= 0.05, gain <= 0.02, mean >= 0.05) |"]
     lines.append("|---|---|---|")
@@ -771,14 +777,10 @@ def report(workdir: Path, comparison: str, seeds: list[int], results: dict) -> s
             [results[(seed, model)]["test"][mode]["mean"][s][metric] for seed in done], dtype=float
         )
 
-    def cell(v: np.ndarray, sign: str = "") -> str:
-        mean = float(np.round(np.mean(v), 3)) + 0.0  # no "-0.000"
-        return f"{mean:{sign}.3f} ± {np.std(v):.3f}" if np.isfinite(v).all() else "n/a"
-
     for metric in ("Dice", "HD95", "NSD"):
         lines += [f"| {metric} | " + " | ".join(structures_) + " |", "|---|" + "---|" * len(structures_)]
         for model, mode in spec.columns():
-            row = [cell(values(model, mode, s, metric)) for s in structures_]
+            row = [mean_std(values(model, mode, s, metric)) for s in structures_]
             lines.append(f"| {column_name(model, mode)} | " + " | ".join(row) + " |")
         for method in spec.methods:
             for mode in spec.model(method).maps:
@@ -788,7 +790,7 @@ def report(workdir: Path, comparison: str, seeds: list[int], results: dict) -> s
                         for s in structures_
                     ]
                     label = f"{column_name(method, mode)} - {column_name(base, base_mode)}"
-                    lines.append(f"| {label} | " + " | ".join(cell(d, "+") for d in diff) + " |")
+                    lines.append(f"| {label} | " + " | ".join(mean_std(d, "+") for d in diff) + " |")
         lines.append("")
     lines.append(
         "| training | epochs | train CPU [min] | converged (last 20%: spread <= 0.05, gain <= 0.02, mean >= 0.05) |"
