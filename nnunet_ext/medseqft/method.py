@@ -537,8 +537,9 @@ def write_task_phantoms(
         with RawDatasetWriter(raw_root, dataset_id, name, force) as writer:
             scratch = make_temp_dir(f".medseqft-{dataset_id}-", raw_root)  # the full phantom it is cut from
             try:
+                sizes = dict(num_train=num_train, num_test=num_test, shape=shape)
                 folder = write_phantom_dataset(
-                    scratch, dataset_id, "full", name, num_train, num_test, shape, seed=seed + i, profile=profile
+                    scratch, dataset_id, "full", name, **sizes, seed=seed + i, profile=profile
                 )
                 for sub in ("imagesTr", "imagesTs"):
                     for f in sorted((folder / sub).glob("*.nii.gz")):
