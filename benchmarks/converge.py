@@ -159,12 +159,13 @@ def plan(dataset_id: int, env: dict, log: Path) -> Path:
     fingerprint`, docs/labelprop.md: nnU-Net 2.8 counts them as foreground, which skews CT normalisation), as
     the label-propagation recipe does for its own datasets, so the baselines are planned like the methods."""
     from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
+    from nnunet_ext.planning.fingerprint import ignore_label_of
     from nnunet_ext.planning.plans import load_plans, save_plans, tiny_configuration
 
     dataset = next(Path(env["nnUNet_raw"]).glob(f"Dataset{dataset_id:03d}_*"))
     plans_file = Path(env["nnUNet_preprocessed"]) / dataset.name / "nnUNetPlans.json"
     if not plans_file.is_file():
-        if "ignore" in json.loads((dataset / "dataset.json").read_text())["labels"]:
+        if ignore_label_of(json.loads((dataset / "dataset.json").read_text())) is not None:
             cmd = [nnunet_command("nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", "1"]
             run_logged([*cmd, "--verify_dataset_integrity"], env, log, quiet=True)
             cmd = [nnunet_command("nnunet-ext"), "fingerprint", "-d", str(dataset_id), "-np", "1"]
@@ -437,6 +438,22 @@ def predict_once(out: Path, folders: list[Path], n_test: int, cmd: list[str], en
     run_logged(cmd, env, log, quiet=True)
 
 
+def model_folder(workdir: Path, dataset: str, trainer: str) -> Path:
+    """Where nnU-Net writes fold 0 of ``trainer`` on ``dataset`` (its folder name) in the workdir."""
+    return workdir / "results" / dataset / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
+
+
+def timed_run(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """Run ``cmd`` (logged); its wall seconds and the CPU seconds of it and its children (a training's
+    augmentation workers included)."""
+    from nnunet_ext.core.nnunet_commands import run_logged
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = run_logged(cmd, env, log, quiet=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
 def tag(comparison: str, seed: int, schedule: str = SCHEDULE) -> str:
     """The name stem of a seed's result files (a schedule other than ``converge``, e.g. a smoke run of the
     protocol, keeps its results apart)."""
@@ -448,7 +465,7 @@ def run(
 ) -> dict:
     """One model trained (one training per dataset of :func:`trainings`), predicted and evaluated on every map
     it is scored on; each step is skipped when its output exists."""
-    from nnunet_ext.core.nnunet_commands import predict_command, run_logged, train_command
+    from nnunet_ext.core.nnunet_commands import predict_command, train_command
 
     spec = COMPARISONS[comparison]
     model = spec.model(model_name)
@@ -467,21 +484,18 @@ def run(
         recipe = run_recipe(workdir, spec, seed, model, trained, name, device, env, log)
         source, trained = trainings(workdir, comparison, model, seed, env, log)
     for t in trained:
-        folder = workdir / "results" / t.dataset.name / f"{name}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
+        folder = model_folder(workdir, t.dataset.name, name)
         entry = {"dataset": t.dataset.name, "task": t.task}
         if recipe and t is trained[-1]:
             entry.update(recipe)  # the whole recipe's time: interpolation, model A, pseudo-labels, model B
         elif recipe:
             entry["cpu_in"] = "model_B (the whole recipe)"
         elif not (folder / "checkpoint_final.pth").is_file():
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             # an interrupted training continues from its last checkpoint
             resume = ["--c"] if (folder / "checkpoint_latest.pth").is_file() else []
             entry["resumed"] = bool(resume)
             cmd = train_command(t.dataset_id, CONFIGURATION, 0, name, device, *resume)
-            entry["train_wall_s"] = run_logged(cmd, env, log, quiet=True)
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the training and its augmentation workers
-            entry["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+            entry["train_wall_s"], entry["train_cpu_s"] = timed_run(cmd, env, log)
         suffix = f"_{t.task}" if t.task else ""
         entry["training"] = learning_curve(
             folder / "checkpoint_final.pth",
@@ -528,14 +542,15 @@ def run_recipe(
     method, model A, pseudo-labels of the unannotated slices, model B; fold 0, ``trainer`` for both models),
     unless model B has finished; an interrupted recipe resumes from its state file. Returns the time it took
     (nothing when it had finished before)."""
-    from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
+    from nnunet_ext.core.nnunet_commands import nnunet_command
 
     method = model.data[len("recipe:") :]
     first = RECIPE_ID[(spec.every, method)] + 2 * seed
-    if trained:
-        final = workdir / "results" / trained[-1].dataset.name / f"{trainer}__nnUNetPlans__{CONFIGURATION}"
-        if (final / "fold_0" / "checkpoint_final.pth").is_file():
-            return {}
+    if (
+        trained
+        and (model_folder(workdir, trained[-1].dataset.name, trainer) / "checkpoint_final.pth").is_file()
+    ):
+        return {}
     state = workdir / "runs" / f"labelprop_recipe_{first}.json"
     resumed = state.is_file()  # an earlier, interrupted run: the time below covers the rest only
     cmd = [
@@ -544,10 +559,7 @@ def run_recipe(
         "-device", device, "-np", "1", "--qc-cases", "0", "--state", str(state),
     ]  # fmt: skip
     state.parent.mkdir(parents=True, exist_ok=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall = run_logged(cmd, env, log, quiet=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    wall, cpu = timed_run(cmd, env, log)
     return {"train_wall_s": wall, "train_cpu_s": cpu, "resumed": resumed, "cpu_covers": "the whole recipe"}
 
 
@@ -594,7 +606,7 @@ def run_medseqft(workdir: Path, seed: int, device: str, schedule: str = SCHEDULE
     task sequence from M_0 (the banet comparison's nnUNetTrainer, trained first when missing), with
     `nnunet-ext medseqft run ... --schedule converge` as a user types it (the trainers' default settings,
     the distillation weight included); the forgetting matrices and each training's plateau."""
-    from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
+    from nnunet_ext.core.nnunet_commands import nnunet_command
 
     stem = tag("medseqft", seed, schedule)
     result_file = workdir / "runs" / f"{stem}.json"
@@ -605,13 +617,7 @@ def run_medseqft(workdir: Path, seed: int, device: str, schedule: str = SCHEDULE
     log = workdir / f"medseqft_seed{seed}.log"
     m0_dataset = m0_run["trainings"][0]["dataset"]
     m0_id = COMPARISONS["banet"].first_id + seed
-    m0 = (
-        workdir
-        / "results"
-        / m0_dataset
-        / f"nnUNetTrainer_{schedule}__nnUNetPlans__{CONFIGURATION}"
-        / "fold_0"
-    )
+    m0 = model_folder(workdir, m0_dataset, f"nnUNetTrainer_{schedule}")
     ids = medseqft_tasks(workdir, seed, m0_id, env, log)
     out = workdir / "medseqft" / stem
     state = out / "medseqft_run.json"
@@ -620,13 +626,10 @@ def run_medseqft(workdir: Path, seed: int, device: str, schedule: str = SCHEDULE
         nnunet_command("nnunet-ext"), "medseqft", "run", "--pretrained", str(m0 / "checkpoint_final.pth"),
         "-d", *map(str, ids), "-c", CONFIGURATION, "-o", str(out), "--schedule", schedule, "-device", device,
     ]  # fmt: skip
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall = run_logged(cmd, env, log, quiet=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, cpu = timed_run(cmd, env, log)
     result = json.loads(state.read_text())
     record = {"comparison": "medseqft", "seed": seed, "schedule": schedule, "m0": str(m0), "tasks": ids}
-    record.update(train_wall_s=wall, resumed=resumed)
-    record["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    record.update(train_wall_s=wall, train_cpu_s=cpu, resumed=resumed)
     record["strategies"] = {
         k: {key: v[key] for key in ("matrix", "final", "bwt")} for k, v in result["strategies"].items()
     }
