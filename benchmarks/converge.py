@@ -567,7 +567,7 @@ def medseqft_tasks(workdir: Path, seed: int, m0_id: int, env: dict, log: Path) -
     """The seed's task sequence (`nnunet-ext medseqft phantoms --profile converge`, 16 training and 8 test
     cases per task), each planned with M_0's plans (`nnUNetv2_move_plans_between_datasets`, then
     `nnUNetv2_preprocess`), so that every task builds M_0's network; each step once."""
-    from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
+    from nnunet_ext.core.nnunet_commands import preprocess_with_plans_of, run_logged
     from nnunet_ext.medseqft.method import write_task_phantoms
 
     raw, pre = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
@@ -582,22 +582,7 @@ def medseqft_tasks(workdir: Path, seed: int, m0_id: int, env: dict, log: Path) -
         data = pre / dataset.name / "nnUNetPlans_3d_fullres"  # 3d_tiny shares 3d_fullres's data
         if len(list(data.glob("*.pkl"))) >= 16:
             continue
-        cmd = [nnunet_command("nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", "1"]
-        run_logged(cmd, env, log, quiet=True)
-        cmd = [
-            nnunet_command("nnUNetv2_move_plans_between_datasets"),
-            "-s",
-            str(m0_id),
-            "-t",
-            str(dataset_id),
-        ]
-        run_logged([*cmd, "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], env, log, quiet=True)
-        # nnUNetv2_preprocess reads the dataset.json that only the planner copies to the preprocessed folder
-        atomic_write_json(
-            pre / dataset.name / "dataset.json", json.loads((dataset / "dataset.json").read_text())
-        )
-        cmd = [nnunet_command("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", "nnUNetPlans"]
-        run_logged([*cmd, "-c", "3d_fullres", "-np", "1"], env, log, quiet=True)
+        preprocess_with_plans_of(m0_id, dataset_id, env, lambda cmd: run_logged(cmd, env, log, quiet=True))
     return ids
 
 

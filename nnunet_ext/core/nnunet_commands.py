@@ -290,3 +290,38 @@ def run_logged(
     if code != 0:
         raise UserError(f"`{Path(cmd[0]).name}` failed with exit code {code}; see the log {log}")
     return time.perf_counter() - start
+
+
+def preprocess_with_plans_of(
+    source_id: int,
+    target_id: int,
+    env: dict,
+    run,
+    plans: str = "nnUNetPlans",
+    configuration: str = "3d_fullres",
+    num_processes: int = 1,
+    fix: str = "",
+) -> None:
+    """Preprocess dataset ``target_id`` with dataset ``source_id``'s plans unchanged, so that models trained on
+    either build the same network (patch size, spacing, normalisation): ``nnUNetv2_extract_fingerprint``,
+    ``nnUNetv2_move_plans_between_datasets``, then ``nnUNetv2_preprocess``. ``run(cmd)`` runs one command (the
+    caller's logging and error handling); ``env`` names nnU-Net's folders; ``fix`` completes the error for an
+    unreadable dataset.json."""
+    from nnunet_ext.core.datasets import existing_datasets_with_id
+    from nnunet_ext.core.io import atomic_write_json, read_json
+
+    n_proc = str(num_processes)
+    run([nnunet_command("nnUNetv2_extract_fingerprint"), "-d", str(target_id), "-np", n_proc])
+    cmd = [nnunet_command("nnUNetv2_move_plans_between_datasets"), "-s", str(source_id), "-t", str(target_id)]
+    run([*cmd, "-sp", plans, "-tp", plans])
+    # nnUNetv2_preprocess reads <preprocessed>/<dataset>/dataset.json, which only the planner copies there
+    found = existing_datasets_with_id(Path(env["nnUNet_raw"]), target_id)
+    if not found:
+        raise UserError(
+            f"no Dataset{target_id:03d}_* in nnUNet_raw={env['nnUNet_raw']}; write the dataset first."
+        )
+    raw = found[0]
+    dataset_json = read_json(raw / "dataset.json", "the dataset.json", fix)
+    atomic_write_json(Path(env["nnUNet_preprocessed"]) / raw.name / "dataset.json", dataset_json)
+    cmd = [nnunet_command("nnUNetv2_preprocess"), "-d", str(target_id), "-plans_name", plans]
+    run([*cmd, "-c", configuration, "-np", n_proc])

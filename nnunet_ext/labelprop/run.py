@@ -208,21 +208,12 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
     cfg = "3d_fullres" if tiny else opts.configuration
     n_proc = str(opts.num_processes)
     if plans_from is not None:
-        _run([_exe("nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", n_proc], env, log, lock)
-        cmd = [_exe("nnUNetv2_move_plans_between_datasets"), "-s", str(plans_from), "-t", str(dataset_id)]
-        _run([*cmd, "-sp", opts.plans, "-tp", opts.plans], env, log, lock)
-        # nnUNetv2_preprocess reads <preprocessed>/<dataset>/dataset.json, which only the planner copies there
-        from nnunet_ext.core.io import read_json
-        from nnunet_ext.core.paths import require_folder_var
+        from nnunet_ext.core.nnunet_commands import preprocess_with_plans_of
 
-        raw = _dataset_folder(dataset_id)
-        target = require_folder_var("nnUNet_preprocessed") / raw.name / "dataset.json"
-        source = read_json(
-            raw / "dataset.json", "the dataset.json", "rewrite it or rerun with --restart --force"
-        )
-        atomic_write_json(target, source)
-        cmd = [_exe("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", opts.plans, "-c", cfg]
-        _run([*cmd, "-np", n_proc], env, log, lock)
+        preprocess_with_plans_of(
+            plans_from, dataset_id, env, lambda cmd: _run(cmd, env, log, lock), plans=opts.plans,
+            configuration=cfg, num_processes=opts.num_processes, fix="rewrite it or rerun with --restart --force",
+        )  # fmt: skip
         return
     # the fingerprint first, then its foreground statistics without the ignore label (nnunet_ext.planning.fingerprint:
     # nnU-Net counts ignore voxels as foreground); the planner below reuses the corrected fingerprint
