@@ -6,12 +6,13 @@
     python benchmarks/converge.py banet --seeds 0 1 2 --report-only    # tables from what has finished
 
 Data: `nnunet-ext phantoms KIND --profile converge` (one dataset per seed: the seed changes the cases, the split
-and the initialisation), planned with the stock CLI, the tiny configuration. Every model is the stock
-`nnUNetv2_train DATASET 3d_tiny 0 -tr <Trainer>_converge` (60 epochs x 50 iterations: plain nnUNetTrainer
-plateaus on every structure by ~3000 iterations there), one torch thread per run (OMP_NUM_THREADS=1, which
-the converge schedule keeps: the stock nnUNetv2_train -device cpu asks for every core, see
-nnunet_ext.core.schedules), so two runs of this script (other seeds or --models) can share a 2-core machine. Then the test cases are predicted and
-scored per structure: Dice, HD95 and the normalised surface Dice at 1 mm (nnunet_ext.core.metrics: MONAI
+and the initialisation), planned with the stock CLI plus the plans preset `converge` (configuration
+3d_converge: 3d_tiny's network on 16 x 32 x 32 crops of the 24 x 40 x 40 cases). Every model is the stock
+`nnUNetv2_train DATASET 3d_converge 0 -tr <Trainer>_converge` (100 epochs x 50 iterations: long enough for a
+training that finds a structure late, see docs/benchmarks.md), one torch thread per run (OMP_NUM_THREADS=1,
+which the converge schedule keeps: the stock nnUNetv2_train -device cpu asks for every core, see
+nnunet_ext.core.schedules), so two runs of this script (other seeds or --models) can share a 2-core machine.
+Then the test cases are predicted and scored per structure: Dice, HD95 and the normalised surface Dice at 1 mm (nnunet_ext.core.metrics: MONAI
 surfaces, DeepMind's NSD definition).
 
 Comparisons:
@@ -139,7 +140,8 @@ MEDSEQFT_ID, MEDSEQFT_TASKS = 800, ("liver", "kidney", "spleen")
 MEDSEQFT_METHODS, MEDSEQFT_BASELINES = ("medseqft", "medseqft_noexpert"), ("sequential", "parallel")
 MAX_SEED = 9  # the ids above leave room for seeds 0-9
 SCHEDULE = "converge"
-CONFIGURATION = "3d_tiny"
+CONFIGURATION = "3d_converge"  # the plans preset PRESET adds it: 3d_tiny's network on 16 x 32 x 32 crops
+PRESET = "converge"
 NSD_TOLERANCE_MM = 1.0
 PLATEAU_SPREAD = 0.05  # max - min of a structure's pseudo Dice over the last 20% of epochs
 PLATEAU_GAIN = 0.02  # mean of the last 20% minus the mean of the 20% before
@@ -154,13 +156,13 @@ class Training:
 
 
 def plan(dataset_id: int, env: dict, log: Path) -> Path:
-    """Plan and preprocess (stock CLI) and add 3d_tiny, each step once; returns the plans file. A dataset with
+    """Plan and preprocess (stock CLI) and add 3d_converge (the plans preset), each step once; returns the plans file. A dataset with
     nnU-Net's ignore label gets its foreground intensities without the ignore voxels first (`nnunet-ext
     fingerprint`, docs/labelprop.md: nnU-Net 2.8 counts them as foreground, which skews CT normalisation), as
     the label-propagation recipe does for its own datasets, so the baselines are planned like the methods."""
     from nnunet_ext.core.nnunet_commands import nnunet_command, run_logged
     from nnunet_ext.planning.fingerprint import ignore_label_of
-    from nnunet_ext.planning.plans import load_plans, save_plans, tiny_configuration
+    from nnunet_ext.planning.plans import apply_preset, load_plans, save_plans
 
     dataset = next(Path(env["nnUNet_raw"]).glob(f"Dataset{dataset_id:03d}_*"))
     plans_file = Path(env["nnUNet_preprocessed"]) / dataset.name / "nnUNetPlans.json"
@@ -174,7 +176,7 @@ def plan(dataset_id: int, env: dict, log: Path) -> Path:
         run_logged([*cmd, "-np", "1"], env, log, quiet=True)
     plans = load_plans(plans_file)
     if CONFIGURATION not in plans["configurations"]:
-        tiny_configuration(plans)
+        apply_preset(plans, PRESET)
         save_plans(plans_file, plans)
     return plans_file
 
@@ -182,7 +184,7 @@ def plan(dataset_id: int, env: dict, log: Path) -> Path:
 def prepare(
     workdir: Path, seed: int, kind: str, env: dict, log: Path, first_id: int = 930, every: int = 4
 ) -> tuple[int, Path]:
-    """The seed's converge phantom, planned and preprocessed, with 3d_tiny (each step once); the sparse one
+    """The seed's converge phantom, planned and preprocessed, with 3d_converge (each step once); the sparse one
     is not planned here (its models plan their own datasets)."""
     from nnunet_ext.tools.phantoms import write_phantom_dataset
 
@@ -555,7 +557,7 @@ def run_recipe(
     resumed = state.is_file()  # an earlier, interrupted run: the time below covers the rest only
     cmd = [
         nnunet_command("nnunet-ext"), "labelprop", "run", str(spec.first_id + seed), "--out-id", str(first),
-        "--method", method, "-c", CONFIGURATION, "--trainer-a", trainer, "--trainer-b", trainer, "-f", "0",
+        "--method", method, "-c", CONFIGURATION, "--plans-preset", PRESET, "--trainer-a", trainer, "--trainer-b", trainer, "-f", "0",
         "-device", device, "-np", "1", "--qc-cases", "0", "--state", str(state),
     ]  # fmt: skip
     state.parent.mkdir(parents=True, exist_ok=True)
@@ -579,7 +581,7 @@ def medseqft_tasks(workdir: Path, seed: int, m0_id: int, env: dict, log: Path) -
         )  # fmt: skip
     for dataset_id in ids:
         dataset = next(raw.glob(f"Dataset{dataset_id:03d}_*"))
-        data = pre / dataset.name / "nnUNetPlans_3d_fullres"  # 3d_tiny shares 3d_fullres's data
+        data = pre / dataset.name / "nnUNetPlans_3d_fullres"  # 3d_converge shares 3d_fullres's data
         if len(list(data.glob("*.pkl"))) >= 16:
             continue
         preprocess_with_plans_of(m0_id, dataset_id, env, lambda cmd: run_logged(cmd, env, log, quiet=True))

@@ -67,3 +67,12 @@ def torch_threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def nnunet_folders(tmp_path, monkeypatch):
+    """Empty nnUNet_raw / nnUNet_preprocessed / nnUNet_results under tmp_path, set for this test."""
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
+    return tmp_path

@@ -3,7 +3,7 @@
 Steps (dataset ids ``N = --out-id``)::
 
     interpolate SOURCE -> Dataset N           (nnunet_ext.labelprop.propagate.interpolate_dataset)
-    nnUNetv2_plan_and_preprocess -d N         (+ the 3d_tiny configuration when -c 3d_tiny)
+    nnUNetv2_plan_and_preprocess -d N         (+ the 3d_tiny configuration when -c 3d_tiny, + --plans-preset's)
     nnUNetv2_train N CFG f -tr TRAINER_A      for every fold f            (model A)
     round r = 1 .. R:
         pseudo SOURCE with the previous model (ensemble of the folds) -> Dataset N + r
@@ -51,6 +51,7 @@ class RecipeOptions:
     tta: bool = True
     qc_cases: int = 3
     name: str | None = None
+    plans_preset: str | None = None  # a preset of plans/ applied to the first dataset's plans after planning
 
     def recorded(self) -> dict:
         """The options that define the run (a resumed run must use the same)."""
@@ -60,6 +61,8 @@ class RecipeOptions:
         ).split()
         out = {k: getattr(self, k) for k in keys}
         out["folds"] = list(self.folds)
+        if self.plans_preset is not None:  # recorded only when set: state files from before it still resume
+            out["plans_preset"] = self.plans_preset
         return out
 
 
@@ -205,7 +208,9 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
     if env.get("nnUNet_n_proc_DA", "1").strip() in ("0", ""):
         env.pop("nnUNet_n_proc_DA")  # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA)
     tiny = opts.configuration == "3d_tiny"
-    cfg = "3d_fullres" if tiny else opts.configuration
+    # the configuration nnU-Net plans and preprocesses: 3d_tiny and a preset's own configurations reuse 3d_fullres's data
+    stock = opts.configuration in ("2d", "3d_fullres", "3d_lowres")
+    cfg = "3d_fullres" if tiny or (opts.plans_preset and not stock) else opts.configuration
     n_proc = str(opts.num_processes)
     if plans_from is not None:
         from nnunet_ext.core.nnunet_commands import preprocess_with_plans_of
@@ -242,6 +247,19 @@ def _preprocess(dataset_id: int, opts: RecipeOptions, log, plans_from: int | Non
             tiny_configuration(plans)
             save_plans(plans_file, plans)
             log(f"added the 3d_tiny configuration to {plans_file}")
+    if opts.plans_preset:
+        from nnunet_ext.planning.plans import apply_preset, load_plans, locate_plans, save_plans
+
+        plans_file = locate_plans(str(dataset_id), opts.plans)
+        plans = load_plans(plans_file)
+        report = apply_preset(plans, opts.plans_preset, force=True)  # plans this run just wrote
+        if opts.configuration in report.needs_preprocessing:
+            raise UserError(
+                f"the plans preset {opts.plans_preset!r} gives {opts.configuration} preprocessed data of its own, "
+                f"which the recipe does not make; pick a preset whose configurations reuse {cfg}'s data."
+            )
+        save_plans(plans_file, plans)
+        log(f"applied the plans preset {opts.plans_preset} to {plans_file}: {'; '.join(report.lines)}")
 
 
 def _train(step: dict, opts: RecipeOptions, device: str, resume: bool, log, lock=None) -> None:
@@ -264,6 +282,31 @@ def _qc(dataset: Path, state_file: Path, opts: RecipeOptions, log) -> None:
     log(f"quality-check figures: {out}")
 
 
+def _check_preset(opts: RecipeOptions) -> None:
+    """Refuse, before any step, a preset that does not exist or does not make the configuration to train."""
+    if opts.plans_preset is None:
+        return
+    from nnunet_ext.planning.plans import list_presets
+
+    presets = list_presets()
+    if opts.plans_preset not in presets:
+        raise UserError(
+            f"unknown plans preset {opts.plans_preset!r}; available: {', '.join(presets)} "
+            "(`nnunet-ext plans presets`)."
+        )
+    steps = [s for s in presets[opts.plans_preset].get("steps", []) if s.get("op") in ("add", "tiny")]
+    made = {
+        s.get("name")
+        or (f"{s.get('from', '3d_fullres')}_tiny" if not s.get("from", "3d_").startswith("3d") else "3d_tiny")
+        for s in steps
+    }
+    if opts.configuration not in made | {"2d", "3d_fullres", "3d_lowres"}:
+        raise UserError(
+            f"-c {opts.configuration}: the plans preset {opts.plans_preset!r} adds "
+            f"{', '.join(sorted(made)) or 'no configuration'}; train one of those (-c), or pick another preset."
+        )
+
+
 def run_recipe(
     opts: RecipeOptions,
     state_file: str | os.PathLike | None = None,
@@ -280,6 +323,7 @@ def run_recipe(
     if not opts.folds:
         raise UserError("--folds needs at least one fold.")
     lp.parse_axis(opts.axis)
+    _check_preset(opts)
     method = opts.method = opts.method or lp.DEFAULT_METHOD  # recorded resolved: a resumed run keeps it
     from nnunet_ext.core.inference import torch_device
 
@@ -409,6 +453,7 @@ def _cmd_run(args) -> int:
         tta=not args.disable_tta,
         qc_cases=args.qc_cases,
         name=args.name,
+        plans_preset=args.plans_preset,
     )
     run_recipe(opts, args.state, force=args.force, restart=args.restart)
     return 0
@@ -439,6 +484,13 @@ def add_run_parser(sub) -> None:
     p.add_argument("--annotated-slices", default=None, metavar="JSON", help="JSON {case: [slice indices]}")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="3d_fullres (default), 3d_tiny, ...")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument(
+        "--plans-preset",
+        default=None,
+        metavar="PRESET",
+        help="apply this plans preset (`nnunet-ext plans presets`) after planning, e.g. converge with "
+        "-c 3d_converge; later rounds reuse the same plans",
+    )
     p.add_argument(
         "-pl", "--planner", default=None, help="experiment planner for nnUNetv2_plan_and_preprocess"
     )

@@ -88,8 +88,10 @@ _SIX[1, 1, :] = _SIX[1, :, 1] = _SIX[:, 1, 1] = True
 # Image profiles (ranges drawn per case; the same draws in the same order for every profile, so a seed gives
 # the same anatomy in both). "standard": CT-like contrasts (liver and spleen 5-30 HU apart, noise 8-14 HU,
 # thin vessels). "converge": the convergence-sized benchmark family (issue 20): the same anatomy with organs
-# 60+ HU apart, hypodense tumours 70-80 HU below their host, larger tumours, vessels of radius ~2 voxels and
-# noise 3-5 HU, so a small network learns every structure to a plateau within minutes on a CPU.
+# 60+ HU apart, larger tumours at -45..-35 HU (a band no other tissue has: with tumours 70-80 HU below their
+# host, the first design, a liver tumour looked like spleen and a kidney tumour like liver, and whether a
+# training ever learned the tumour was a seed lottery), vessels of radius ~2 voxels, noise 3-5 HU and a
+# 24 x 40 x 40 volume, so a small network learns every structure to a plateau within minutes on a CPU.
 PROFILES: dict[str, dict[str, tuple[float, float]]] = {
     "standard": {
         "liver": (105, 120),
@@ -106,7 +108,7 @@ PROFILES: dict[str, dict[str, tuple[float, float]]] = {
         "liver": (125, 135),
         "kidney": (200, 215),
         "spleen": (55, 65),
-        "tumour_drop": (70, 80),
+        "tumour_hu": (-45, -35),
         "noise": (3, 5),
         "vessel_radius": (1.8, 2.2),
         "tumour_first": (0.45, 0.65),
@@ -114,7 +116,7 @@ PROFILES: dict[str, dict[str, tuple[float, float]]] = {
         "tumour_kidney": (0.6, 0.9),
     },
 }
-PROFILE_SHAPES = {"standard": DEFAULT_SHAPE, "converge": (24, 48, 48)}
+PROFILE_SHAPES = {"standard": DEFAULT_SHAPE, "converge": (24, 40, 40)}
 
 # organ ids inside PhantomCase.organs (equal to the full label values)
 LIVER, KIDNEY, SPLEEN = 1, 2, 3
@@ -387,6 +389,14 @@ def _paint(img: np.ndarray, layers) -> None:
         img[mask] = values
 
 
+def _tumour_hu(rng, prof: dict, host_hu: float) -> float:
+    """A tumour's mean HU: its host's minus a drop, or (a profile with ``tumour_hu``) a band of its own. One
+    draw either way, so both profiles keep the same anatomy per seed."""
+    if "tumour_hu" in prof:
+        return float(rng.uniform(*prof["tumour_hu"]))
+    return host_hu - float(rng.uniform(*prof["tumour_drop"]))
+
+
 def _render_ct(
     rng, grids, shape, body, muscle_wall, spine, marrow, bowel, gas, organs, tumour_host, vessel, prof=None
 ):
@@ -423,8 +433,7 @@ def _render_ct(
         (organs == SPLEEN, mean["spleen"]),
     ]
     organ_layers += [
-        (tumour_host == h, mean[k] - rng.uniform(*prof["tumour_drop"]))
-        for h, k in ((LIVER, "liver"), (KIDNEY, "kidney"))
+        (tumour_host == h, _tumour_hu(rng, prof, mean[k])) for h, k in ((LIVER, "liver"), (KIDNEY, "kidney"))
     ]
     _paint(img, _textured(rng, grids, organ_layers, 3.0))
     img[vessel] = mean["vessel"]

@@ -11,14 +11,6 @@ from nnunet_ext.core.errors import UserError
 from nnunet_ext.core.paths import resolve_dataset
 
 
-@pytest.fixture
-def nnunet_folders(tmp_path, monkeypatch):
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / var).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / var))
-    return tmp_path
-
-
 def test_doctor_all_good(nnunet_folders, monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_extTrainer", nnunet_ext.trainer_dir())
     assert main(["doctor"]) == 0

@@ -48,5 +48,5 @@ def test_converge_schedule_keeps_omp_num_threads_on_the_cpu(
 def test_variant_names_and_documents_its_schedule():
     variant = schedule_variant(_Base, "converge", __name__)
     assert variant.__name__ == "_Base_converge" and issubclass(variant, _Base)
-    assert "num_epochs=60" in variant.__doc__ and "OMP_NUM_THREADS" in variant.__doc__
+    assert "num_epochs=100" in variant.__doc__ and "OMP_NUM_THREADS" in variant.__doc__
     assert "OMP_NUM_THREADS" not in schedule_variant(_Base, "smoke", __name__).__doc__

@@ -612,3 +612,51 @@ def subprocess_run(cmd, env):
     return subprocess.run(
         [exe, *cmd[1:]], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace"
     )
+
+
+# ------------------------------------------------------------------------------------------ --plans-preset
+def test_recipe_plans_preset_is_checked_before_any_step(nnunet_folders):
+    from nnunet_ext.labelprop.run import RecipeOptions, _check_preset
+
+    _check_preset(RecipeOptions("x", 1, configuration="3d_converge", plans_preset="converge"))
+    _check_preset(RecipeOptions("x", 1, configuration="3d_fullres", plans_preset="converge"))
+    with pytest.raises(UserError, match="unknown plans preset 'nope'; available: .*converge"):
+        _check_preset(RecipeOptions("x", 1, configuration="3d_converge", plans_preset="nope"))
+    with pytest.raises(
+        UserError, match="-c 3d_tiny: the plans preset 'converge' adds 3d_converge; train one"
+    ):
+        _check_preset(RecipeOptions("x", 1, configuration="3d_tiny", plans_preset="converge"))
+    # recorded in the state only when set: a state file written before the option existed still resumes
+    assert "plans_preset" not in RecipeOptions("x", 1).recorded()
+    assert RecipeOptions("x", 1, plans_preset="converge").recorded()["plans_preset"] == "converge"
+
+
+def test_recipe_applies_the_plans_preset_after_planning_3d_fullres(nnunet_folders, monkeypatch):
+    """The first dataset is planned and preprocessed as 3d_fullres (the data 3d_converge reuses), then the
+    preset adds the configuration to train; a later round reuses those plans (move_plans)."""
+    from nnunet_ext.labelprop import run as recipe
+
+    raw, pre = Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])
+    (raw / "Dataset561_Interp").mkdir(parents=True)
+    (raw / "Dataset561_Interp" / "dataset.json").write_text((DATA / "dataset.json").read_text())
+    ran = []
+
+    def fake_run(cmd, env, log, lock=None):
+        ran.append([Path(cmd[0]).name, *cmd[1:]])
+        if Path(cmd[0]).name == "nnUNetv2_plan_and_preprocess":
+            (pre / "Dataset561_Interp").mkdir(parents=True, exist_ok=True)
+            shutil.copy(DATA / "nnUNetPlans.json", pre / "Dataset561_Interp" / "nnUNetPlans.json")
+
+    monkeypatch.setattr(recipe, "_run", fake_run)
+    monkeypatch.setattr(
+        "nnunet_ext.planning.fingerprint.exclude_ignore_from_fingerprint", lambda *a, **k: None
+    )
+    opts = recipe.RecipeOptions(
+        "x", 561, configuration="3d_converge", plans_preset="converge", num_processes=1
+    )
+    recipe._preprocess(561, opts, log=lambda msg: None)
+    planned = next(c for c in ran if c[0] == "nnUNetv2_plan_and_preprocess")
+    assert planned[planned.index("-c") + 1] == "3d_fullres"
+    plans = json.loads((pre / "Dataset561_Interp" / "nnUNetPlans.json").read_text())
+    assert plans["configurations"]["3d_converge"]["patch_size"] == [16, 32, 32]
+    assert plans["configurations"]["3d_converge"]["inherits_from"] == "3d_fullres"

@@ -283,7 +283,7 @@ def test_planning_leaves_the_ignore_label_out_of_the_fingerprint(converge, tmp_p
 
     calls = []
     monkeypatch.setattr(commands, "run_logged", lambda cmd, env, log, quiet=False: calls.append(cmd[1:]))
-    monkeypatch.setattr(plans, "load_plans", lambda f: {"configurations": {"3d_tiny": {}}})
+    monkeypatch.setattr(plans, "load_plans", lambda f: {"configurations": {"3d_converge": {}}})
     raw = tmp_path / "raw"
     for dataset_id, labels in (
         (700, {"background": 0, "a": 1, "ignore": 2}),
