@@ -88,10 +88,12 @@ _SIX[1, 1, :] = _SIX[1, :, 1] = _SIX[:, 1, 1] = True
 # Image profiles (ranges drawn per case; the same draws in the same order for every profile, so a seed gives
 # the same anatomy in both). "standard": CT-like contrasts (liver and spleen 5-30 HU apart, noise 8-14 HU,
 # thin vessels). "converge": the convergence-sized benchmark family (issue 20): the same anatomy with organs
-# 60+ HU apart, larger tumours at -45..-35 HU (a band no other tissue has: with tumours 70-80 HU below their
-# host, the first design, a liver tumour looked like spleen and a kidney tumour like liver, and whether a
-# training ever learned the tumour was a seed lottery), vessels of radius ~2 voxels, noise 3-5 HU and a
-# 24 x 40 x 40 volume, so a small network learns every structure to a plateau within minutes on a CPU.
+# 60+ HU apart, larger tumours at 90-100 HU (hypodense in both hosts, in a band of their own between spleen
+# and liver: with tumours 70-80 HU below their host, the first design, a liver tumour looked like spleen and a
+# kidney tumour like liver, and whether a training ever learned the tumour was a seed lottery; a band below
+# every tissue, -45..-35 HU, was no better, since nnU-Net's CT normalisation clips at the foreground's 0.5
+# percentile, which put the tumours at the clip floor with fat and air), vessels of radius ~2 voxels, noise
+# 3-5 HU and a 24 x 40 x 40 volume, so a small network learns every structure to a plateau within minutes.
 PROFILES: dict[str, dict[str, tuple[float, float]]] = {
     "standard": {
         "liver": (105, 120),
@@ -108,7 +110,7 @@ PROFILES: dict[str, dict[str, tuple[float, float]]] = {
         "liver": (125, 135),
         "kidney": (200, 215),
         "spleen": (55, 65),
-        "tumour_hu": (-45, -35),
+        "tumour_hu": (90, 100),
         "noise": (3, 5),
         "vessel_radius": (1.8, 2.2),
         "tumour_first": (0.45, 0.65),

@@ -137,7 +137,7 @@ def test_ct_intensities_plausible(cases):
 
 def test_converge_profile_same_anatomy_higher_contrast(tmp_path):
     """The convergence-benchmark profile: the organs of a seed are those of the standard profile (same draws),
-    organs are 50+ HU apart, tumours larger and in an intensity band of their own, vessels thicker, noise lower; datasets record the profile and
+    organs are 50+ HU apart, tumours larger and in an intensity band of their own (inside the foreground's range, so CT normalisation keeps it), vessels thicker, noise lower; datasets record the profile and
     default to its small shape."""
     shape = phantoms.PROFILE_SHAPES["converge"]
     std = [make_case_parts(np.random.default_rng(s), shape, SPACING) for s in SEEDS]
@@ -155,10 +155,13 @@ def test_converge_profile_same_anatomy_higher_contrast(tmp_path):
         med = {k: float(np.median(ct[m])) for k, m in cores.items() if m.sum() >= 10}
         assert med["liver"] - med["spleen"] > 50 and med.get("kidney", 1e9) - med["liver"] > 50, med
         tumour = ndimage.binary_erosion(lab == FULL_LABELS["tumour"])
-        if tumour.sum() >= 10:  # tumours in a band of their own: 70+ HU below every organ, 40+ above fat
-            assert min(med.values()) - np.median(ct[tumour]) > 70, (med, np.median(ct[tumour]))
-            fat = ndimage.binary_erosion(b.label_full == 0) & (ct > -150) & (ct < -50)
-            assert np.median(ct[tumour]) - np.median(ct[fat]) > 40
+        if (
+            tumour.sum() >= 10
+        ):  # tumours in a band of their own, between spleen and liver (both hosts brighter)
+            t = float(np.median(ct[tumour]))
+            assert med["spleen"] + 15 < t < med["liver"] - 15 and t < med.get("kidney", 1e9) - 60, (med, t)
+            # nnU-Net's CT normalisation clips at the foreground's 0.5 percentile: the tumours stay well above it
+            assert t - np.percentile(ct[lab > 0], 0.5) > 20
         flat = ndimage.binary_erosion(cores["liver"], iterations=2) & (b.tumour_host == 0) & ~b.vessel
         if flat.sum() > 50:  # noise + texture inside the liver
             assert np.std(ct[flat]) < np.std(a.channels[0][flat])
