@@ -304,6 +304,31 @@ def test_planning_leaves_the_ignore_label_out_of_the_fingerprint(converge, tmp_p
     assert calls == [["-d", "930", "-c", "3d_fullres", "-np", "1"]]
 
 
+def test_planning_adds_the_converge_configuration_once(converge, tmp_path, monkeypatch):
+    """plan() applies the plans preset `converge` to nnU-Net's plans (3d_converge: 16 x 32 x 32 crops) and
+    leaves plans that already have it alone."""
+    import json
+    import shutil
+
+    from support.paths import DATA
+
+    import nnunet_ext.core.nnunet_commands as commands
+
+    monkeypatch.setattr(commands, "run_logged", lambda cmd, env, log, quiet=False: None)
+    raw, pre = tmp_path / "raw" / "Dataset930_X", tmp_path / "pre" / "Dataset930_X"
+    raw.mkdir(parents=True)
+    pre.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}}))
+    shutil.copy(DATA / "nnUNetPlans.json", pre / "nnUNetPlans.json")
+    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre")}
+    plans_file = converge.plan(930, env, tmp_path / "log")
+    cfg = json.loads(plans_file.read_text())["configurations"][converge.CONFIGURATION]
+    assert converge.CONFIGURATION == "3d_converge" and cfg["patch_size"] == [16, 32, 32]
+    before = plans_file.stat().st_mtime_ns
+    converge.plan(930, env, tmp_path / "log")
+    assert plans_file.stat().st_mtime_ns == before
+
+
 def _medseqft_run(shift: float, converged_: bool = True) -> dict:
     def strategy(diag: float, last: list[float]) -> dict:
         matrix = [[diag], [last[0], diag], [*last, diag]]
